@@ -1,0 +1,129 @@
+"""Building blocks shared by every model: RMSNorm, SwiGLU MLP, pre-norm residual block.
+
+:class:`ResidualBlock` wraps any sequence mixer with the four entry points of
+:class:`SequenceMixer` (STU, sliding-window attention, a distilled LDS layer...) and exposes
+the same four itself; its decode cache is the mixer's cache, since the norms and the MLP act
+on one position at a time and keep no state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class SequenceMixer(Protocol):
+    """What a block needs from a sequence layer. x: [B, L, D] -> [B, L, D]."""
+
+    def __call__(self, x: jax.Array) -> jax.Array: ...
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any) -> Any: ...
+
+    def prefill(self, x: jax.Array) -> tuple[jax.Array, Any]: ...
+
+    def step(self, cache: Any, x_t: jax.Array) -> tuple[Any, jax.Array]: ...
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis.
+
+    x: [..., D]; scale: [D]. Statistics in float32 (float64 for float64 x); returns x's dtype.
+    """
+    if x.shape[-1:] != scale.shape:
+        raise ValueError(f"rms_norm: x last axis {x.shape[-1:]} does not match scale {scale.shape}")
+    cdt = jnp.promote_types(x.dtype, jnp.float32)
+    xc = x.astype(cdt)
+    inv = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+    return (xc * inv * scale.astype(cdt)).astype(x.dtype)
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """``(silu(x @ w_gate) * (x @ w_up)) @ w_down``, computed in x's dtype.
+
+    x: [..., D]; w_gate, w_up: [D, F]; w_down: [F, D]. Returns [..., D].
+    """
+    dt = x.dtype
+    hidden = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
+    return hidden @ w_down.astype(dt)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with a learned per-channel scale (initialised to 1)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., dim] -> [..., dim], same dtype."""
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+class SwiGLU(nnx.Module):
+    """Gated MLP ``d_model -> d_hidden -> d_model`` without biases; float32 parameters."""
+
+    def __init__(self, d_model: int, d_hidden: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal()
+        self.w_gate = nnx.Param(init(rngs.params(), (d_model, d_hidden), jnp.float32))
+        self.w_up = nnx.Param(init(rngs.params(), (d_model, d_hidden), jnp.float32))
+        self.w_down = nnx.Param(init(rngs.params(), (d_hidden, d_model), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., d_model] -> [..., d_model], computed in x's dtype."""
+        return swiglu(x, self.w_gate[...], self.w_up[...], self.w_down[...])
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """d_model: residual width; d_hidden: SwiGLU hidden width; norm_eps: RMSNorm epsilon."""
+
+    d_model: int
+    d_hidden: int
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for field in ("d_model", "d_hidden"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field}={value!r} must be a positive int")
+        if not 0.0 < self.norm_eps < 1.0:
+            raise ValueError(f"norm_eps={self.norm_eps!r} must be in (0, 1)")
+
+
+class ResidualBlock(nnx.Module):
+    """Pre-norm residual block: ``h = x + mixer(norm(x)); y = h + mlp(norm(h))``.
+
+    The residual stream keeps x's dtype; the mixer's output is cast to it.
+    """
+
+    def __init__(self, mixer: SequenceMixer, config: BlockConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = mixer
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.d_hidden, rngs=rngs)
+
+    def _mlp_residual(self, h: jax.Array) -> jax.Array:
+        return h + self.mlp(self.mlp_norm(h))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] -> [B, L, D]."""
+        return self._mlp_residual(x + self.mixer(self.mixer_norm(x)).astype(x.dtype))
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any) -> Any:
+        """The mixer's empty cache."""
+        return self.mixer.init_cache(batch, max_len, dtype)
+
+    def prefill(self, x: jax.Array) -> tuple[jax.Array, Any]:
+        """x: [B, L, D] -> (y [B, L, D], the mixer's cache after L tokens)."""
+        y, cache = self.mixer.prefill(self.mixer_norm(x))
+        return self._mlp_residual(x + y.astype(x.dtype)), cache
+
+    def step(self, cache: Any, x_t: jax.Array) -> tuple[Any, jax.Array]:
+        """x_t: [B, D] -> (next cache, y_t [B, D])."""
+        cache, y = self.mixer.step(cache, self.mixer_norm(x_t))
+        return cache, self._mlp_residual(x_t + y.astype(x_t.dtype))
