@@ -67,12 +67,18 @@ def test_rope_preserves_norm_and_depends_on_relative_position():
     assert abs(s1 - s3) > 1e-3  # a different offset gives a different score
 
 
+# jitted entry points: one compilation each, far cheaper than many small eager ops
+forward = nnx.jit(lambda m, x: m(x))
+prefill = nnx.jit(lambda m, x: m.prefill(x))
+step = nnx.jit(lambda m, cache, x_t: m.step(cache, x_t))
+
+
 def decode(layer, x, prompt_len):
     """prefill on x[:, :prompt_len] then step through the rest; returns [B, L, D]."""
-    y, cache = layer.prefill(x[:, :prompt_len])
+    y, cache = prefill(layer, x[:, :prompt_len])
     outs = [y]
     for t in range(prompt_len, x.shape[1]):
-        cache, y_t = layer.step(cache, x[:, t])
+        cache, y_t = step(layer, cache, x[:, t])
         outs.append(y_t[:, None])
     assert int(cache.pos) == x.shape[1]
     return jnp.concatenate(outs, axis=1)
@@ -85,7 +91,7 @@ def test_prefill_then_step_matches_call_float64(prompt_len):
     x = np.random.default_rng(1).standard_normal((2, 20, 16))
     with jax.enable_x64(True):
         x = jnp.asarray(x)
-        full = layer(x)
+        full = forward(layer, x)
         got = decode(layer, x, prompt_len)
     assert full.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=TOL64)
@@ -97,19 +103,19 @@ def test_jitted_steps_from_empty_cache_match_call_float32():
     x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 12, 16)), jnp.float32)
     graphdef, state = nnx.split(layer)
 
-    @jax.jit
-    def step(state, cache, x_t):
+    @jax.jit  # the functional style a decode loop uses: params as an explicit pytree
+    def step_fn(state, cache, x_t):
         return nnx.merge(graphdef, state).step(cache, x_t)
 
     cache = layer.init_cache(3, 12, jnp.float32)
     assert cache.k.shape == (3, 5, 4, 4)  # ring buffer: window slots, not max_len
     outs = []
     for t in range(12):
-        cache, y_t = step(state, cache, x[:, t])
+        cache, y_t = step_fn(state, cache, x[:, t])
         outs.append(y_t)
-    np.testing.assert_allclose(np.stack(outs, 1), layer(x), atol=TOL32, rtol=TOL32)
+    np.testing.assert_allclose(np.stack(outs, 1), forward(layer, x), atol=TOL32, rtol=TOL32)
     with pytest.raises(Exception, match="cache is full"):  # runtime error under jit
-        jax.block_until_ready(step(state, cache, x[:, 0]))
+        jax.block_until_ready(step_fn(state, cache, x[:, 0]))
 
 
 def test_bfloat16_activations_keep_float32_params():
@@ -119,12 +125,12 @@ def test_bfloat16_activations_keep_float32_params():
         dataclasses.replace(config, dtype=jnp.bfloat16), rngs=nnx.Rngs(3)
     )
     x = jnp.asarray(np.random.default_rng(4).standard_normal((1, 10, 16)), jnp.float32)
-    y16 = layer16(x)
+    y16, y32 = forward(layer16, x), forward(layer32, x)
     assert y16.dtype == jnp.bfloat16
     assert layer16.qkv.kernel[...].dtype == jnp.float32
     # bf16 keeps 8 mantissa bits (eps 2^-8 = 0.0039); a dozen roundings through two
     # width-16 matmuls and the softmax leave a few eps relative to the output scale.
-    err = jnp.max(jnp.abs(y16.astype(jnp.float32) - layer32(x))) / jnp.max(jnp.abs(layer32(x)))
+    err = jnp.max(jnp.abs(y16.astype(jnp.float32) - y32)) / jnp.max(jnp.abs(y32))
     assert float(err) < 8 * 2.0**-8
 
 
@@ -132,10 +138,10 @@ def test_bad_inputs_raise():
     config = AttentionConfig(d_model=8, num_heads=2, window=3, max_len=4)
     layer = SlidingWindowAttention(config, rngs=nnx.Rngs(0))
     x = jnp.ones((2, 4, 8))
-    _, cache = layer.prefill(x)
+    _, cache = prefill(layer, x)
     with pytest.raises(ValueError, match="cache is full: position 4 >= max_len=4"):
         layer.step(cache, x[:, 0])
-    _, cache = layer.prefill(x[:, :2])
+    _, cache = prefill(layer, x[:, :2])
     with pytest.raises(ValueError, match="x_t must be"):
         layer.step(cache, jnp.ones((3, 8)))  # batch mismatch
     with pytest.raises(ValueError, match="dtype"):

@@ -52,11 +52,12 @@ def test_block_prefill_then_step_matches_call_float64():
     x = np.random.default_rng(2).standard_normal((2, 14, 16))
     with jax.enable_x64(True):
         x = jnp.asarray(x)
-        full = block(x)
-        y, cache = block.prefill(x[:, :8])
+        full = nnx.jit(lambda m, x: m(x))(block, x)
+        y, cache = nnx.jit(lambda m, x: m.prefill(x))(block, x[:, :8])
         outs = [y]
+        step = nnx.jit(lambda m, cache, x_t: m.step(cache, x_t))
         for t in range(8, 14):
-            cache, y_t = block.step(cache, x[:, t])
+            cache, y_t = step(block, cache, x[:, t])
             outs.append(y_t[:, None])
         got = jnp.concatenate(outs, 1)
         change = float(jnp.max(jnp.abs(full - x)))

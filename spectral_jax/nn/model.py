@@ -1,0 +1,263 @@
+"""SpectralModel: a stack of pre-norm residual blocks whose mixers are STU layers,
+sliding-window attention layers, or both alternating (hybrid, as in Flash STU).
+
+Input: tokens ``[B, L]`` (an embedding table) or real vectors ``[B, L, d_input]`` (a linear
+input projection). Output: logits ``[B, L, vocab_size]`` (an LM head, optionally tied to the
+embedding) or regression outputs ``[B, L, d_output]``. Outputs are float32 whatever the
+activation dtype; parameters are always float32.
+
+Decoding delegates to each block: ``init_cache`` / ``prefill`` / ``step`` build and thread a
+tuple with one cache per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spectral_jax.nn.attention import AttentionConfig, SlidingWindowAttention
+from spectral_jax.nn.blocks import BlockConfig, ResidualBlock, RMSNorm
+from spectral_jax.nn.stu import STU, STUConfig, make_filters
+
+ACTIVATION_DTYPES = ("float32", "bfloat16", "float64")
+LAYER_KINDS = {"S": "STU", "A": "sliding-window attention"}
+
+
+def _positive_int(field: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{field}={value!r} must be a positive int")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines a SpectralModel's architecture.
+
+    Input: exactly one of ``vocab_size`` (token ids ``[B, L]``) or ``d_input`` (vectors
+    ``[B, L, d_input]``). Output width: ``d_output`` if set, else ``vocab_size``; a model with
+    ``d_input`` must set ``d_output``. ``tie_embeddings`` reuses the embedding table as the LM
+    head (needs ``vocab_size`` and no ``d_output``).
+
+    Layers: ``layer_pattern`` is cycled over ``num_layers``, ``"S"`` = STU, ``"A"`` =
+    sliding-window attention; ``"S"`` is STU-only, ``"SA"`` alternates (Flash STU), ``"SSA"``
+    puts attention every third layer. ``attention_only=True`` ignores the pattern and makes every
+    mixer an attention layer: a Transformer of the same depth and widths, same blocks.
+
+    ``d_hidden``: SwiGLU width (default: 8/3 * d_model rounded up to a multiple of 8).
+    ``dtype``: activation dtype name, "float32" or "bfloat16" ("float64" is for equivalence
+    tests under ``jax.enable_x64``). STU fields (``num_filters``, ``stu_variant``,
+    ``stu_projection``, ``k_u``, ``k_y``) and attention fields (``num_heads``, ``window``,
+    ``rope_base``) are validated by the layer configs they build.
+    """
+
+    d_model: int
+    num_layers: int
+    max_len: int
+    vocab_size: int | None = None
+    d_input: int | None = None
+    d_output: int | None = None
+    tie_embeddings: bool = False
+    layer_pattern: str = "S"
+    attention_only: bool = False
+    d_hidden: int | None = None
+    num_filters: int = 24
+    stu_variant: str = "standard"
+    stu_projection: str = "full"
+    k_u: int = 0
+    k_y: int = 0
+    num_heads: int = 4
+    window: int = 128
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for field in ("d_model", "num_layers", "max_len"):
+            _positive_int(field, getattr(self, field))
+        for field in ("vocab_size", "d_input", "d_output", "d_hidden"):
+            if getattr(self, field) is not None:
+                _positive_int(field, getattr(self, field))
+        if (self.vocab_size is None) == (self.d_input is None):
+            raise ValueError(
+                f"exactly one of vocab_size={self.vocab_size!r} (token input) and "
+                f"d_input={self.d_input!r} (vector input) must be set"
+            )
+        if self.d_input is not None and self.d_output is None:
+            raise ValueError(f"d_input={self.d_input} needs d_output (the regression width)")
+        if self.tie_embeddings and (self.vocab_size is None or self.d_output is not None):
+            raise ValueError(
+                f"tie_embeddings=True needs vocab_size (got {self.vocab_size!r}) and no "
+                f"d_output (got {self.d_output!r})"
+            )
+        if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):
+            raise ValueError(
+                f"layer_pattern={self.layer_pattern!r} must be a non-empty string of "
+                f"{sorted(LAYER_KINDS)} ({LAYER_KINDS})"
+            )
+        try:
+            dtype_name = jnp.dtype(self.dtype).name
+        except TypeError:
+            dtype_name = None
+        if dtype_name not in ACTIVATION_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {ACTIVATION_DTYPES}")
+        object.__setattr__(self, "dtype", dtype_name)
+        BlockConfig(self.d_model, self.hidden_dim, self.norm_eps)
+        if "S" in self.layer_kinds:
+            self.stu_config()
+        if "A" in self.layer_kinds:
+            self.attention_config()
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """One letter per layer: "S" (STU) or "A" (attention)."""
+        if self.attention_only:
+            return ("A",) * self.num_layers
+        pattern = self.layer_pattern
+        return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.d_hidden is not None:
+            return self.d_hidden
+        return 8 * math.ceil(self.d_model * 8 / 3 / 8)
+
+    @property
+    def out_dim(self) -> int:
+        return self.d_output if self.d_output is not None else self.vocab_size
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def stu_config(self) -> STUConfig:
+        return STUConfig(
+            d_in=self.d_model,
+            d_out=self.d_model,
+            max_len=self.max_len,
+            num_filters=self.num_filters,
+            variant=self.stu_variant,
+            projection=self.stu_projection,
+            k_u=self.k_u,
+            k_y=self.k_y,
+            dtype=self.activation_dtype,
+        )
+
+    def attention_config(self) -> AttentionConfig:
+        return AttentionConfig(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            window=self.window,
+            max_len=self.max_len,
+            rope_base=self.rope_base,
+            dtype=self.activation_dtype,
+        )
+
+
+class SpectralModel(nnx.Module):
+    """STU-only, hybrid STU/attention, or attention-only sequence model.
+
+    ``model(x)``: tokens [B, L] int or vectors [B, L, d_input] -> [B, L, out_dim] float32.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        act = config.activation_dtype
+        d = config.d_model
+        if config.vocab_size is not None:
+            self.embed = nnx.Embed(config.vocab_size, d, dtype=act, rngs=rngs)
+        else:
+            self.embed = nnx.Linear(config.d_input, d, dtype=act, rngs=rngs)
+        block_config = BlockConfig(d, config.hidden_dim, config.norm_eps)
+        # one copy of the fixed spectral filters, shared by every STU layer
+        filters = make_filters(config.stu_config()) if "S" in config.layer_kinds else None
+        blocks = []
+        for kind in config.layer_kinds:
+            if kind == "S":
+                mixer = STU(config.stu_config(), rngs=rngs, filters=filters)
+            else:
+                mixer = SlidingWindowAttention(config.attention_config(), rngs=rngs)
+            blocks.append(ResidualBlock(mixer, block_config, rngs=rngs))
+        self.blocks = nnx.List(blocks)
+        self.final_norm = RMSNorm(d, eps=config.norm_eps)
+        self.out_dtype = jnp.promote_types(act, jnp.float32)
+        if config.tie_embeddings:
+            self.head = None
+        else:
+            self.head = nnx.Linear(
+                d,
+                config.out_dim,
+                use_bias=config.d_output is not None,  # regression heads get a bias
+                dtype=act,
+                preferred_element_type=self.out_dtype,
+                rngs=rngs,
+            )
+
+    def num_params(self) -> int:
+        """Number of trainable parameters (entries of all nnx.Param leaves)."""
+        return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+    def _embed(self, x: jax.Array, time_axis: bool) -> jax.Array:
+        """Tokens [B(, L)] or vectors [B(, L), d_input] -> [B(, L), d_model] activations."""
+        c = self.config
+        where = "SpectralModel" if time_axis else "SpectralModel.step"
+        seq = "[B, L]" if time_axis else "[B]"
+        if c.vocab_size is not None:
+            if x.ndim != 1 + time_axis or not jnp.issubdtype(x.dtype, jnp.integer):
+                raise ValueError(f"{where}: tokens must be int {seq}, got {x.dtype} {x.shape}")
+        elif x.ndim != 2 + time_axis or x.shape[-1] != c.d_input:
+            raise ValueError(
+                f"{where}: inputs must be {seq[:-1]}, {c.d_input}], got shape {x.shape}"
+            )
+        if time_axis and not 1 <= x.shape[1] <= c.max_len:
+            raise ValueError(f"{where}: length {x.shape[1]} must be in [1, max_len={c.max_len}]")
+        return self.embed(x).astype(c.activation_dtype)
+
+    def _head(self, h: jax.Array) -> jax.Array:
+        """Activations [..., d_model] -> outputs [..., out_dim] in float32 (float64 if x64)."""
+        h = self.final_norm(h)
+        if self.head is None:
+            table = self.embed.embedding[...].astype(h.dtype)
+            return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=self.out_dtype)
+        return self.head(h).astype(self.out_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: tokens [B, L] or vectors [B, L, d_input] -> [B, L, out_dim]."""
+        h = self._embed(x, time_axis=True)
+        for block in self.blocks:
+            h = block(h)
+        return self._head(h)
+
+    def init_cache(
+        self, batch: int, max_len: int | None = None, dtype: Any = None
+    ) -> tuple[Any, ...]:
+        """One empty cache per layer (defaults: config.max_len, the activation dtype)."""
+        max_len = self.config.max_len if max_len is None else max_len
+        dtype = self.config.activation_dtype if dtype is None else dtype
+        return tuple(block.init_cache(batch, max_len, dtype) for block in self.blocks)
+
+    def prefill(self, x: jax.Array) -> tuple[jax.Array, tuple[Any, ...]]:
+        """Run a prompt: x as in ``__call__`` -> (outputs [B, L, out_dim], per-layer caches)."""
+        h = self._embed(x, time_axis=True)
+        caches = []
+        for block in self.blocks:
+            h, cache = block.prefill(h)
+            caches.append(cache)
+        return self._head(h), tuple(caches)
+
+    def step(self, cache: tuple[Any, ...], x_t: jax.Array) -> tuple[tuple[Any, ...], jax.Array]:
+        """One position: x_t tokens [B] or vectors [B, d_input] -> (caches, y_t [B, out_dim])."""
+        if not isinstance(cache, tuple) or len(cache) != len(self.blocks):
+            raise ValueError(
+                f"step: cache must be a tuple of {len(self.blocks)} layer caches "
+                f"(from init_cache or prefill), got {type(cache).__name__}"
+            )
+        h = self._embed(x_t, time_axis=False)
+        new_caches = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            layer_cache, h = block.step(layer_cache, h)
+            new_caches.append(layer_cache)
+        return tuple(new_caches), self._head(h)

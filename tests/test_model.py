@@ -1,0 +1,171 @@
+"""SpectralModel: config validation, shapes and parameter counts, causality, gradients,
+bf16 activations, and prefill + step == forward (through attention-only configs)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spectral_jax.nn.model import ModelConfig, SpectralModel
+
+TOL64 = 1e-12  # float64: only summation order differs
+TOL32 = 1e-5  # float32: ~80 ulps of O(1) logits after 2 blocks of width-16 matmuls
+
+HYBRID = ModelConfig(
+    d_model=16, num_layers=2, max_len=32, vocab_size=11, layer_pattern="SA",
+    num_filters=4, num_heads=2, window=4,
+)  # fmt: skip
+
+
+# jitted entry points: one compilation each per model structure, far cheaper than eager ops
+forward = nnx.jit(lambda m, x: m(x))
+prefill = nnx.jit(lambda m, x: m.prefill(x))
+step = nnx.jit(lambda m, cache, x_t: m.step(cache, x_t))
+
+
+def param_count(module) -> int:
+    return sum(p.size for p in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def test_hybrid_lm_shapes_param_count_and_tying():
+    model = SpectralModel(HYBRID, rngs=nnx.Rngs(0))
+    assert HYBRID.layer_kinds == ("S", "A")
+    assert type(model.blocks[0].mixer).__name__ == "STU"
+    assert type(model.blocks[1].mixer).__name__ == "SlidingWindowAttention"
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 9)), jnp.int32)
+    logits = forward(model, tokens)
+    assert logits.shape == (2, 9, 11) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    expected = (
+        11 * 16  # embedding
+        + sum(param_count(b) for b in model.blocks)
+        + 16  # final norm
+        + 16 * 11  # LM head, no bias
+    )
+    assert model.num_params() == expected
+    tied = SpectralModel(dataclasses.replace(HYBRID, tie_embeddings=True), rngs=nnx.Rngs(0))
+    assert model.num_params() - tied.num_params() == 16 * 11
+    assert forward(tied, tokens).shape == (2, 9, 11)
+
+
+def test_hybrid_model_is_causal_and_every_param_gets_gradient():
+    model = SpectralModel(dataclasses.replace(HYBRID, tie_embeddings=True), rngs=nnx.Rngs(1))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 11, (1, 12)), jnp.int32)
+    changed = tokens.at[0, 7].set((tokens[0, 7] + 1) % 11)
+    a, b = forward(model, tokens), forward(model, changed)
+    # the past never sees the future; the STU's FFT convolution spreads float32 rounding of
+    # the whole sequence over all positions, so "unchanged" means to within TOL32
+    np.testing.assert_allclose(a[:, :7], b[:, :7], atol=TOL32, rtol=TOL32)
+    assert float(jnp.max(jnp.abs(a[:, 7:] - b[:, 7:]))) > 1e-3
+
+    def loss(m):
+        return jnp.mean(jax.nn.log_softmax(m(tokens))[..., 0])
+
+    grads = nnx.jit(nnx.grad(loss))(model)
+    for path, g in jax.tree.leaves_with_path(nnx.state(grads, nnx.Param)):
+        assert float(jnp.max(jnp.abs(g))) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
+
+
+def decode(model, x, prompt_len):
+    """prefill x[:, :prompt_len], then step through the rest; returns [B, L, out]."""
+    y, cache = prefill(model, x[:, :prompt_len])
+    outs = [y]
+    for t in range(prompt_len, x.shape[1]):
+        cache, y_t = step(model, cache, x[:, t])
+        outs.append(y_t[:, None])
+    return jnp.concatenate(outs, axis=1)
+
+
+def test_attention_only_lm_prefill_then_step_matches_call_float64():
+    config = dataclasses.replace(HYBRID, attention_only=True, dtype="float64", tie_embeddings=True)
+    assert config.layer_kinds == ("A", "A")
+    model = SpectralModel(config, rngs=nnx.Rngs(2))
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 11, (2, 13)), jnp.int32)
+    with jax.enable_x64(True):
+        full = forward(model, tokens)
+        got = decode(model, tokens, 6)
+    assert full.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=TOL64)
+
+
+def test_attention_only_regression_jitted_steps_match_call_float32():
+    config = ModelConfig(
+        d_model=16, num_layers=2, max_len=10, d_input=3, d_output=2,
+        attention_only=True, num_heads=2, window=3,
+    )  # fmt: skip
+    model = SpectralModel(config, rngs=nnx.Rngs(3))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 10, 3)), jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit  # the functional style a decode loop uses: params as an explicit pytree
+    def step_fn(state, cache, x_t):
+        return nnx.merge(graphdef, state).step(cache, x_t)
+
+    cache = model.init_cache(2)
+    outs = []
+    for t in range(10):
+        cache, y_t = step_fn(state, cache, x[:, t])
+        outs.append(y_t)
+    full = forward(model, x)
+    assert full.shape == (2, 10, 2)
+    np.testing.assert_allclose(np.stack(outs, 1), full, atol=TOL32, rtol=TOL32)
+
+
+def test_bfloat16_activations_float32_params_and_outputs():
+    model32 = SpectralModel(HYBRID, rngs=nnx.Rngs(4))
+    model16 = SpectralModel(dataclasses.replace(HYBRID, dtype=jnp.bfloat16), rngs=nnx.Rngs(4))
+    assert model16.config.dtype == "bfloat16"  # dtypes are normalised to their names
+    dtypes = {p.dtype for p in jax.tree.leaves(nnx.state(model16, nnx.Param))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, 11, (2, 16)), jnp.int32)
+    y16, y32 = forward(model16, tokens), forward(model32, tokens)
+    assert y16.dtype == jnp.float32
+    # bf16 has 8 significant bits (eps 2^-8); two blocks of ~10 roundings each,
+    # relative to the logit scale, stay within a few eps.
+    err = float(jnp.max(jnp.abs(y16 - y32)) / jnp.max(jnp.abs(y32)))
+    assert err < 16 * 2.0**-8
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"d_input": 3}, "exactly one of vocab_size"),
+        ({"vocab_size": None}, "exactly one of vocab_size"),
+        ({"vocab_size": None, "d_input": 3}, "needs d_output"),
+        ({"d_output": 2, "tie_embeddings": True}, "tie_embeddings=True needs"),
+        ({"layer_pattern": "SX"}, "layer_pattern='SX'"),
+        ({"layer_pattern": ""}, "layer_pattern=''"),
+        ({"dtype": "int8"}, "dtype='int8'"),
+        ({"num_layers": 0}, "num_layers=0"),
+        ({"d_hidden": -4}, "d_hidden=-4"),
+        ({"num_heads": 3}, "num_heads=3"),  # validated by the attention config
+    ],
+)
+def test_bad_config_raises(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(HYBRID, **overrides)
+
+
+def test_bad_inputs_raise():
+    config = dataclasses.replace(HYBRID, attention_only=True, max_len=8)
+    model = SpectralModel(config, rngs=nnx.Rngs(5))
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    with pytest.raises(ValueError, match="tokens must be int"):
+        model(tokens.astype(jnp.float32))
+    with pytest.raises(ValueError, match="length 9"):
+        model(jnp.zeros((2, 9), jnp.int32))
+    _, cache = prefill(model, tokens)
+    with pytest.raises(ValueError, match="cache is full"):
+        model.step(cache, tokens[:, 0])
+    with pytest.raises(ValueError, match="tuple of 2 layer caches"):
+        model.step(cache[:1], tokens[:, 0])
+    with pytest.raises(ValueError, match=r"tokens must be int \[B\]"):
+        model.step(model.init_cache(2), tokens[:, :2])
+    regression = SpectralModel(
+        dataclasses.replace(config, vocab_size=None, d_input=3, d_output=1), rngs=nnx.Rngs(5)
+    )
+    with pytest.raises(ValueError, match=r"inputs must be \[B, L, 3\]"):
+        regression(jnp.zeros((2, 8, 4)))
