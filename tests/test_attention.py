@@ -11,6 +11,7 @@ from flax import nnx
 from spectral_jax.nn.attention import (
     AttentionConfig,
     SlidingWindowAttention,
+    check_room,
     rope,
     sliding_window_attention,
 )
@@ -160,3 +161,16 @@ def test_bad_inputs_raise():
         AttentionConfig(d_model=8, num_heads=2, window=0, max_len=4)
     with pytest.raises(ValueError, match="dtype='int32'"):
         AttentionConfig(d_model=8, num_heads=2, window=2, max_len=4, dtype="int32")
+
+
+def test_check_room_under_vmap_only_raises_for_a_full_cache():
+    # vmap turns the guarding cond into a select, so the host check runs for every call
+    @jax.jit
+    @jax.vmap
+    def advance(pos):
+        check_room(pos, 5)
+        return pos + 1
+
+    np.testing.assert_array_equal(advance(jnp.array([0, 2, 4])), [1, 3, 5])
+    with pytest.raises(Exception, match="position 7 >= max_len=5"):
+        jax.block_until_ready(advance(jnp.array([1, 7, 3])))

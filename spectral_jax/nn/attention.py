@@ -162,25 +162,31 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: i
     return out.reshape(b, n * window, h, dh)[:, :length]
 
 
-def _raise_full(pos: Any, max_len: int) -> None:
-    raise ValueError(f"step: cache is full: position {int(pos)} >= max_len={max_len}")
+def _raise_if_full(pos: Any, max_len: int) -> None:
+    """Host-side check; ``pos`` is an int or an array of positions (under vmap)."""
+    full = np.asarray(pos) >= max_len
+    if np.any(full):
+        first = int(np.asarray(pos)[full].flat[0])
+        raise ValueError(f"step: cache is full: position {first} >= max_len={max_len}")
 
 
 def check_room(pos: jax.Array, max_len: int) -> None:
     """Raise ValueError if a cache at position ``pos`` cannot take one more token.
 
-    Concrete ``pos``: raises now. Traced ``pos`` (under jit/scan): a host callback that only
-    runs when the cache is full raises, surfacing as a runtime error naming the position.
+    Concrete ``pos``: raises now. Traced ``pos`` (under jit/scan): a host callback raises,
+    surfacing as a runtime error naming the position. The callback sits in a ``cond`` so it
+    only runs when the cache is full; vmap turns the cond into a select that runs it every
+    time, which is why the callback checks the position itself.
     """
     if isinstance(pos, jax.core.Tracer):
         jax.lax.cond(
             pos >= max_len,
-            lambda p: jax.debug.callback(_raise_full, p, max_len),
+            lambda p: jax.debug.callback(_raise_if_full, p, max_len),
             lambda p: None,
             pos,
         )
-    elif int(pos) >= max_len:
-        _raise_full(pos, max_len)
+    else:
+        _raise_if_full(pos, max_len)
 
 
 class SlidingWindowAttention(nnx.Module):
