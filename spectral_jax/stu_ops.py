@@ -1,0 +1,146 @@
+"""The Spectral Transform Unit as pure functions.
+
+For inputs ``u: [B, L, d_in]`` and spectral filters ``phi: [L, K]`` the standard STU is
+
+    y_t = sum_k M+_k (phi_k * u)_t + sum_k M-_k (phi~_k * u)_t,   phi~_k[t] = (-1)^t phi_k[t],
+
+(``*`` causal convolution); the Hankel-L variant keeps only the first sum. The tensordot
+approximation projects first, ``v = u M_in``, then convolves each of the ``d_out`` channels with
+one learned mixture of the filters, ``phi M_filt+`` (and ``phi~ M_filt-``). The optional
+autoregressive terms of the original STU add ``sum_{i<k_u} M_u[i] u_{t-i}`` and
+``sum_{1<=i<=k_y} M_y[i-1] y_{t-i}``.
+
+Parameter names (the keys of ``params``):
+  full:      ``M_plus [K, d_in, d_out]``, ``M_minus [K, d_in, d_out]`` (standard only)
+  tensordot: ``M_in [d_in, d_out]``, ``M_filt_plus [K, d_out]``, ``M_filt_minus [K, d_out]``
+             (standard only)
+  AR terms:  ``M_u [k_u, d_in, d_out]`` (if k_u > 0), ``M_y [k_y, d_out, d_out]`` (if k_y > 0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from spectral_jax.conv import causal_conv, causal_conv_project
+
+
+def alternate_signs(filters: jax.Array) -> jax.Array:
+    """``phi~[t] = (-1)^t phi[t]`` for ``filters: [L, K]``."""
+    sign = 1 - 2 * (jnp.arange(filters.shape[0]) % 2)
+    return filters * sign[:, None].astype(filters.dtype)
+
+
+def branch_filters(filters: jax.Array, two_branch: bool) -> jax.Array:
+    """``[L, K] -> [L, 2K]`` (plus then minus filters) for the standard STU, unchanged otherwise."""
+    if not two_branch:
+        return filters
+    return jnp.concatenate([filters, alternate_signs(filters)], axis=1)
+
+
+def spectral_weights(params: Mapping[str, jax.Array], two_branch: bool) -> jax.Array:
+    """Full-mode projections stacked to match :func:`branch_filters`: ``[F, d_in, d_out]``."""
+    if two_branch:
+        return jnp.concatenate([params["M_plus"], params["M_minus"]], axis=0)
+    return params["M_plus"]
+
+
+def tensordot_kernels(
+    params: Mapping[str, jax.Array], filters: jax.Array, two_branch: bool
+) -> jax.Array:
+    """Per-channel kernels ``[L, d_out]`` of the tensordot mode: ``phi M_filt+ + phi~ M_filt-``."""
+    mix = params["M_filt_plus"]
+    if two_branch:
+        mix = jnp.concatenate([mix, params["M_filt_minus"]], axis=0)
+    return branch_filters(filters, two_branch) @ mix.astype(filters.dtype)
+
+
+def spectral_part(
+    params: Mapping[str, jax.Array],
+    filters: jax.Array,
+    u: jax.Array,
+    *,
+    two_branch: bool,
+    tensordot: bool,
+) -> jax.Array:
+    """The convolutional part of the STU (no AR terms).
+
+    Args:
+      params: parameter arrays (see module docstring).
+      filters: ``[L, K]``, already cut to the input length.
+      u: ``[B, L, d_in]``.
+    Returns:
+      ``[B, L, d_out]`` in ``u``'s dtype.
+    """
+    if tensordot:
+        v = jnp.einsum("bld,do->blo", u, params["M_in"].astype(u.dtype))
+        return causal_conv(v, tensordot_kernels(params, filters, two_branch))
+    return causal_conv_project(
+        u, branch_filters(filters, two_branch), spectral_weights(params, two_branch)
+    )
+
+
+def input_ar(m_u: jax.Array, u: jax.Array) -> jax.Array:
+    """``sum_{i<k_u} M_u[i] u_{t-i}`` with zeros before the sequence start.
+
+    Args:
+      m_u: ``[k_u, d_in, d_out]``.
+      u: ``[B, L, d_in]``.
+    Returns:
+      ``[B, L, d_out]``.
+    """
+    L = u.shape[1]
+    padded = jnp.pad(u, ((0, 0), (m_u.shape[0] - 1, 0), (0, 0)))
+    k_u = m_u.shape[0]
+    lagged = jnp.stack([padded[:, k_u - 1 - i : k_u - 1 - i + L] for i in range(k_u)], axis=2)
+    return jnp.einsum("blid,ido->blo", lagged, m_u.astype(u.dtype))
+
+
+def output_ar(m_y: jax.Array, drive: jax.Array) -> jax.Array:
+    """Solve ``y_t = drive_t + sum_{1<=i<=k_y} M_y[i-1] y_{t-i}`` (zero initial outputs) by a
+    sequential scan over time.
+
+    Args:
+      m_y: ``[k_y, d_out, d_out]`` (``y_{t-i} @ M_y[i-1]``).
+      drive: ``[B, L, d_out]``.
+    Returns:
+      ``[B, L, d_out]``.
+    """
+    B, _, d_out = drive.shape
+    k_y = m_y.shape[0]
+    m_y = m_y.astype(drive.dtype)
+
+    def advance(history, x_t):  # history: [B, k_y, d_out], most recent first
+        y_t = x_t + jnp.einsum("bio,ioz->bz", history, m_y)
+        return jnp.concatenate([y_t[:, None], history[:, : k_y - 1]], axis=1), y_t
+
+    init = jnp.zeros((B, k_y, d_out), drive.dtype)
+    _, ys = jax.lax.scan(advance, init, jnp.swapaxes(drive, 0, 1))
+    return jnp.swapaxes(ys, 0, 1)
+
+
+def stu_apply(
+    params: Mapping[str, jax.Array],
+    filters: jax.Array,
+    u: jax.Array,
+    *,
+    two_branch: bool,
+    tensordot: bool,
+) -> jax.Array:
+    """Full STU forward pass: spectral part plus the AR terms present in ``params``.
+
+    Args:
+      params: parameter arrays (see module docstring).
+      filters: ``[L, K]`` for the input length ``L``.
+      u: ``[B, L, d_in]``.
+    Returns:
+      ``[B, L, d_out]`` in ``u``'s dtype.
+    """
+    y = spectral_part(params, filters, u, two_branch=two_branch, tensordot=tensordot)
+    if "M_u" in params:
+        y = y + input_ar(params["M_u"], u)
+    if "M_y" in params:
+        y = output_ar(params["M_y"], y)
+    return y
