@@ -169,3 +169,11 @@ def test_bad_inputs_raise():
     )
     with pytest.raises(ValueError, match=r"inputs must be \[B, L, 3\]"):
         regression(jnp.zeros((2, 8, 4)))
+
+
+def test_stu_layers_share_one_copy_of_the_filters():
+    config = dataclasses.replace(HYBRID, layer_pattern="S", stu_projection="tensordot")
+    model = SpectralModel(config, rngs=nnx.Rngs(6))
+    assert model.blocks[0].mixer.filters is model.blocks[1].mixer.filters
+    filters = jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))
+    assert [f.shape for f in filters] == [(32, 4)]  # [max_len, num_filters], not trained
