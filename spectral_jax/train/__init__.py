@@ -1,0 +1,48 @@
+"""Training: data, sharding, optimizer, checkpoints and the loop.
+
+Typical use::
+
+    from spectral_jax.train import TrainConfig, LDSRegression, train
+
+    result = train(TrainConfig(task=LDSRegression(), model=model_config, steps=500))
+"""
+
+from spectral_jax.train.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
+from spectral_jax.train.data import (
+    Batch,
+    ByteCorpusLM,
+    LDSRegression,
+    SelectiveCopying,
+    Task,
+    stdlib_corpus,
+)
+from spectral_jax.train.loop import NonFiniteLossError, TrainConfig, TrainResult, train
+from spectral_jax.train.optim import OptimConfig, make_optimizer
+from spectral_jax.train.sharding import (
+    DistributedConfig,
+    MeshConfig,
+    initialize_distributed,
+    make_mesh,
+)
+
+__all__ = [
+    "Batch",
+    "ByteCorpusLM",
+    "CheckpointConfig",
+    "CheckpointError",
+    "Checkpointer",
+    "DistributedConfig",
+    "LDSRegression",
+    "MeshConfig",
+    "NonFiniteLossError",
+    "OptimConfig",
+    "SelectiveCopying",
+    "Task",
+    "TrainConfig",
+    "TrainResult",
+    "initialize_distributed",
+    "make_mesh",
+    "make_optimizer",
+    "stdlib_corpus",
+    "train",
+]

@@ -1,0 +1,287 @@
+"""Training data: every batch is a pure function of (seed, step, rows).
+
+A *row* is one sequence of the global batch, named by its global index. Each row is
+drawn from its own NumPy generator seeded with ``(seed, split, step, row)``, so a
+process that loads only its share of the global batch (the rows its devices hold,
+see ``sharding.process_rows``) produces exactly the rows a single process would, and
+resuming at step ``s`` replays the same stream. Nothing is downloaded: the byte-level
+corpus is the running Python's standard library source.
+
+Tasks (frozen dataclasses, validated on construction):
+
+- ``LDSRegression``: inputs ``u`` and outputs ``y`` of one random stable symmetric LDS.
+- ``ByteCorpusLM``: next-byte prediction on the standard library source files.
+- ``SelectiveCopying``: recall the few symbols scattered in a long blank context.
+
+Each task has ``batch(seed, step, rows, split) -> Batch`` with ``split`` in
+``("train", "eval")``; the eval split is a fixed set of sequences disjoint from
+training (a separate random stream, or the held-out files of the corpus).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import pathlib
+import sysconfig
+import zlib
+from typing import Literal, NamedTuple
+
+import numpy as np
+
+Split = Literal["train", "eval"]
+_SPLIT_IDS = {"train": 0, "eval": 1}
+
+
+class Batch(NamedTuple):
+    """One (share of a) batch; ``b`` rows of length ``L``.
+
+    inputs:  [b, L] int32 tokens, or [b, L, d_input] float32.
+    targets: [b, L] int32 tokens, or [b, L, d_output] float32.
+    mask:    [b, L] float32 loss weights (1 where the loss counts, else 0).
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _row_rng(seed: int, split: Split, step: int, row: int, salt: int) -> np.random.Generator:
+    """The generator of one row: independent of which process draws it."""
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if seed < 0 or step < 0 or row < 0:
+        raise ValueError(f"seed, step and row must be >= 0, got {seed}, {step}, {row}")
+    return np.random.default_rng([salt, int(seed), _SPLIT_IDS[split], int(step), int(row)])
+
+
+def _rows_array(rows) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or rows.size == 0:
+        raise ValueError(f"rows must be a non-empty 1-D sequence of row indices, got {rows!r}")
+    return rows
+
+
+# --------------------------------------------------------------------------- LDS regression
+
+
+@dataclasses.dataclass(frozen=True)
+class LDSRegression:
+    """Regression on a random stable symmetric LDS.
+
+    ``x_t = A x_{t-1} + B u_t``, ``y_t = C x_t + noise``, ``u_t ~ N(0, I)``, with
+    ``A = Q diag(lam) Q^T`` symmetric and ``max |lam| = spectral_radius``. Gaussian
+    ``B`` and ``C`` are rotation invariant, so the system is simulated in the
+    eigenbasis of ``A`` (a diagonal recurrence). ``C`` is scaled so each output has
+    unit stationary variance before noise. The system depends on ``system_seed``
+    only; the data seed picks the input and noise sequences.
+    """
+
+    seq_len: int = 256
+    d_input: int = 4
+    d_output: int = 4
+    state_dim: int = 16
+    spectral_radius: float = 0.99
+    noise_std: float = 0.0
+    system_seed: int = 0
+
+    kind = "regression"
+
+    def __post_init__(self):
+        for name in ("seq_len", "d_input", "d_output", "state_dim"):
+            _check_positive(name, getattr(self, name))
+        if not 0.0 < self.spectral_radius < 1.0:
+            raise ValueError(
+                f"spectral_radius must be in (0, 1) for a stable LDS, got {self.spectral_radius}"
+            )
+        if not self.noise_std >= 0.0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+        if self.system_seed < 0:
+            raise ValueError(f"system_seed must be >= 0, got {self.system_seed}")
+
+    def system(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The LDS in the eigenbasis of A: ``lam: [n]``, ``B: [n, d_in]``, ``C: [d_out, n]``."""
+        return _lds_system(self)
+
+    def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
+        rows = _rows_array(rows)
+        lam, b_mat, c_mat = self.system()
+        u = np.empty((rows.size, self.seq_len, self.d_input))
+        noise = np.zeros((rows.size, self.seq_len, self.d_output))
+        for i, row in enumerate(rows):
+            rng = _row_rng(seed, split, step, row, salt=1)
+            u[i] = rng.standard_normal((self.seq_len, self.d_input))
+            if self.noise_std > 0:
+                noise[i] = self.noise_std * rng.standard_normal((self.seq_len, self.d_output))
+        drive = np.einsum("ni,bti->btn", b_mat, u)  # elementwise loops: per-row exact
+        states = np.empty_like(drive)
+        x = np.zeros((rows.size, self.state_dim))
+        for t in range(self.seq_len):
+            x = lam * x + drive[:, t]
+            states[:, t] = x
+        y = np.einsum("on,btn->bto", c_mat, states) + noise
+        mask = np.ones((rows.size, self.seq_len), np.float32)
+        return Batch(u.astype(np.float32), y.astype(np.float32), mask)
+
+
+@functools.lru_cache(maxsize=16)
+def _lds_system(task: LDSRegression) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([0x1D5, task.system_seed])
+    n = task.state_dim
+    lam = rng.uniform(-task.spectral_radius, task.spectral_radius, n)
+    lam[np.argmax(np.abs(lam))] = task.spectral_radius * np.sign(lam[np.argmax(np.abs(lam))])
+    b_mat = rng.standard_normal((n, task.d_input)) / np.sqrt(task.d_input)
+    c_mat = rng.standard_normal((task.d_output, n)) / np.sqrt(n)
+    # Stationary output variance for white unit inputs:
+    # var_o = sum_{k,l} C_ok C_ol (B B^T)_kl / (1 - lam_k lam_l).
+    gram = (b_mat @ b_mat.T) / (1.0 - np.outer(lam, lam))
+    var = np.einsum("ok,kl,ol->o", c_mat, gram, c_mat)
+    c_mat = c_mat / np.sqrt(var)[:, None]
+    return lam, b_mat, c_mat
+
+
+# --------------------------------------------------------------------------- byte corpus
+
+_SKIPPED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
+)
+
+
+class ByteCorpus(NamedTuple):
+    """The standard-library corpus: ``train``/``valid`` byte streams ([N] uint8)."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    num_train_files: int
+    num_valid_files: int
+    fingerprint: str  # sha256 of the file list and contents; equal on identical Pythons
+
+
+def stdlib_corpus(val_percent: int) -> ByteCorpus:
+    """The running Python's standard-library ``.py`` sources, split by file.
+
+    Files are listed in sorted order of their path relative to the stdlib root
+    (test directories and installed packages excluded) and concatenated; a file goes
+    to validation when ``crc32(relative path) % 100 < val_percent``, a split that
+    does not move when files are added or removed elsewhere.
+    """
+    return _load_stdlib_corpus(sysconfig.get_paths()["stdlib"], val_percent)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_stdlib_corpus(root: str, val_percent: int) -> ByteCorpus:
+    root_path = pathlib.Path(root)
+    if not root_path.is_dir():
+        raise FileNotFoundError(f"the standard library directory {root} does not exist")
+    rel_paths = sorted(
+        p.relative_to(root_path).as_posix()
+        for p in root_path.rglob("*.py")
+        if not _SKIPPED_DIRS.intersection(p.relative_to(root_path).parts[:-1])
+    )
+    train, valid = [], []
+    digest = hashlib.sha256()
+    for rel in rel_paths:
+        data = (root_path / rel).read_bytes()
+        digest.update(rel.encode() + b"\0" + data)
+        (valid if zlib.crc32(rel.encode()) % 100 < val_percent else train).append(data)
+    as_array = lambda parts: np.frombuffer(b"".join(parts), dtype=np.uint8)  # noqa: E731
+    return ByteCorpus(as_array(train), as_array(valid), len(train), len(valid), digest.hexdigest())
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteCorpusLM:
+    """Next-byte prediction (vocabulary 256) on the standard-library corpus.
+
+    Each row is a window of ``seq_len + 1`` bytes at an offset drawn from the row's
+    generator; inputs are the first ``seq_len`` bytes, targets the last ``seq_len``.
+    The eval split draws its windows from the held-out files.
+    """
+
+    seq_len: int = 256
+    val_percent: int = 5
+
+    kind = "tokens"
+    vocab_size = 256
+
+    def __post_init__(self):
+        _check_positive("seq_len", self.seq_len)
+        if not isinstance(self.val_percent, int) or not 1 <= self.val_percent <= 50:
+            raise ValueError(f"val_percent must be an int in [1, 50], got {self.val_percent!r}")
+
+    def corpus(self) -> ByteCorpus:
+        return stdlib_corpus(self.val_percent)
+
+    def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
+        rows = _rows_array(rows)
+        corpus = self.corpus()
+        stream = corpus.train if split == "train" else corpus.valid
+        if stream.size < self.seq_len + 2:
+            raise ValueError(
+                f"the {split} corpus has {stream.size} bytes, too few for seq_len={self.seq_len}"
+            )
+        windows = np.empty((rows.size, self.seq_len + 1), np.int32)
+        for i, row in enumerate(rows):
+            start = _row_rng(seed, split, step, row, salt=2).integers(0, stream.size - self.seq_len)
+            windows[i] = stream[start : start + self.seq_len + 1]
+        mask = np.ones((rows.size, self.seq_len), np.float32)
+        return Batch(windows[:, :-1], windows[:, 1:], mask)
+
+
+# --------------------------------------------------------------------------- selective copying
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectiveCopying:
+    """Selective copying: a long-range recall task on tokens.
+
+    A context of ``context_len`` tokens is blank (0) except for ``num_tokens``
+    symbols (1..num_symbols) at random positions; then ``num_tokens`` marker tokens
+    (``num_symbols + 1``) follow. At the i-th marker the target is the i-th symbol
+    of the context, in order; only those positions count in the loss.
+    """
+
+    context_len: int = 256
+    num_tokens: int = 8
+    num_symbols: int = 8
+
+    kind = "tokens"
+
+    def __post_init__(self):
+        for name in ("context_len", "num_tokens", "num_symbols"):
+            _check_positive(name, getattr(self, name))
+        if self.num_tokens > self.context_len:
+            raise ValueError(
+                f"num_tokens must be <= context_len={self.context_len}, got {self.num_tokens}"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self.context_len + self.num_tokens
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_symbols + 2
+
+    def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
+        rows = _rows_array(rows)
+        inputs = np.zeros((rows.size, self.seq_len), np.int32)
+        targets = np.zeros((rows.size, self.seq_len), np.int32)
+        inputs[:, self.context_len :] = self.num_symbols + 1
+        for i, row in enumerate(rows):
+            rng = _row_rng(seed, split, step, row, salt=3)
+            positions = np.sort(rng.choice(self.context_len, self.num_tokens, replace=False))
+            symbols = rng.integers(1, self.num_symbols + 1, self.num_tokens)
+            inputs[i, positions] = symbols
+            targets[i, self.context_len :] = symbols
+        mask = np.zeros((rows.size, self.seq_len), np.float32)
+        mask[:, self.context_len :] = 1.0
+        return Batch(inputs, targets, mask)
+
+
+Task = LDSRegression | ByteCorpusLM | SelectiveCopying
