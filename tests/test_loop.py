@@ -20,17 +20,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from spectral_jax.nn.model import ModelConfig
 from spectral_jax.train import (
     ByteCorpusLM,
     CheckpointConfig,
     Checkpointer,
+    CheckpointError,
     DistributedConfig,
     MeshConfig,
     NonFiniteLossError,
     OptimConfig,
     TrainConfig,
+    load_model,
     train,
 )
+from spectral_jax.train.config import model_config_from_record, run_record
 from spectral_jax.train.metrics import MetricsLogger, progress_line
 from spectral_jax.train.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 
@@ -126,6 +130,20 @@ def test_bad_optim_and_train_configs_name_the_field():
         TrainConfig(task=ByteCorpusLM(), global_batch=0)
     with pytest.raises(ValueError, match="task"):
         TrainConfig(task="bytes")
+    with pytest.raises(ValueError, match="model must be a ModelConfig"):
+        TrainConfig(task=ByteCorpusLM(), model={"d_model": 8})
+
+
+def test_run_record_rebuilds_the_model_config():
+    model = ModelConfig(
+        d_model=8, num_layers=2, max_len=16, vocab_size=VOCAB, layer_pattern="SA", num_filters=4
+    )
+    record = run_record(TrainConfig(task=ByteCorpusLM(seq_len=16), model=model))
+    assert json.loads(json.dumps(record)) == record
+    assert record["task"] == {"type": "ByteCorpusLM", "seq_len": 16, "val_percent": 5}
+    assert model_config_from_record(record) == model
+    with pytest.raises(CheckpointError, match="custom model_fn"):
+        model_config_from_record(run_record(TrainConfig(task=ByteCorpusLM())))
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -157,7 +175,7 @@ def test_progress_line_and_tensorboard(monkeypatch, tmp_path):
 
 def test_training_lowers_the_validation_loss_and_logs_every_step(tmp_path, capsys):
     config = _config(tmp_path, steps=30, log_every=10, eval_every=30, eval_batches=2)
-    result = train(config, model_fn=lambda rngs: TinyLM(rngs))
+    result = train(config, model_fn=TinyLM)
     records = _records(config.metrics_path)
     train_records = [r for r in records if r.get("split") == "train"]
     assert [r["step"] for r in train_records] == list(range(1, 31))
@@ -190,6 +208,20 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     assert meta["data"] == {"seed": 0, "next_step": 4}
 
 
+def test_load_model_restores_the_trained_parameters(tmp_path):
+    ckpt = CheckpointConfig(str(tmp_path / "ckpt"), save_every=3)
+    result = train(_config(tmp_path, steps=3, checkpoint=ckpt), model_fn=TinyLM)
+    loaded, meta = load_model(ckpt.directory, model_fn=TinyLM)
+    assert meta["step"] == 3 and meta["data"] == {"seed": 0, "next_step": 3}
+    trained = jax.tree.leaves(nnx.state(result.model))
+    for a, b in zip(jax.tree.leaves(nnx.state(loaded)), trained, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(CheckpointError, match="custom model_fn"):
+        load_model(ckpt.directory)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(str(tmp_path / "missing"))
+
+
 def test_model_output_that_does_not_fit_the_task_is_rejected(tmp_path):
     config = _config(tmp_path)
     with pytest.raises(
@@ -200,10 +232,10 @@ def test_model_output_that_does_not_fit_the_task_is_rejected(tmp_path):
 
 def test_resume_with_another_task_is_rejected(tmp_path):
     ckpt = CheckpointConfig(str(tmp_path / "ckpt"), save_every=2)
-    train(_config(tmp_path, steps=2, checkpoint=ckpt), model_fn=lambda rngs: TinyLM(rngs))
+    train(_config(tmp_path, steps=2, checkpoint=ckpt), model_fn=TinyLM)
     other = _config(tmp_path, steps=4, checkpoint=ckpt, seed=1)
     with pytest.raises(Exception, match=r"written with seed=0, but this run has seed=1"):
-        train(other, model_fn=lambda rngs: TinyLM(rngs))
+        train(other, model_fn=TinyLM)
 
 
 # ---------------------------------------------------------------------------- multi-process
@@ -229,7 +261,7 @@ def _multiprocess_worker(out_dir: str, process_id: int, num_processes: int, port
         metrics_path=str(pathlib.Path(out_dir) / "metrics.jsonl"),
         checkpoint=CheckpointConfig(str(pathlib.Path(out_dir) / "ckpt"), save_every=3),
     )
-    result = train(config, model_fn=lambda rngs: TinyLM(rngs))
+    result = train(config, model_fn=TinyLM)
     params = multihost_utils.process_allgather(nnx.state(result.model, nnx.Param), tiled=True)
     if process_id == 0:
         flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}

@@ -8,6 +8,7 @@ Typical use::
 """
 
 from spectral_jax.train.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
+from spectral_jax.train.config import TrainConfig
 from spectral_jax.train.data import (
     Batch,
     ByteCorpusLM,
@@ -16,7 +17,7 @@ from spectral_jax.train.data import (
     Task,
     stdlib_corpus,
 )
-from spectral_jax.train.loop import NonFiniteLossError, TrainConfig, TrainResult, train
+from spectral_jax.train.loop import NonFiniteLossError, TrainResult, load_model, train
 from spectral_jax.train.optim import OptimConfig, make_optimizer
 from spectral_jax.train.sharding import (
     DistributedConfig,
@@ -41,6 +42,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "initialize_distributed",
+    "load_model",
     "make_mesh",
     "make_optimizer",
     "stdlib_corpus",

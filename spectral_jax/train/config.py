@@ -1,0 +1,111 @@
+"""The run configuration, and the record of it that every checkpoint carries."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+from spectral_jax.nn.model import ModelConfig, SpectralModel
+from spectral_jax.train.checkpoint import CheckpointConfig, CheckpointError
+from spectral_jax.train.data import Task
+from spectral_jax.train.optim import OptimConfig
+from spectral_jax.train.sharding import DistributedConfig, MeshConfig
+
+ModelFn = Callable[[nnx.Rngs], nnx.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A training run: task, model, optimizer, devices, checkpoints and logging.
+
+    ``model`` builds a ``SpectralModel``; leave it ``None`` only when passing
+    ``model_fn`` to ``train``. ``seed`` drives both the initialisation and the data.
+    """
+
+    task: Task
+    model: ModelConfig | None = None
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    steps: int = 1000
+    global_batch: int = 8
+    seed: int = 0
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig | None = None
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only after the last step
+    eval_batches: int = 4
+    metrics_path: str | None = None  # JSONL file, appended to
+    tensorboard_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("seed", "eval_every", "eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if getattr(self.task, "kind", None) not in ("tokens", "regression"):
+            raise ValueError(f"task must be a task from spectral_jax.train.data, got {self.task!r}")
+        if self.model is not None and not isinstance(self.model, ModelConfig):
+            raise ValueError(f"model must be a ModelConfig or None, got {self.model!r}")
+
+
+def _describe(obj) -> dict[str, Any] | None:
+    if obj is None:
+        return None
+    return {"type": type(obj).__name__, **dataclasses.asdict(obj)}
+
+
+def run_record(config: TrainConfig) -> dict[str, Any]:
+    """The JSON-able description of a run stored in every checkpoint."""
+    record = {
+        "task": _describe(config.task),
+        "model": _describe(config.model),
+        "optim": _describe(config.optim),
+        "seed": config.seed,
+        "global_batch": config.global_batch,
+        "steps": config.steps,
+    }
+    return json.loads(json.dumps(record))
+
+
+_MUST_MATCH_ON_RESUME = ("task", "model", "seed", "global_batch")
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], directory: str) -> None:
+    """Raise CheckpointError unless the saved run continues into the current one.
+
+    Task, model, seed and global batch must match (they fix the parameters' shapes
+    and the data stream); steps and optimizer settings may change.
+    """
+    for key in _MUST_MATCH_ON_RESUME:
+        if saved.get(key) != current[key]:
+            raise CheckpointError(
+                f"the checkpoints in {directory} were written with {key}={saved.get(key)!r}, "
+                f"but this run has {key}={current[key]!r}; use another checkpoint directory "
+                f"or restore the original {key}"
+            )
+
+
+def model_config_from_record(record: dict[str, Any]) -> ModelConfig:
+    """The ``ModelConfig`` of a run record (``run_record``), validated again."""
+    fields = dict(record.get("model") or {})
+    if fields.pop("type", None) != ModelConfig.__name__:
+        raise CheckpointError(
+            f"the run record has no ModelConfig (model={record.get('model')!r}): it was "
+            "trained with a custom model_fn; pass the same model_fn to load it"
+        )
+    return ModelConfig(**fields)
+
+
+def spectral_model_fn(model_config: ModelConfig | None) -> ModelFn:
+    """``rngs -> SpectralModel(model_config)``."""
+    if model_config is None:
+        raise ValueError("config.model is None: give a ModelConfig or pass model_fn")
+    return lambda rngs: SpectralModel(model_config, rngs=rngs)
