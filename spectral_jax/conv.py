@@ -66,8 +66,9 @@ def causal_conv_project(u: jax.Array, filters: jax.Array, weights: jax.Array) ->
     ``y[b, t, o] = sum_{f, d} (filters[:, f] * u[b, :, d])_t weights[f, d, o]``.
 
     The projection happens in the frequency domain: ``T[n, d, o] = sum_f F[n, f] W[f, d, o]``
-    is formed once per call (independent of the batch), so only ``B * (D + O)`` FFTs are taken,
-    instead of ``B * F * D`` for convolving before projecting.
+    is formed once per call (independent of the batch, as one real matrix product on the stacked
+    real and imaginary parts), so only ``B * (D + O)`` FFTs are taken instead of ``B * F * D``
+    for convolving before projecting; then ``y[n] = u[n] @ T[n]`` for each frequency ``n``.
 
     Args:
       u: ``[B, L, D]``.
@@ -79,11 +80,13 @@ def causal_conv_project(u: jax.Array, filters: jax.Array, weights: jax.Array) ->
     L = _check_kernel_length(u, filters)
     n = fft_length(2 * L - 1)
     dtype = _fft_dtype(u.dtype)
-    u_hat = jnp.fft.rfft(u.astype(dtype), n=n, axis=1)  # [B, N, D]
+    F, D, O = weights.shape
+    u_hat = jnp.fft.rfft(u.astype(dtype), n=n, axis=1).transpose(1, 0, 2)  # [N, B, D]
     f_hat = jnp.fft.rfft(filters.astype(dtype), n=n, axis=0)  # [N, F]
-    transfer = jnp.einsum("nf,fdo->ndo", f_hat, weights.astype(dtype))
-    y_hat = jnp.einsum("bnd,ndo->bno", u_hat, transfer)
-    return jnp.fft.irfft(y_hat, n=n, axis=1)[:, :L, :].astype(u.dtype)
+    stacked = jnp.concatenate([f_hat.real, f_hat.imag], axis=0)  # [2N, F]
+    transfer = (stacked @ weights.astype(dtype).reshape(F, D * O)).reshape(2, -1, D, O)
+    y_hat = jnp.einsum("nbd,ndo->nbo", u_hat, jax.lax.complex(transfer[0], transfer[1]))
+    return jnp.fft.irfft(y_hat, n=n, axis=0)[:L].transpose(1, 0, 2).astype(u.dtype)
 
 
 def causal_conv_direct(u: jax.Array, kernels: jax.Array) -> jax.Array:
