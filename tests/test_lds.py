@@ -1,0 +1,132 @@
+"""Diagonal LDS: every evaluation path against a direct float64 convolution with ``a^t``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spectral_jax import lds
+
+EPS32 = float(np.finfo(np.float32).eps) / 2  # unit round-off 2^-24
+EPS64 = float(np.finfo(np.float64).eps) / 2
+
+# Fast, slow, very slow, zero and negative decays, on a [2, 4] channel grid.
+DECAYS = np.array([[0.0, 0.5, 0.99, 1 - 1e-4], [-0.3, -0.9, -(1 - 1e-3), 0.999]])
+
+
+def reference_states(decays, u, x0):
+    """``x_t = a^(t+1) x0 + sum_{s<=t} a^(t-s) u_s`` by a direct O(L^2) sum in float64."""
+    L = u.shape[1]
+    t = np.arange(L)
+    lag = t[:, None] - t[None, :]  # [t, s]
+    powers = np.where(lag >= 0, decays[..., None, None] ** np.maximum(lag, 0), 0.0)  # [*S, t, s]
+    conv = np.einsum("...ts,bs...->bt...", powers, u)
+    return conv + decays[None, None] ** (t + 1)[None, :, None, None] * x0[:, None]
+
+
+def test_all_paths_match_direct_convolution_x64():
+    rng = np.random.default_rng(0)
+    B, L = 2, 48
+    u = rng.standard_normal((B, L, *DECAYS.shape))
+    x0 = rng.standard_normal((B, *DECAYS.shape))
+    ref = reference_states(DECAYS, u, x0)
+    with jax.enable_x64(True):
+        a, uj, x0j = (jnp.asarray(v, jnp.float64) for v in (DECAYS, u, x0))
+        seq = lds.scan(a, uj, x0j)
+        par = lds.parallel_scan(a, uj, x0j)
+        x, stepped = x0j, []
+        for t in range(L):
+            x = lds.step(a, x, uj[:, t])
+            stepped.append(x)
+        stepped = jnp.stack(stepped, axis=1)
+        # Without an initial state, the states are the causal convolution with impulse_response.
+        h = np.asarray(lds.impulse_response(a, L))  # [L, *S]
+        par0 = lds.parallel_scan(a, uj)
+    # Round-off of a length-L recurrence in float64, relative to the largest state.
+    tol = 8 * L * EPS64
+    scale = np.abs(ref).max()
+    for name, got in [("scan", seq), ("parallel_scan", par), ("step loop", stepped)]:
+        err = np.abs(np.asarray(got) - ref).max() / scale
+        assert err <= tol, f"{name}: {err:.2e} > {tol:.2e}"
+    conv = np.stack([np.einsum("ts...,bs...->bt...", _toeplitz(h, t), u) for t in range(L)], 1)
+    assert np.abs(np.asarray(par0) - conv[:, :, 0]).max() / scale <= tol
+
+
+def _toeplitz(h, t):
+    """Row ``t`` of the causal convolution with impulse response ``h: [L, *S]``: ``[1, L, *S]``."""
+    row = np.zeros_like(h)
+    row[: t + 1] = h[t::-1]
+    return row[None]
+
+
+def test_impulse_response_values():
+    with jax.enable_x64(True):
+        h = np.asarray(lds.impulse_response(jnp.asarray(DECAYS), 7))
+    t = np.arange(7)[:, None, None]
+    np.testing.assert_allclose(h, DECAYS[None] ** t, rtol=16 * EPS64, atol=0)
+    assert h.shape == (7, *DECAYS.shape) and np.all(h[0] == 1.0)
+
+
+def test_parallel_scan_float32_is_accurate_for_slow_decays():
+    """The exact-power combine keeps float32 errors at ~log2(L) round-offs even for decays within
+    1e-5 of +-1, where the textbook combine (repeated squaring of a) loses ~L/2 round-offs."""
+    L = 4096
+    a = np.array([0.5, 0.99, 0.999, 1 - 1e-4, 1 - 1e-5, -(1 - 1e-4)], np.float32)
+    u = np.random.default_rng(1).standard_normal((2, L, a.size)).astype(np.float32)
+    ref = reference_by_scan_x64(a, u)
+    scale = np.abs(ref).max(axis=(0, 1))
+
+    def err(states):
+        return (np.abs(np.asarray(states, np.float64) - ref).max(axis=(0, 1)) / scale).max()
+
+    assert err(lds.parallel_scan(jnp.asarray(a), jnp.asarray(u))) <= np.log2(L) * EPS32
+    # Sequential rounding errors add up like a random walk: ~sqrt(L) round-offs.
+    assert err(lds.scan(jnp.asarray(a), jnp.asarray(u))) <= 2 * np.sqrt(L) * EPS32
+
+
+def reference_by_scan_x64(a, u):
+    with jax.enable_x64(True):
+        return np.asarray(lds.scan(jnp.asarray(a, jnp.float64), jnp.asarray(u, jnp.float64)))
+
+
+def test_jit_matches_eager():
+    """Under jit the decays are tracers (no value check) and XLA may fuse ``a * x + u`` into
+    one FMA, so results agree to float32 round-off of a length-L recurrence, not bitwise."""
+    L = 16
+    a = jnp.asarray(DECAYS, jnp.float32)
+    u = jnp.asarray(np.random.default_rng(2).standard_normal((1, L, *DECAYS.shape)), jnp.float32)
+    for fn in (lds.parallel_scan, lds.scan):
+        eager = np.asarray(fn(a, u))
+        err = np.abs(np.asarray(jax.jit(fn)(a, u)) - eager).max() / np.abs(eager).max()
+        assert err <= 2 * L * EPS32
+
+
+@pytest.mark.parametrize("bad", [1.0, -1.0, 1.5, np.nan, np.inf])
+def test_decays_outside_unit_interval_raise(bad):
+    a = np.array([0.5, bad], np.float32)
+    u = jnp.zeros((1, 4, 2), jnp.float32)
+    for fn in (lds.scan, lds.parallel_scan):
+        with pytest.raises(ValueError, match=r"open interval \(-1, 1\)"):
+            fn(a, u)
+    with pytest.raises(ValueError, match="open interval"):
+        lds.impulse_response(a, 3)
+    with pytest.raises(ValueError, match="open interval"):
+        lds.step(a, u[:, 0], u[:, 0])
+
+
+def test_bad_shapes_and_dtypes_raise():
+    a = jnp.full((3,), 0.5, jnp.float32)
+    with pytest.raises(ValueError, match="shape"):
+        lds.scan(a, jnp.zeros((1, 4, 2), jnp.float32))
+    with pytest.raises(ValueError, match="shape"):
+        lds.parallel_scan(a, jnp.zeros((4, 3), jnp.float32))
+    with pytest.raises(ValueError, match="initial state"):
+        lds.scan(a, jnp.zeros((2, 4, 3), jnp.float32), jnp.zeros((1, 3), jnp.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        lds.scan(np.full(3, 0.5), jnp.zeros((1, 4, 3), jnp.float32))  # float64 decays
+    with pytest.raises(ValueError, match="dtype"):
+        lds.scan(a, jnp.zeros((1, 4, 3), jnp.int32))
+    with pytest.raises(ValueError, match="floating"):
+        lds.check_decays(np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="length"):
+        lds.impulse_response(a, 0)
