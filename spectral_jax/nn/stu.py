@@ -7,9 +7,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
-from spectral_jax import stu_ops
+from spectral_jax import futurefill, stu_ops
 from spectral_jax.filters import VARIANTS, max_num_filters, spectral_filters
 
 PROJECTIONS = ("full", "tensordot")
@@ -36,6 +36,11 @@ class STUConfig:
       k_u, k_y: number of autoregressive input / output lags (0 disables them).
       dtype: activation dtype; FFTs always run in at least float32.
       param_dtype: parameter (and filter) dtype: float32, or float64 for references under x64.
+      decode_strategy: default decode cache, ``"futurefill"`` or ``"naive"`` (see
+        :mod:`spectral_jax.futurefill`); ``init_cache``/``prefill`` can override it per call and
+        ``nnx.view(model, decode_strategy=...)`` for a whole model.
+      decode_block_len: naive read block / FutureFill epoch length, None for the default
+        (:func:`spectral_jax.futurefill.default_block_len`); at most ``max_len``.
     """
 
     d_in: int
@@ -48,6 +53,8 @@ class STUConfig:
     k_y: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    decode_strategy: str = "futurefill"
+    decode_block_len: int | None = None
 
     def __post_init__(self):
         for name in ("d_in", "d_out", "num_filters"):
@@ -73,6 +80,18 @@ class STUConfig:
                 raise ValueError(
                     f"STUConfig.{name} must be one of {ACTIVATION_DTYPES}, got {value!r}"
                 )
+        if self.decode_strategy not in futurefill.STRATEGIES:
+            raise ValueError(
+                f"STUConfig.decode_strategy must be one of {futurefill.STRATEGIES}, "
+                f"got {self.decode_strategy!r}"
+            )
+        if self.decode_block_len is not None:
+            _positive_int("decode_block_len", self.decode_block_len)
+            if self.decode_block_len > self.max_len:
+                raise ValueError(
+                    f"STUConfig.decode_block_len={self.decode_block_len} must be <= "
+                    f"max_len={self.max_len}"
+                )
 
     @property
     def two_branch(self) -> bool:
@@ -81,6 +100,27 @@ class STUConfig:
     @property
     def tensordot(self) -> bool:
         return self.projection == "tensordot"
+
+
+@struct.dataclass
+class STUCache:
+    """Decode state of one STU layer.
+
+    conv: the convolution's cache (:class:`~spectral_jax.futurefill.NaiveCache` or
+      :class:`~spectral_jax.futurefill.FutureFillCache`); its ``pos`` is the layer's position.
+    inputs: ``[B, max(k_u - 1, 0), d_in]`` previous inputs, most recent first.
+    outputs: ``[B, k_y, d_out]`` previous outputs, most recent first.
+    """
+
+    conv: futurefill.ConvCache
+    inputs: jax.Array
+    outputs: jax.Array
+
+
+def _most_recent_first(seq: jax.Array, count: int) -> jax.Array:
+    """``seq: [B, L, D] -> [B, count, D]``: the last ``count`` rows reversed, zeros before t=0."""
+    last = jnp.flip(seq[:, max(seq.shape[1] - count, 0) :], axis=1)
+    return jnp.pad(last, ((0, 0), (0, count - last.shape[1]), (0, 0)))
 
 
 class SpectralFilters(nnx.Variable):
@@ -159,3 +199,116 @@ class STU(nnx.Module):
             two_branch=cfg.two_branch,
             tensordot=cfg.tensordot,
         )
+
+    def set_view(self, decode_strategy: str | None = None, decode_block_len: int | None = None):
+        """Hook of ``nnx.view``: a view of the layer with another default decode strategy or
+        block length (validated by :class:`STUConfig`); parameters are shared."""
+        changes = {"decode_strategy": decode_strategy, "decode_block_len": decode_block_len}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            self.config = dataclasses.replace(self.config, **changes)
+
+    def _conv_kernels(self) -> jax.Array:
+        """Taps ``[max_len, F]`` of the convolution: filter mixtures (tensordot) or filters."""
+        cfg = self.config
+        if cfg.tensordot:
+            return stu_ops.tensordot_kernels(self.params(), self.filters[...], cfg.two_branch)
+        return stu_ops.branch_filters(self.filters[...], cfg.two_branch)
+
+    def _conv_weights(self) -> jax.Array | None:
+        """Projection ``[F, d_in, d_out]`` after the convolution (full mode), None (tensordot)."""
+        cfg = self.config
+        if cfg.tensordot:
+            return None
+        return stu_ops.spectral_weights(self.params(), cfg.two_branch)
+
+    def _conv_input(self, u: jax.Array) -> jax.Array:
+        """Inputs ``[..., d_in]`` -> conv inputs: ``u M_in`` (tensordot) or ``u`` itself."""
+        if self.config.tensordot:
+            return u @ self.M_in[...].astype(u.dtype)
+        return u
+
+    def init_cache(
+        self,
+        batch: int,
+        max_len: int,
+        dtype: Any,
+        *,
+        strategy: str | None = None,
+        block_len: int | None = None,
+    ) -> STUCache:
+        """Empty cache for ``batch`` sequences of at most ``max_len <= config.max_len`` tokens,
+        fed inputs of ``dtype``. ``strategy`` / ``block_len`` default to the config's."""
+        cfg = self.config
+        if isinstance(max_len, bool) or not isinstance(max_len, int):
+            raise ValueError(f"max_len must be an int, got {max_len!r}")
+        if not 1 <= max_len <= cfg.max_len:
+            raise ValueError(f"max_len={max_len} must be in [1, config.max_len={cfg.max_len}]")
+        if jnp.dtype(dtype).name not in ACTIVATION_DTYPES:
+            raise ValueError(f"cache dtype must be one of {ACTIVATION_DTYPES}, got {dtype!r}")
+        strategy = cfg.decode_strategy if strategy is None else strategy
+        block_len = cfg.decode_block_len if block_len is None else block_len
+        weights = self._conv_weights()
+        conv = futurefill.init_cache(
+            strategy,
+            self._conv_kernels(),
+            weights,
+            batch,
+            max_len,
+            cfg.d_out if weights is None else cfg.d_in,
+            dtype,
+            block_len,
+        )
+        act = jnp.dtype(cfg.dtype)
+        return STUCache(
+            conv=conv,
+            inputs=jnp.zeros((batch, max(cfg.k_u - 1, 0), cfg.d_in), act),
+            outputs=jnp.zeros((batch, cfg.k_y, cfg.d_out), act),
+        )
+
+    def prefill(
+        self, x: jax.Array, *, strategy: str | None = None, block_len: int | None = None
+    ) -> tuple[jax.Array, STUCache]:
+        """Run a prompt ``x: [B, L, d_in]`` by the parallel path; returns ``(y [B, L, d_out],
+        cache at position L)`` with room for ``config.max_len`` tokens in all, fed ``x.dtype``."""
+        y = self(x)
+        cfg = self.config
+        cache = self.init_cache(
+            x.shape[0], cfg.max_len, x.dtype, strategy=strategy, block_len=block_len
+        )
+        u = x.astype(cfg.dtype)
+        conv = futurefill.prefill(cache.conv, self._conv_input(u), self._conv_weights())
+        return y, STUCache(
+            conv=conv,
+            inputs=_most_recent_first(u, cache.inputs.shape[1]),
+            outputs=_most_recent_first(y, cfg.k_y),
+        )
+
+    def step(self, cache: STUCache, x_t: jax.Array) -> tuple[STUCache, jax.Array]:
+        """One token ``x_t: [B, d_in]`` at position ``cache.conv.pos`` -> ``(next cache,
+        y_t [B, d_out])`` in ``config.dtype``.
+
+        Raises ValueError if the cache is full (a runtime error under jit), or if ``x_t``'s
+        batch size, width or dtype does not match the cache.
+        """
+        cfg = self.config
+        if not isinstance(cache, STUCache):
+            raise ValueError(f"STU.step: cache must be an STUCache, got {type(cache).__name__}")
+        batch, dtype = cache.inputs.shape[0], cache.conv.history.dtype
+        if x_t.shape != (batch, cfg.d_in):
+            raise ValueError(f"STU.step: x_t must be [{batch}, {cfg.d_in}], got {x_t.shape}")
+        if x_t.dtype != dtype:
+            raise ValueError(f"STU.step: x_t dtype {x_t.dtype} does not match cache {dtype}")
+        u = x_t.astype(cfg.dtype)
+        h_t = self._conv_input(u).astype(dtype)
+        conv, y = futurefill.step(cache.conv, h_t, self._conv_weights())
+        y = y.astype(cfg.dtype)
+        inputs, outputs = cache.inputs, cache.outputs
+        if cfg.k_u:
+            lagged = jnp.concatenate([u[:, None], inputs], axis=1)  # u_t, u_{t-1}, ...
+            y = y + jnp.einsum("bid,ido->bo", lagged, self.M_u[...].astype(u.dtype))
+            inputs = lagged[:, : inputs.shape[1]]
+        if cfg.k_y:
+            y = y + jnp.einsum("bio,ioz->bz", outputs, self.M_y[...].astype(y.dtype))
+            outputs = jnp.concatenate([y[:, None], outputs[:, :-1]], axis=1)
+        return STUCache(conv=conv, inputs=inputs, outputs=outputs), y

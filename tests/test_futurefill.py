@@ -1,0 +1,128 @@
+"""Naive and FutureFill decode caches against the direct convolution sum (float64), block
+boundaries and FFT size buckets included, and their errors."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spectral_jax import futurefill
+from spectral_jax.conv import causal_conv_direct
+
+TOL64 = 1e-13  # float64 sums of <= 40 O(1) terms, FFT of length <= 128: a few hundred ulps
+
+
+def reference(h, kernels, weights):
+    """Direct O(L^2) sum; h: [B, L, C], kernels: [L, F], weights: [F, C, O] or None."""
+    length = h.shape[1]
+    if weights is None:
+        return causal_conv_direct(h, kernels[:length])
+    per_filter = jnp.stack(
+        [causal_conv_direct(h, jnp.tile(kernels[:length, f : f + 1], (1, h.shape[2])))
+         for f in range(kernels.shape[1])], axis=2,
+    )  # fmt: skip  # [B, L, F, C]
+    return jnp.einsum("blfc,fco->blo", per_filter, weights)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def run_both(h, kernels, weights, prompt_len):
+    """Decode h: [B, L, C] with each strategy (block 3 and 5): from an empty cache, and after
+    prefilling the first ``prompt_len`` positions. Returns four [B, L, O] arrays."""
+    outs = []
+    for strategy, block_len in (("naive", 3), ("futurefill", 5)):
+        empty = futurefill.init_cache(
+            strategy, kernels, weights, h.shape[0], h.shape[1], h.shape[2], h.dtype, block_len
+        )
+
+        def advance(cache, h_t):
+            return futurefill.step(cache, h_t, weights)
+
+        _, ys = jax.lax.scan(advance, empty, jnp.swapaxes(h, 0, 1))
+        outs.append(jnp.swapaxes(ys, 0, 1))
+        cache = futurefill.prefill(empty, h[:, :prompt_len], weights)
+        _, ys = jax.lax.scan(advance, cache, jnp.swapaxes(h[:, prompt_len:], 0, 1))
+        outs.append(jnp.swapaxes(ys, 0, 1))
+    return outs
+
+
+@jax.jit
+def scan_steps(cache, h):
+    """Channelwise steps over h: [B, L, C] -> (cache, [B, L, C])."""
+    cache, ys = jax.lax.scan(lambda c, h_t: futurefill.step(c, h_t, None), cache, h.swapaxes(0, 1))
+    return cache, ys.swapaxes(0, 1)
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_strategies_match_direct_sum_float64(projected):
+    rng = np.random.default_rng(int(projected))
+    B, L, C, F, O = 2, 23, 3, 4, 2  # L is neither a multiple of 3 nor of 5
+    with jax.enable_x64(True):
+        h = jnp.asarray(rng.standard_normal((B, L, C)))
+        if projected:
+            kernels = jnp.asarray(rng.standard_normal((L + 4, F)))  # longer than max_len
+            weights = jnp.asarray(rng.standard_normal((F, C, O)))
+        else:
+            kernels, weights = jnp.asarray(rng.standard_normal((L, C))), None
+        ref = np.asarray(reference(h, kernels, weights))
+        naive, naive_tail, ff, ff_tail = (np.asarray(y) for y in run_both(h, kernels, weights, 7))
+    scale = np.max(np.abs(ref))
+    for got in (naive, ff):
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, ref, atol=TOL64 * scale, rtol=0)
+    for got in (naive_tail, ff_tail):
+        np.testing.assert_allclose(got, ref[:, 7:], atol=TOL64 * scale, rtol=0)
+
+
+def test_epoch_length_one_and_max_len_float32():
+    """E = 1 refreshes by FFT every token; E = max_len never after prefill. float32 error of
+    sums of <= 16 O(1) terms stays within ~1e-5 of their scale."""
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.standard_normal((1, 16, 2)), jnp.float32)
+    kernels = jnp.asarray(rng.standard_normal((16, 2)), jnp.float32)
+    ref = np.asarray(reference(h, kernels, None))
+    for block_len in (1, 16):
+        cache = futurefill.init_cache("futurefill", kernels, None, 1, 16, 2, jnp.float32, block_len)
+        cache, ys = scan_steps(cache, h)
+        got = np.asarray(ys)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=1e-5 * np.max(np.abs(ref)), rtol=0)
+    assert int(cache.pos) == 16
+
+
+def test_default_block_lengths():
+    assert futurefill.default_block_len("naive", 10) == 10
+    assert futurefill.default_block_len("naive", 1 << 20) == futurefill.NAIVE_BLOCK
+    # sqrt(2^16 * 16) = 1024 and sqrt(2^20 * 20) ~ 4580 -> 4096
+    assert futurefill.default_block_len("futurefill", 1 << 16) == 1024
+    assert futurefill.default_block_len("futurefill", 1 << 20) == 4096
+
+
+def test_errors():
+    kernels = jnp.ones((8, 2))
+    cache = futurefill.init_cache("naive", kernels, None, 2, 4, 2, jnp.float32)
+    with pytest.raises(ValueError, match=r"input must be \[2, 2\]"):
+        futurefill.step(cache, jnp.ones((3, 2)), None)
+    with pytest.raises(ValueError, match="dtype bfloat16 does not match"):
+        futurefill.step(cache, jnp.ones((2, 2), jnp.bfloat16), None)
+    with pytest.raises(ValueError, match=r"length 5 must be in \[1, max_len=4\]"):
+        futurefill.prefill(cache, jnp.ones((2, 5, 2)), None)
+    full = futurefill.prefill(cache, jnp.ones((2, 4, 2)), None)
+    with pytest.raises(ValueError, match="cache is full: position 4 >= max_len=4"):
+        futurefill.step(full, jnp.ones((2, 2)), None)
+    with pytest.raises(Exception, match="cache is full"):  # runtime error under jit
+        jax.block_until_ready(
+            jax.jit(futurefill.step, static_argnums=2)(full, jnp.ones((2, 2)), None)
+        )
+    bad_calls = [
+        (("lds", kernels, None, 2, 4, 2, jnp.float32), "strategy must be one of"),
+        (("naive", kernels, None, 2, 9, 2, jnp.float32), "L >= max_len=9"),
+        (("naive", kernels, None, 0, 4, 2, jnp.float32), "batch must be a positive int"),
+        (("naive", kernels, None, 2, 4, 3, jnp.float32), "one tap per channel"),
+        (("naive", kernels, jnp.ones((2, 3, 1)), 2, 4, 2, jnp.float32), r"weights must be \[F=2"),
+        (("futurefill", kernels, None, 2, 4, 2, jnp.float32, 5), "block_len=5 must be in"),
+    ]
+    for args, match in bad_calls:
+        with pytest.raises(ValueError, match=match):
+            futurefill.init_cache(*args)
