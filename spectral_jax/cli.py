@@ -1,31 +1,91 @@
 """The ``spectral-jax`` command.
 
-``spectral-jax demo`` runs the main job end to end on a small built-in default.
+- ``spectral-jax demo``: the main job end to end on a small built-in default (CPU, minutes).
+- ``spectral-jax train PRESET [--set key=value ...]``: train a named run (see
+  :mod:`spectral_jax.train.presets`), with checkpoints and resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from spectral_jax import demo
+from spectral_jax.train import CheckpointConfig, presets, train
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("preset", choices=sorted(presets.PRESETS), help="named run")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field by dotted path, e.g. steps=500 or model.d_model=128 (repeatable)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir",
+        help="save checkpoints here (local path or gs:// URL) and resume "
+        "from the latest complete one",
+    )
+    parser.add_argument("--save-every", type=int, default=500, help="steps between checkpoints")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    parser.add_argument("--metrics", help="append metrics as JSON lines to this file")
+    parser.add_argument("--tensorboard-dir", help="also write TensorBoard events here")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = presets.apply_overrides(presets.preset(args.preset), args.overrides)
+    changes = {}
+    if args.checkpoint_dir:
+        changes["checkpoint"] = CheckpointConfig(
+            directory=args.checkpoint_dir, save_every=args.save_every, keep=args.keep
+        )
+    if args.metrics:
+        changes["metrics_path"] = args.metrics
+    if args.tensorboard_dir:
+        changes["tensorboard_dir"] = args.tensorboard_dir
+    result = train(dataclasses.replace(config, **changes))
+    evals = [r for r in result.history if r["split"] == "eval"]
+    if evals:
+        print(
+            f"final eval at step {evals[-1]['step']}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in evals[-1].items() if k not in ("split", "step"))
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spectral-jax",
         description="Spectral state space models in JAX: train, distill to LDS, generate.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo_parser = commands.add_parser(
-        "demo", help="train a small STU model on CPU and show the loss falling (minutes)"
+    demo.add_arguments(
+        commands.add_parser("demo", help="train, distill and decode a small model on CPU (minutes)")
     )
-    demo.add_arguments(demo_parser)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        return demo.run(args)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    add_train_arguments(
+        commands.add_parser(
+            "train",
+            help="train a named run with overrides, checkpoints and resume",
+            description=presets.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return demo.run(args)
+        return run_train(args)
+    except ValueError as err:  # configuration errors: one clear line, no traceback
+        print(f"spectral-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,37 +9,21 @@ from __future__ import annotations
 import argparse
 import time
 
-from spectral_jax.nn.model import ModelConfig
-from spectral_jax.train import LDSRegression, OptimConfig, TrainConfig, train
+from spectral_jax.train import train
+from spectral_jax.train.presets import apply_overrides, lds_small
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed")
 
 
-def demo_config(steps: int, seq_len: int, seed: int) -> TrainConfig:
-    """The demo's run: a 2-layer STU regressor on a random symmetric LDS (16 states)."""
-    task = LDSRegression(seq_len=seq_len, d_input=4, d_output=4, state_dim=16)
-    model = ModelConfig(
-        d_model=32, num_layers=2, max_len=seq_len, d_input=4, d_output=4, num_filters=16
-    )
-    optim = OptimConfig(learning_rate=3e-3, warmup_steps=max(1, steps // 20), decay_steps=steps + 1)
-    return TrainConfig(
-        task=task,
-        model=model,
-        optim=optim,
-        steps=steps,
-        global_batch=16,
-        seed=seed,
-        log_every=max(1, steps // 10),
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    config = demo_config(args.steps, args.seq_len, args.seed)
-    print(f"== training a 2-layer STU model on LDS regression (L={args.seq_len}) ==")
+    config = apply_overrides(
+        lds_small(),
+        [f"steps={args.steps}", f"seed={args.seed}", f"optim.decay_steps={args.steps + 1}"],
+    )
+    print(f"== training a 2-layer STU model on LDS regression (L={config.task.seq_len}) ==")
     start = time.perf_counter()
     result = train(config)
     losses = [r["loss"] for r in result.history if r["split"] == "train"]
