@@ -1,0 +1,340 @@
+"""SpectraLDS distillation: fit the spectral filters with a bank of scalar LDS impulse responses.
+
+The Hankel matrix is a continuous mixture of LDS impulse responses (``spectral_jax.filters``), so
+each filter is, to float64 round-off, a combination of ``a^t`` over a few dozen decays ``a``:
+
+    phi_k[t] ~= sum_j W[j, k] a_j^t,       and then   (-1)^t phi_k[t] = sum_j W[j, k] (-a_j)^t.
+
+The alternating-sign filters of the standard STU therefore reuse the *same* coefficients with
+negated decays: one least-squares fit of ``K`` columns serves all ``2K`` filters, and a bank with
+``n`` decays has ``2n`` states per input channel. Hankel-L filters live in the span of the
+responses of both ``+a_j`` and ``-a_j`` (its mixture runs over ``a`` in (-1, 1)), so its single
+branch uses the signed decays ``[a, -a]``.
+
+The fit (x64 scoped to it, JAX linear algebra, deterministic):
+
+* decays on a uniform grid in ``x = log(-log a)`` (the quadrature variable of the mixture),
+  ``x_j in [-log L + offset, x_max]``, each rounded to the nearest float32 *before* the fit, so a
+  float32 recurrence runs exactly the fitted system;
+* columns ``a_j^t`` scaled to unit norm, and a Tikhonov-regularised least squares in that basis
+  (``ridge`` times the largest singular value): it keeps the coefficients of this extremely
+  ill-conditioned basis (condition numbers ~1e17 and beyond) at the minimal size that still
+  reaches the float64 floor;
+* the grid end points are chosen among a few candidates by the smallest predicted float32 error
+  ``fit_error + 2^-24 * amplification``, where ``amplification = ||W_normalized||_F / ||Phi||_F``
+  is the factor by which the cancelling coefficients amplify float32 round-off of the states.
+
+Banks are saved pickle-free (``.npz`` with a JSON metadata string) and cached on disk like the
+filters (:mod:`spectral_jax.cache`). The fit report lives in :mod:`spectral_jax.distill_report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_jax import distill_report, lds
+from spectral_jax.cache import cached_arrays, load_npz, save_npz_atomic
+from spectral_jax.filters import VARIANTS, max_num_filters, spectral_filters
+
+# Bump when the fit changes so stale cache files are never read.
+ALGORITHM_VERSION = 1
+DEFAULT_NUM_STATES = 120
+DEFAULT_RIDGE = 1e-12
+# Candidate grids: x_min = -log(L) + offset, x_max (see the module docstring).
+X_MIN_OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+X_MAX_CANDIDATES = (1.5, 2.0)
+UNIT_ROUNDOFF_32 = 2.0**-24
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LDSBank:
+    """A fitted bank: ``filters[:, k] ~= sum_j coeffs[j, k] decays[j]^t`` (plus branch).
+
+    Attributes:
+      decays: ``[n]`` float64 decays of one branch, each exactly representable in float32
+        (standard: positive; Hankel-L: ``[a, -a]``).
+      coeffs: ``[n, K]`` float64 output matrix.
+      seq_len: the filter length ``L`` the bank was fitted to.
+      variant: ``"standard"`` (two branches: decays and their negatives) or ``"hankel_l"``.
+      metadata: JSON-serialisable fit settings and report.
+    """
+
+    decays: np.ndarray
+    coeffs: np.ndarray
+    seq_len: int
+    variant: str
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        decays = np.asarray(self.decays, np.float64)
+        coeffs = np.asarray(self.coeffs, np.float64)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"LDSBank.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if decays.ndim != 1 or coeffs.ndim != 2 or coeffs.shape[0] != decays.size:
+            raise ValueError(
+                f"LDSBank needs decays [n] and coeffs [n, K]; got {decays.shape}, {coeffs.shape}"
+            )
+        lds.check_decays(decays)
+        if not np.all(np.isfinite(coeffs)):
+            raise ValueError("LDSBank.coeffs contain NaN or infinite values")
+        if np.any(decays.astype(np.float32).astype(np.float64) != decays):
+            raise ValueError("LDSBank.decays must be exactly representable in float32")
+        object.__setattr__(self, "decays", decays)
+        object.__setattr__(self, "coeffs", coeffs)
+
+    @property
+    def num_filters(self) -> int:
+        return self.coeffs.shape[1]
+
+    @property
+    def num_branches(self) -> int:
+        return 2 if self.variant == "standard" else 1
+
+    @property
+    def num_states(self) -> int:
+        """States per input channel, both signs counted."""
+        return self.decays.size * self.num_branches
+
+    def branch_decays(self) -> np.ndarray:
+        """``[S, n]`` decays per branch: ``[a, -a]`` rows for standard, ``[a]`` for Hankel-L."""
+        if self.num_branches == 2:
+            return np.stack([self.decays, -self.decays])
+        return self.decays[None]
+
+    def filters(self, length: int | None = None) -> np.ndarray:
+        """The bank's filters ``[length, S * K]`` in float64 (plus branch, then minus branch)."""
+        length = self.seq_len if length is None else length
+        with jax.enable_x64(True):
+            responses = lds.impulse_response(jnp.asarray(self.branch_decays()), length)
+            out = jnp.einsum("tsn,nk->tsk", responses, jnp.asarray(self.coeffs))
+            return np.asarray(out).reshape(length, -1)
+
+
+def target_filters(L: int, K: int, variant: str) -> np.ndarray:
+    """The exact filters a bank approximates: ``[L, S * K]`` (``phi`` then ``(-1)^t phi``)."""
+    phi, _ = spectral_filters(L, K, variant)
+    if variant != "standard":
+        return np.asarray(phi)
+    sign = np.where(np.arange(L) % 2 == 0, 1.0, -1.0)[:, None]
+    return np.concatenate([phi, sign * phi], axis=1)
+
+
+def grid_decays(L: int, num_nodes: int, x_min: float, x_max: float) -> np.ndarray:
+    """``num_nodes`` decays ``exp(-exp(x))`` for ``x`` uniform in ``[x_min, x_max]``, rounded to
+    float32 (returned as float64), increasing in ``x`` (decreasing in ``a``)."""
+    x = np.linspace(x_min, x_max, num_nodes)
+    decays = np.exp(-np.exp(x)).astype(np.float32).astype(np.float64)
+    if np.unique(decays).size != num_nodes or np.any(decays <= 0) or np.any(decays >= 1):
+        raise ValueError(
+            f"{num_nodes} decays on x in [{x_min}, {x_max}] collide after rounding to float32 "
+            f"(L={L}); use fewer states or a narrower grid"
+        )
+    return decays
+
+
+def _signed(decays: np.ndarray, variant: str) -> np.ndarray:
+    return np.concatenate([decays, -decays]) if variant == "hankel_l" else decays
+
+
+@jax.jit
+def _solve(signed_decays: jax.Array, phi: jax.Array, ridge: float):
+    """Regularised least squares in the unit-norm basis (float64; run under ``enable_x64``).
+
+    Returns ``(coeffs [n, K], relative residual, amplification, condition estimate)``.
+    """
+    responses = lds.impulse_response(signed_decays, phi.shape[0])  # [L, n]
+    norms = jnp.linalg.norm(responses, axis=0)
+    q, r = jnp.linalg.qr(responses / norms)
+    u, s, vt = jnp.linalg.svd(r)
+    lam = ridge * s[0]
+    w_normalized = vt.T @ ((s / (s**2 + lam**2))[:, None] * (u.T @ (q.T @ phi)))
+    residual = (responses / norms) @ w_normalized - phi
+    phi_norm = jnp.linalg.norm(phi)
+    return (
+        w_normalized / norms[:, None],
+        jnp.linalg.norm(residual) / phi_norm,
+        jnp.linalg.norm(w_normalized) / phi_norm,
+        s[0] / s[-1],
+    )
+
+
+def _check_fit_args(L, K, variant, num_states, ridge, x_range) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if isinstance(L, bool) or not isinstance(L, int | np.integer) or L < 2:
+        raise ValueError(f"L must be an integer >= 2, got {L!r}")
+    limit = min(max_num_filters(L, variant), L - 1)
+    if isinstance(K, bool) or not isinstance(K, int | np.integer) or not 1 <= K <= limit:
+        raise ValueError(f"K must be an integer in [1, {limit}] (K < L) for L={L}, got {K!r}")
+    if (
+        isinstance(num_states, bool)
+        or not isinstance(num_states, int | np.integer)
+        or num_states < 4
+        or num_states % 2
+        or num_states > L
+    ):
+        raise ValueError(
+            f"num_states must be an even integer in [4, L={L}] (both signs counted), "
+            f"got {num_states!r}"
+        )
+    if not (isinstance(ridge, float | int) and np.isfinite(ridge) and 0 <= ridge < 1):
+        raise ValueError(f"ridge must be a finite number in [0, 1), got {ridge!r}")
+    if x_range is not None and not (
+        len(x_range) == 2 and all(np.isfinite(x_range)) and x_range[0] < x_range[1]
+    ):
+        raise ValueError(f"x_range must be (x_min, x_max) with x_min < x_max, got {x_range!r}")
+
+
+def _fit(L: int, K: int, variant: str, num_states: int, ridge: float, x_range) -> dict:
+    """The uncached fit: arrays and metadata for the cache (see :func:`fit_lds_bank`)."""
+    start = time.perf_counter()
+    phi = np.asarray(spectral_filters(L, K, variant)[0])
+    num_nodes = num_states // 2
+    if x_range is None:
+        candidates = [(-np.log(L) + o, x) for o in X_MIN_OFFSETS for x in X_MAX_CANDIDATES]
+    else:
+        candidates = [tuple(float(v) for v in x_range)]
+    best = None
+    with jax.enable_x64(True):
+        phi_j = jnp.asarray(phi, jnp.float64)
+        for x_min, x_max in candidates:
+            decays = grid_decays(L, num_nodes, x_min, x_max)
+            signed = jnp.asarray(_signed(decays, variant), jnp.float64)
+            coeffs, err, amp, cond = (np.asarray(v) for v in _solve(signed, phi_j, float(ridge)))
+            score = float(err) + UNIT_ROUNDOFF_32 * float(amp)
+            if np.isfinite(score) and (best is None or score < best[0]):
+                best = (score, decays, coeffs, (x_min, x_max), float(amp), float(cond))
+    if best is None:
+        raise ValueError(f"the fit failed (non-finite residuals) for L={L}, K={K}, {variant}")
+    _, decays, coeffs, (x_min, x_max), amp, cond = best
+    bank = LDSBank(_signed(decays, variant), coeffs, L, variant)
+    report = distill_report.bank_report(
+        bank.branch_decays(), coeffs, target_filters(L, K, variant), amp, cond
+    )
+    fit_seconds = time.perf_counter() - start
+    metadata = {
+        "version": ALGORITHM_VERSION,
+        "num_states": num_states,
+        "ridge": float(ridge),
+        "x_min": float(x_min),
+        "x_max": float(x_max),
+        "report": {**report, "fit_seconds": fit_seconds},
+    }
+    return {"decays": bank.decays, "coeffs": coeffs, "metadata": np.asarray(json.dumps(metadata))}
+
+
+def fit_lds_bank(
+    L: int,
+    K: int,
+    variant: str = "standard",
+    num_states: int = DEFAULT_NUM_STATES,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    x_range: tuple[float, float] | None = None,
+) -> tuple[LDSBank, dict[str, Any]]:
+    """Fit an LDS bank to the ``L``-tap spectral filters (cached in memory-free form on disk).
+
+    Args:
+      L: filter length. K: filters per branch (``K < L``). variant: ``"standard"``/``"hankel_l"``.
+      num_states: states per input channel, both signs counted (even); ``num_states / 2`` grid
+        nodes.
+      ridge: Tikhonov weight relative to the largest singular value of the unit-norm basis.
+      x_range: fixed grid ``(x_min, x_max)`` in ``x = log(-log a)``; default: the best of
+        :data:`X_MIN_OFFSETS` x :data:`X_MAX_CANDIDATES` by predicted float32 error.
+
+    Returns:
+      ``(bank, report)``; the report (a dict, see :func:`spectral_jax.distill_report.bank_report`)
+      also holds ``fit_seconds``, the time of the uncached fit including the filters.
+    """
+    _check_fit_args(L, K, variant, num_states, ridge, x_range)
+    grid = "auto" if x_range is None else f"x{x_range[0]:.6g}_{x_range[1]:.6g}"
+    name = f"ldsbank-{variant}-L{L}-K{K}-n{num_states}-r{ridge:.3g}-{grid}-v{ALGORITHM_VERSION}.npz"
+    arrays = cached_arrays(name, lambda: _fit(int(L), int(K), variant, num_states, ridge, x_range))
+    bank = _bank_from_arrays(arrays, int(L), variant)
+    return bank, bank.metadata["report"]
+
+
+def _bank_from_arrays(arrays: dict[str, np.ndarray], L: int, variant: str) -> LDSBank:
+    metadata = json.loads(str(arrays["metadata"]))
+    return LDSBank(np.array(arrays["decays"]), np.array(arrays["coeffs"]), L, variant, metadata)
+
+
+def save_bank(path: str | Path, bank: LDSBank) -> None:
+    """Write ``bank`` to a pickle-free ``.npz`` file (arrays + a JSON metadata string)."""
+    metadata = {**bank.metadata, "seq_len": bank.seq_len, "variant": bank.variant}
+    save_npz_atomic(
+        Path(path),
+        {
+            "decays": bank.decays,
+            "coeffs": bank.coeffs,
+            "metadata": np.asarray(json.dumps(metadata)),
+        },
+    )
+
+
+def load_bank(path: str | Path) -> LDSBank:
+    """Read a bank written by :func:`save_bank` (never unpickles anything)."""
+    arrays = load_npz(Path(path))
+    missing = {"decays", "coeffs", "metadata"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path} is not an LDS bank file: missing {sorted(missing)}")
+    metadata = json.loads(str(arrays["metadata"]))
+    return LDSBank(
+        np.array(arrays["decays"]),
+        np.array(arrays["coeffs"]),
+        int(metadata["seq_len"]),
+        str(metadata["variant"]),
+        metadata,
+    )
+
+
+def stu_to_lds(params: dict[str, Any], bank: LDSBank, *, tensordot: bool) -> dict[str, np.ndarray]:
+    """Convert STU parameters (names as in :mod:`spectral_jax.stu_ops`) to LDS-layer parameters.
+
+    Full mode keeps ``M_plus`` (and ``M_minus``): the LDS replaces only the convolutions, and its
+    readout is the bank's ``coeffs``. Tensordot mode keeps ``M_in`` and folds each channel's
+    filter mixture into the bank: ``readout[o, s, j] = sum_k coeffs[j, k] M_filt_s[k, o]``
+    (float64, ``[d_out, S, n]``). AR terms ``M_u``/``M_y`` are carried over unchanged.
+    """
+    two_branch = bank.num_branches == 2
+    branch_names = ("plus", "minus") if two_branch else ("plus",)
+    if tensordot:
+        required = ["M_in"] + [f"M_filt_{b}" for b in branch_names]
+    else:
+        required = [f"M_{b}" for b in branch_names]
+    unexpected = {"M_minus", "M_filt_minus"} & set(params) if not two_branch else set()
+    missing = [name for name in required if name not in params]
+    if missing or unexpected:
+        raise ValueError(
+            f"STU parameters do not match a {bank.variant} bank in "
+            f"{'tensordot' if tensordot else 'full'} mode: missing {missing}, "
+            f"unexpected {sorted(unexpected)}"
+        )
+    arrays = {name: np.asarray(value) for name, value in params.items()}
+    for name, value in arrays.items():
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"STU parameter {name} contains NaN or infinite values")
+    K = bank.num_filters
+    out = {name: arrays[name] for name in ("M_u", "M_y") if name in arrays}
+    if not tensordot:
+        for name in required:
+            if arrays[name].ndim != 3 or arrays[name].shape[0] != K:
+                raise ValueError(f"{name} must be [K={K}, d_in, d_out], got {arrays[name].shape}")
+            out[name] = arrays[name]
+        return out
+    mixes = [arrays[f"M_filt_{b}"] for b in branch_names]
+    for b, mix in zip(branch_names, mixes, strict=True):
+        if mix.ndim != 2 or mix.shape[0] != K:
+            raise ValueError(f"M_filt_{b} must be [K={K}, d_out], got {mix.shape}")
+    out["M_in"] = arrays["M_in"]
+    readout = [bank.coeffs @ mix.astype(np.float64) for mix in mixes]  # S x [n, d_out]
+    out["readout"] = np.stack(readout).transpose(2, 0, 1)
+    return out
