@@ -51,7 +51,7 @@ def _check_dtype(name: str, x: jax.Array) -> None:
         raise ValueError(f"{name} must have dtype in {DTYPES}, got {x.dtype}")
 
 
-def _check(decays, u: jax.Array, x0: jax.Array | None, time_axis: bool) -> jax.Array:
+def validate(decays, u: jax.Array, x0: jax.Array | None, time_axis: bool) -> jax.Array:
     """Shape/dtype validation shared by the scans (``time_axis``) and :func:`step`; returns the
     decays as a JAX array."""
     if not hasattr(decays, "dtype"):
@@ -109,7 +109,7 @@ def impulse_response(decays: jax.Array, length: int) -> jax.Array:
 
 def step(decays: jax.Array, x: jax.Array, u_t: jax.Array) -> jax.Array:
     """One time step ``x_t = a x_{t-1} + u_t``: ``x, u_t: [B, *S] -> [B, *S]``."""
-    decays = _check(decays, u_t, x, time_axis=False)
+    decays = validate(decays, u_t, x, time_axis=False)
     return _step(decays, x, u_t)
 
 
@@ -120,7 +120,7 @@ def _step(decays: jax.Array, x: jax.Array, u_t: jax.Array) -> jax.Array:
 
 def scan(decays: jax.Array, u: jax.Array, x0: jax.Array | None = None) -> jax.Array:
     """All states by a sequential ``lax.scan`` over time: ``u: [B, L, *S] -> [B, L, *S]``."""
-    decays = _check(decays, u, x0, time_axis=True)
+    decays = validate(decays, u, x0, time_axis=True)
     if x0 is None:
         x0 = jnp.zeros((u.shape[0], *decays.shape), u.dtype)
     return _scan(decays, u, x0)
@@ -142,7 +142,7 @@ def parallel_scan(decays: jax.Array, u: jax.Array, x0: jax.Array | None = None) 
     The scanned elements are ``(n, b)``: a segment of ``n`` steps maps ``x`` to ``a^n x + b``;
     two segments compose as ``(n1 + n2, a^n2 b1 + b2)`` with ``a^n2`` from :func:`decay_powers`.
     """
-    decays = _check(decays, u, x0, time_axis=True)
+    decays = validate(decays, u, x0, time_axis=True)
     if x0 is None:
         x0 = jnp.zeros((u.shape[0], *decays.shape), u.dtype)
     return _parallel_scan(decays, u, x0)
