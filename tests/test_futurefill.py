@@ -94,9 +94,10 @@ def test_epoch_length_one_and_max_len_float32():
 def test_default_block_lengths():
     assert futurefill.default_block_len("naive", 10) == 10
     assert futurefill.default_block_len("naive", 1 << 20) == futurefill.NAIVE_BLOCK
-    # sqrt(2^16 * 16) = 1024 and sqrt(2^20 * 20) ~ 4580 -> 4096
-    assert futurefill.default_block_len("futurefill", 1 << 16) == 1024
-    assert futurefill.default_block_len("futurefill", 1 << 20) == 4096
+    # 2 sqrt(2^16 * 16) = 2048 and 2 sqrt(2^20 * 20) ~ 9160 -> 8192; never above max_len
+    assert futurefill.default_block_len("futurefill", 1 << 16) == 2048
+    assert futurefill.default_block_len("futurefill", 1 << 20) == 8192
+    assert futurefill.default_block_len("futurefill", 4) == 4
 
 
 def test_errors():

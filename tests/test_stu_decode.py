@@ -80,7 +80,7 @@ def test_strategy_selection_per_call_config_and_view():
     assert isinstance(layer.prefill(x)[1].conv, FutureFillCache)  # the config default
     assert isinstance(layer.prefill(x, strategy="naive")[1].conv, NaiveCache)
     cache = layer.init_cache(1, 16, jnp.float32, strategy="naive", block_len=8)
-    assert isinstance(cache, STUCache) and cache.conv.history.shape == (1, 16, 2)
+    assert isinstance(cache, STUCache) and cache.conv.history.shape == (16, 1, 2)
     assert cache.inputs.shape == (1, 1, 3) and cache.outputs.shape == (1, 2, 2)
     view = nnx.view(layer, decode_strategy="naive")
     assert view.config.decode_strategy == "naive" and layer.config.decode_strategy == "futurefill"
