@@ -75,18 +75,20 @@ def time_layer_decode(layer, n: int, strategy: str) -> float:
     return seconds
 
 
-def bench_layer(exponents: range, budget: float, arithmetic: str) -> tuple[list[dict], dict]:
+def bench_layer(
+    exponents: range, budget: float, arithmetic: str, strategies: tuple[str, ...]
+) -> tuple[list[dict], dict]:
     max_len = 2 ** exponents[-1]
     cfg = STUConfig(d_in=D, d_out=D, max_len=max_len, num_filters=K, projection="tensordot")
     stu = STU(cfg, rngs=nnx.Rngs(0))
     start = time.perf_counter()
-    lds_layer = LDSLayer.from_stu(stu, arithmetic=arithmetic)
+    lds_layer = LDSLayer.from_stu(stu, arithmetic=arithmetic) if "lds" in strategies else None
     distill_s = time.perf_counter() - start
     layers = {"naive": stu, "futurefill": stu, "lds": lds_layer}
-    rows, history = [], {s: [] for s in STRATEGIES}
+    rows, history = [], {s: [] for s in strategies}
     for e in exponents:
         n = 2**e
-        for strategy in STRATEGIES:
+        for strategy in strategies:
             past = history[strategy]
             if past is None:
                 continue
@@ -204,6 +206,9 @@ def main() -> None:
     parser.add_argument("--model", action="store_true", help="end-to-end 4-layer model")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--budget", type=float, default=60.0, help="max seconds per run")
+    parser.add_argument(
+        "--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), help="layer mode"
+    )
     parser.add_argument("--new", type=int, default=None, help="model mode: tokens to decode")
     parser.add_argument("--repeats", type=int, default=3, help="model mode: timed runs")
     parser.add_argument(
@@ -218,7 +223,9 @@ def main() -> None:
         rows, meta = bench_model(contexts, new, args.repeats, args.lds_arithmetic)
     else:
         exponents = range(10, 14) if args.quick else range(10, 21)
-        rows, meta = bench_layer(exponents, args.budget, args.lds_arithmetic)
+        rows, meta = bench_layer(
+            exponents, args.budget, args.lds_arithmetic, tuple(args.strategies)
+        )
         summarize_layer(rows)
     meta.update(jax=jax.__version__, device=str(jax.devices()[0]), load_after=load())
     print(f"load after: {meta['load_after']}")
