@@ -20,9 +20,11 @@ The fit (x64 scoped to it, JAX linear algebra, deterministic):
   (``ridge`` times the largest singular value): it keeps the coefficients of this extremely
   ill-conditioned basis (condition numbers ~1e17 and beyond) at the minimal size that still
   reaches the float64 floor;
-* the grid end points are chosen among a few candidates by the smallest predicted float32 error
-  ``fit_error + 2^-24 * amplification``, where ``amplification = ||W_normalized||_F / ||Phi||_F``
-  is the factor by which the cancelling coefficients amplify float32 round-off of the states.
+* the grid end points are chosen among a few candidates by the smallest predicted error
+  ``fit_error + roundoff * amplification`` of the arithmetic the bank will run in, where
+  ``amplification = ||W_normalized||_F / ||Phi||_F`` is the factor by which the cancelling
+  coefficients amplify round-off of the states, and ``roundoff`` is ``2^-24`` for plain float32
+  and ``2^-48`` for compensated float32 pairs (:mod:`spectral_jax.lds_compensated`).
 
 Banks are saved pickle-free (``.npz`` with a JSON metadata string) and cached on disk like the
 filters (:mod:`spectral_jax.cache`). The fit report lives in :mod:`spectral_jax.distill_report`.
@@ -49,9 +51,12 @@ ALGORITHM_VERSION = 1
 DEFAULT_NUM_STATES = 120
 DEFAULT_RIDGE = 1e-12
 # Candidate grids: x_min = -log(L) + offset, x_max (see the module docstring).
-X_MIN_OFFSETS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+X_MIN_OFFSETS = (0.0, 0.5, 1.0, 1.5)
 X_MAX_CANDIDATES = (1.5, 2.0)
 UNIT_ROUNDOFF_32 = 2.0**-24
+# Round-off that the amplification multiplies, per arithmetic of the distilled layer: plain
+# float32 states carry one round-off each; compensated ones (float32 pairs) about its square.
+ROUNDOFF_BY_ARITHMETIC = {"compensated": UNIT_ROUNDOFF_32**2, "plain": UNIT_ROUNDOFF_32}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -145,18 +150,22 @@ def _signed(decays: np.ndarray, variant: str) -> np.ndarray:
 
 
 @jax.jit
-def _solve(signed_decays: jax.Array, phi: jax.Array, ridge: float):
-    """Regularised least squares in the unit-norm basis (float64; run under ``enable_x64``).
+def solve_coefficients(signed_decays: jax.Array, phi: jax.Array, ridge: float):
+    """Regularised least squares of ``phi: [L, K]`` over the responses ``a_j^t`` of
+    ``signed_decays: [n]``, in the unit-norm basis (pass float64 arrays under ``enable_x64``).
 
     Returns ``(coeffs [n, K], relative residual, amplification, condition estimate)``.
     """
     responses = lds.impulse_response(signed_decays, phi.shape[0])  # [L, n]
     norms = jnp.linalg.norm(responses, axis=0)
-    q, r = jnp.linalg.qr(responses / norms)
-    u, s, vt = jnp.linalg.svd(r)
+    basis = responses / norms
+    # One QR of [basis | phi] gives R and Q^T phi without forming Q.
+    n = basis.shape[1]
+    r_aug = jnp.linalg.qr(jnp.concatenate([basis, phi], axis=1), mode="r")
+    u, s, vt = jnp.linalg.svd(r_aug[:n, :n])
     lam = ridge * s[0]
-    w_normalized = vt.T @ ((s / (s**2 + lam**2))[:, None] * (u.T @ (q.T @ phi)))
-    residual = (responses / norms) @ w_normalized - phi
+    w_normalized = vt.T @ ((s / (s**2 + lam**2))[:, None] * (u.T @ r_aug[:n, n:]))
+    residual = basis @ w_normalized - phi
     phi_norm = jnp.linalg.norm(phi)
     return (
         w_normalized / norms[:, None],
@@ -166,7 +175,11 @@ def _solve(signed_decays: jax.Array, phi: jax.Array, ridge: float):
     )
 
 
-def _check_fit_args(L, K, variant, num_states, ridge, x_range) -> None:
+def _check_fit_args(L, K, variant, num_states, ridge, x_range, arithmetic) -> None:
+    if arithmetic not in ROUNDOFF_BY_ARITHMETIC:
+        raise ValueError(
+            f"arithmetic must be one of {tuple(ROUNDOFF_BY_ARITHMETIC)}, got {arithmetic!r}"
+        )
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if isinstance(L, bool) or not isinstance(L, int | np.integer) or L < 2:
@@ -193,7 +206,9 @@ def _check_fit_args(L, K, variant, num_states, ridge, x_range) -> None:
         raise ValueError(f"x_range must be (x_min, x_max) with x_min < x_max, got {x_range!r}")
 
 
-def _fit(L: int, K: int, variant: str, num_states: int, ridge: float, x_range) -> dict:
+def _fit(
+    L: int, K: int, variant: str, num_states: int, ridge: float, x_range, arithmetic: str
+) -> dict:
     """The uncached fit: arrays and metadata for the cache (see :func:`fit_lds_bank`)."""
     start = time.perf_counter()
     phi = np.asarray(spectral_filters(L, K, variant)[0])
@@ -208,8 +223,10 @@ def _fit(L: int, K: int, variant: str, num_states: int, ridge: float, x_range) -
         for x_min, x_max in candidates:
             decays = grid_decays(L, num_nodes, x_min, x_max)
             signed = jnp.asarray(_signed(decays, variant), jnp.float64)
-            coeffs, err, amp, cond = (np.asarray(v) for v in _solve(signed, phi_j, float(ridge)))
-            score = float(err) + UNIT_ROUNDOFF_32 * float(amp)
+            coeffs, err, amp, cond = (
+                np.asarray(v) for v in solve_coefficients(signed, phi_j, float(ridge))
+            )
+            score = float(err) + ROUNDOFF_BY_ARITHMETIC[arithmetic] * float(amp)
             if np.isfinite(score) and (best is None or score < best[0]):
                 best = (score, decays, coeffs, (x_min, x_max), float(amp), float(cond))
     if best is None:
@@ -226,6 +243,7 @@ def _fit(L: int, K: int, variant: str, num_states: int, ridge: float, x_range) -
         "ridge": float(ridge),
         "x_min": float(x_min),
         "x_max": float(x_max),
+        "arithmetic": arithmetic,
         "report": {**report, "fit_seconds": fit_seconds},
     }
     return {"decays": bank.decays, "coeffs": coeffs, "metadata": np.asarray(json.dumps(metadata))}
@@ -239,6 +257,7 @@ def fit_lds_bank(
     *,
     ridge: float = DEFAULT_RIDGE,
     x_range: tuple[float, float] | None = None,
+    arithmetic: str = "compensated",
 ) -> tuple[LDSBank, dict[str, Any]]:
     """Fit an LDS bank to the ``L``-tap spectral filters (cached in memory-free form on disk).
 
@@ -248,16 +267,23 @@ def fit_lds_bank(
         nodes.
       ridge: Tikhonov weight relative to the largest singular value of the unit-norm basis.
       x_range: fixed grid ``(x_min, x_max)`` in ``x = log(-log a)``; default: the best of
-        :data:`X_MIN_OFFSETS` x :data:`X_MAX_CANDIDATES` by predicted float32 error.
+        :data:`X_MIN_OFFSETS` x :data:`X_MAX_CANDIDATES` by predicted error (module docstring).
+      arithmetic: the arithmetic the bank is meant to run in, ``"compensated"`` or ``"plain"``
+        float32: it only weighs the candidate grids.
 
     Returns:
       ``(bank, report)``; the report (a dict, see :func:`spectral_jax.distill_report.bank_report`)
       also holds ``fit_seconds``, the time of the uncached fit including the filters.
     """
-    _check_fit_args(L, K, variant, num_states, ridge, x_range)
+    _check_fit_args(L, K, variant, num_states, ridge, x_range, arithmetic)
     grid = "auto" if x_range is None else f"x{x_range[0]:.6g}_{x_range[1]:.6g}"
-    name = f"ldsbank-{variant}-L{L}-K{K}-n{num_states}-r{ridge:.3g}-{grid}-v{ALGORITHM_VERSION}.npz"
-    arrays = cached_arrays(name, lambda: _fit(int(L), int(K), variant, num_states, ridge, x_range))
+    name = (
+        f"ldsbank-{variant}-L{L}-K{K}-n{num_states}-r{ridge:.3g}-{grid}-{arithmetic}"
+        f"-v{ALGORITHM_VERSION}.npz"
+    )
+    arrays = cached_arrays(
+        name, lambda: _fit(int(L), int(K), variant, num_states, ridge, x_range, arithmetic)
+    )
     bank = _bank_from_arrays(arrays, int(L), variant)
     return bank, bank.metadata["report"]
 

@@ -17,7 +17,8 @@ def _relative(approx: np.ndarray, target: np.ndarray) -> float:
 
 
 def float32_impulse_responses(branch_decays: np.ndarray, coeffs: np.ndarray, length: int):
-    """The bank's filters computed by running it in float32 on a unit impulse.
+    """The bank's filters computed by running it in float32 on a unit impulse, step by step
+    (the decode path).
 
     Args:
       branch_decays: ``[S, n]`` float32-representable decays. coeffs: ``[n, K]`` float64.
@@ -29,10 +30,8 @@ def float32_impulse_responses(branch_decays: np.ndarray, coeffs: np.ndarray, len
     decays = jnp.asarray(branch_decays, jnp.float32)
     impulse = jnp.zeros((1, length, S, n), jnp.float32).at[0, 0].set(1.0)
     weights = lc.split_float64(coeffs)
-    plain = jnp.matmul(
-        lds.parallel_scan(decays, impulse), weights.hi, precision=jax.lax.Precision.HIGHEST
-    )
-    compensated = lc.readout(lc.parallel_scan(decays, impulse), weights)
+    plain = jnp.matmul(lds.scan(decays, impulse), weights.hi, precision=jax.lax.Precision.HIGHEST)
+    compensated = lc.readout(lc.scan(decays, impulse), weights)
     return plain[0].reshape(length, -1), compensated[0].reshape(length, -1)
 
 

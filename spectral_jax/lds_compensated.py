@@ -102,6 +102,27 @@ def _step(decays: jax.Array, state: DoubleFloat, u_t: jax.Array) -> DoubleFloat:
     return DoubleFloat(*two_sum(total, comp + (p22 + decays * state.lo)))
 
 
+def scan(decays: jax.Array, u: jax.Array, x0: DoubleFloat | None = None) -> DoubleFloat:
+    """All states as ``hi + lo`` by a sequential ``lax.scan`` of :func:`step`:
+    ``u: [B, L, *S] -> [B, L, *S]`` twice."""
+    decays = lds.validate(decays, u, None if x0 is None else x0.hi, time_axis=True)
+    _check_float32(u=u)
+    if x0 is None:
+        zeros = jnp.zeros((u.shape[0], *decays.shape), u.dtype)
+        x0 = DoubleFloat(zeros, zeros)
+    return _scan(decays, u, x0)
+
+
+@jax.jit
+def _scan(decays: jax.Array, u: jax.Array, x0: DoubleFloat) -> DoubleFloat:
+    def advance(state, u_t):
+        state = _step(decays, state, u_t)
+        return state, state
+
+    _, states = jax.lax.scan(advance, x0, jnp.swapaxes(u, 0, 1))
+    return DoubleFloat(*(jnp.swapaxes(s, 0, 1) for s in states))
+
+
 def parallel_scan(decays: jax.Array, u: jax.Array, x0: DoubleFloat | None = None) -> DoubleFloat:
     """All states as ``hi + lo`` by two parallel scans: ``u: [B, L, *S] -> [B, L, *S]`` twice."""
     decays = lds.validate(decays, u, None if x0 is None else x0.hi, time_axis=True)

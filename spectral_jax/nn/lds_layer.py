@@ -154,7 +154,9 @@ class LDSLayer(nnx.Module):
         """Distill ``stu``: fit (or take) a bank for its filters and convert its parameters."""
         cfg = stu.config
         if bank is None:
-            bank, _ = fit_lds_bank(cfg.max_len, cfg.num_filters, cfg.variant, num_states)
+            bank, _ = fit_lds_bank(
+                cfg.max_len, cfg.num_filters, cfg.variant, num_states, arithmetic=arithmetic
+            )
         if (bank.seq_len, bank.num_filters, bank.variant) != (
             cfg.max_len,
             cfg.num_filters,
@@ -316,3 +318,30 @@ def _recent(sequence: jax.Array, history: jax.Array) -> jax.Array:
         return history
     combined = jnp.concatenate([sequence[:, ::-1], history], axis=1)
     return combined[:, :keep]
+
+
+def distill_model(
+    model: nnx.Module, *, num_states: int = 120, arithmetic: str = "compensated"
+) -> nnx.Module:
+    """A copy of ``model`` in which every :class:`STU` is replaced by its :class:`LDSLayer`.
+
+    Everything else (embeddings, norms, MLPs, attention layers, the input model) is unchanged;
+    STUs with the same ``(max_len, num_filters, variant)`` share one fitted bank.
+    """
+    distilled = nnx.clone(model)
+    targets = [
+        (parent, key, child)
+        for _, parent in nnx.iter_modules(distilled)
+        for key, child in nnx.iter_children(parent)
+        if isinstance(child, STU)
+    ]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} contains no STU layer to distill")
+    banks: dict[tuple[int, int, str], LDSBank] = {}
+    for parent, key, stu in targets:
+        cfg = stu.config
+        spec = (cfg.max_len, cfg.num_filters, cfg.variant)
+        if spec not in banks:
+            banks[spec] = fit_lds_bank(*spec, num_states, arithmetic=arithmetic)[0]
+        setattr(parent, str(key), LDSLayer.from_stu(stu, banks[spec], arithmetic=arithmetic))
+    return distilled

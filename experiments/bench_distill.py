@@ -1,0 +1,236 @@
+"""Benchmark SpectraLDS distillation: accuracy per state, float32 fidelity and fit time.
+
+Rows (each fit cold: empty on-disk cache, in-memory filter cache cleared; the first row also pays
+JAX compilation):
+
+* the error-vs-states curve at L=8192, K=24, standard: 40..200 states (both signs counted);
+* coverage: L in {1024, 65536}, K in {8, 16, 32}, Hankel-L.
+
+Columns: ``rel_err_f64`` is the relative Frobenius error of the float64 bank over all filters
+(2K for standard). ``rel_err_f32_layer`` is the float32 fidelity of the distilled layer: an STU
+with random projections (full mode, d_in = d_out = 8, default init) is run in float64, its
+distilled LDS layer entirely in float32 (recurrence, readout and projection; compensated
+arithmetic, the layer's default) on the same random input (B=1, length L), and the relative
+Frobenius error of the outputs is reported; ``rel_err_f32_layer_plain`` is the same with the
+textbook float32 recurrence and readout, and ``rel_err_f32_stu`` the float32 FFT STU against the
+float64 one (the floor any float32 path faces).
+
+``--levers`` (implied without ``--quick``) adds, at L=8192, K=24, the float32 error of the bank's
+impulse responses under alternative design choices (decays rounded after the fit, ridge,
+scan algorithm, compensation).
+
+Usage: python experiments/bench_distill.py [--quick] [--levers] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spectral_jax import distill, filters, lds
+from spectral_jax import lds_compensated as lc
+from spectral_jax.nn.lds_layer import LDSLayer
+from spectral_jax.nn.stu import STU, STUConfig
+
+D = 8
+
+
+def fit_cold(L: int, K: int, variant: str, states: int, **kwargs):
+    """Fit with an empty on-disk cache and a cleared in-memory filter cache: (bank, report, s)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SPECTRAL_JAX_CACHE"] = tmp
+        filters._filters_cached.cache_clear()
+        start = time.perf_counter()
+        bank, report = distill.fit_lds_bank(L, K, variant, states, **kwargs)
+        return bank, report, time.perf_counter() - start
+
+
+def relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def layer_errors(bank: distill.LDSBank, seed: int = 0) -> dict[str, float]:
+    """Float32 distilled layer (compensated, plain) and float32 STU vs the float64 STU."""
+    L, K, variant = bank.seq_len, bank.num_filters, bank.variant
+    stu = STU(STUConfig(D, D, L, K, variant), rngs=nnx.Rngs(seed))
+    x = jax.random.normal(jax.random.key(seed + 1), (1, L, D), jnp.float32)
+    with jax.enable_x64(True):
+        cfg64 = STUConfig(D, D, L, K, variant, dtype=jnp.float64, param_dtype=jnp.float64)
+        stu64 = STU(cfg64, rngs=nnx.Rngs(seed))
+        for name, value in stu.params().items():
+            getattr(stu64, name)[...] = jnp.asarray(value, jnp.float64)
+        reference = np.asarray(stu64(jnp.asarray(x, jnp.float64)))
+    out = {"rel_err_f32_stu": relative(stu(x), reference)}
+    for arithmetic, key in (
+        ("compensated", "rel_err_f32_layer"),
+        ("plain", "rel_err_f32_layer_plain"),
+    ):
+        layer = LDSLayer.from_stu(stu, bank, arithmetic=arithmetic)
+        out[key] = relative(layer(x), reference)
+    return out
+
+
+def row(L: int, K: int, variant: str, states: int) -> dict:
+    bank, report, seconds = fit_cold(L, K, variant, states)
+    return {
+        "L": L,
+        "K": K,
+        "variant": variant,
+        "states": bank.num_states,
+        "rel_err_f64": report["rel_fro_err"],
+        **layer_errors(bank),
+        "fit_seconds": seconds,
+        "max_abs_err": report["max_abs_err"],
+        "amplification": report["amplification"],
+        "coeff_max_abs": report["coeff_max_abs"],
+        "x_range": [bank.metadata["x_min"], bank.metadata["x_max"]],
+    }
+
+
+def textbook_parallel_scan(decays: jax.Array, u: jax.Array) -> jax.Array:
+    """The usual associative scan, ``(a1 a2, a2 b1 + b2)``: powers by repeated squaring."""
+    a = jnp.broadcast_to(decays, u.shape)
+    return jax.lax.associative_scan(lambda l, r: (l[0] * r[0], r[0] * l[1] + r[1]), (a, u), axis=1)[
+        1
+    ]
+
+
+def impulse_error(branch_decays, coeffs, targets, scan: str) -> float:
+    """Float32 impulse responses of a bank under a given scan/readout, vs exact filters."""
+    L = targets.shape[0]
+    decays = jnp.asarray(branch_decays, jnp.float32)
+    impulse = jnp.zeros((1, L, *decays.shape), jnp.float32).at[0, 0].set(1.0)
+    weights = lc.split_float64(coeffs)
+    if scan == "compensated":
+        out = lc.readout(lc.parallel_scan(decays, impulse), weights)
+    else:
+        fn = {"exact-power": lds.parallel_scan, "sequential": lds.scan}.get(
+            scan, textbook_parallel_scan
+        )
+        states = fn(decays, impulse)
+        out = jnp.matmul(states, weights.hi, precision=jax.lax.Precision.HIGHEST)
+    return relative(out[0].reshape(L, -1), targets)
+
+
+def levers(states: int, L: int = 8192, K: int = 24) -> list[dict]:
+    """Float32 impulse-response error of the bank under alternative choices (one at a time)."""
+    targets = distill.target_filters(L, K, "standard")
+    phi = targets[:, :K]
+    bank, report, _ = fit_cold(L, K, "standard", states)
+    x_min, x_max = bank.metadata["x_min"], bank.metadata["x_max"]
+    base = dict(bank=bank, decays=bank.branch_decays(), coeffs=bank.coeffs)
+    results = []
+
+    def add(name, decays, coeffs, fit_err, scan="exact-power"):
+        results.append(
+            {
+                "states": states,
+                "lever": name,
+                "rel_err_f64": fit_err,
+                "rel_err_f32_impulse": impulse_error(decays, coeffs, targets, scan),
+                "coeff_max_abs": float(np.abs(coeffs).max()),
+            }
+        )
+
+    add(
+        "baseline (auto grid, ridge 1e-12, f32-exact decays, exact-power scan)",
+        base["decays"],
+        base["coeffs"],
+        report["rel_fro_err"],
+    )
+    add("sequential scan", base["decays"], base["coeffs"], report["rel_fro_err"], "sequential")
+    add(
+        "textbook associative scan",
+        base["decays"],
+        base["coeffs"],
+        report["rel_fro_err"],
+        "textbook",
+    )
+    add(
+        "compensated scan + readout",
+        base["decays"],
+        base["coeffs"],
+        report["rel_fro_err"],
+        "compensated",
+    )
+    # Decays rounded to float32 only after the fit.
+    x = np.linspace(x_min, x_max, states // 2)
+    exact = np.exp(-np.exp(x))
+    with jax.enable_x64(True):
+        coeffs, err, _, _ = distill.solve_coefficients(jnp.asarray(exact), jnp.asarray(phi), 1e-12)
+    coeffs = np.asarray(coeffs)
+    rounded = exact.astype(np.float32).astype(np.float64)
+    add("decays rounded to f32 after the fit", np.stack([rounded, -rounded]), coeffs, float(err))
+    for ridge in (0.0, 1e-10, 1e-8):
+        b, r, _ = fit_cold(L, K, "standard", states, ridge=ridge, x_range=(x_min, x_max))
+        add(f"ridge {ridge:g}", b.branch_decays(), b.coeffs, r["rel_fro_err"])
+    for x_range in ((-np.log(L) - 2.0, 2.0), (-np.log(L) + 0.75, 4.0)):
+        b, r, _ = fit_cold(L, K, "standard", states, x_range=x_range)
+        add(
+            f"grid x in [{x_range[0]:.2f}, {x_range[1]:.2f}]",
+            b.branch_decays(),
+            b.coeffs,
+            r["rel_fro_err"],
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows, no levers")
+    parser.add_argument("--levers", action="store_true", help="measure design levers")
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    if args.quick:
+        specs = [(8192, 24, "standard", s) for s in (80, 120, 160)] + [(1024, 24, "hankel_l", 120)]
+    else:
+        specs = [(8192, 24, "standard", s) for s in range(40, 201, 20)]
+        specs += [(1024, 24, "standard", 120), (65536, 24, "standard", 120)]
+        specs += [(8192, k, "standard", 120) for k in (8, 16, 32)]
+        specs += [(8192, 24, "hankel_l", 120), (65536, 32, "standard", 160)]
+    rows = []
+    names = ("f64 fit", "f32 layer", "f32 plain", "f32 STU")
+    header = f"{'L':>6} {'K':>3} {'variant':>9} {'states':>6} " + " ".join(f"{n:>9}" for n in names)
+    header += f" {'fit s':>6}"
+    print(header)
+    for spec in specs:
+        r = row(*spec)
+        rows.append(r)
+        print(
+            f"{r['L']:>6} {r['K']:>3} {r['variant']:>9} {r['states']:>6} {r['rel_err_f64']:>9.2e} "
+            f"{r['rel_err_f32_layer']:>9.2e} {r['rel_err_f32_layer_plain']:>9.2e} "
+            f"{r['rel_err_f32_stu']:>9.2e} {r['fit_seconds']:>6.1f}",
+            flush=True,
+        )
+    results = {"rows": rows}
+    if args.levers or not args.quick:
+        results["levers"] = []
+        print("\nLevers (L=8192, K=24): float32 impulse-response error of the bank")
+        print(f"{'states':>6} {'f64 fit':>9} {'f32 imp.':>9} {'max|W|':>9}  lever")
+        for states in (120, 160):
+            for lever in levers(states):
+                results["levers"].append(lever)
+                print(
+                    f"{lever['states']:>6} {lever['rel_err_f64']:>9.2e} "
+                    f"{lever['rel_err_f32_impulse']:>9.2e} {lever['coeff_max_abs']:>9.2e}  "
+                    f"{lever['lever']}",
+                    flush=True,
+                )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
