@@ -199,12 +199,15 @@ class LDSLayer(nnx.Module):
         return x
 
     def _read(self, states: lc.DoubleFloat) -> jax.Array:
-        """Layer output before AR terms: ``states [..., C, S, n] -> [..., d_out]``."""
+        """Layer output before AR terms: ``states [..., C, S, n] -> [..., d_out]`` (plain
+        arithmetic reads ``states.hi`` only; its ``lo`` may be None)."""
         cfg = self.config
         weights = lc.DoubleFloat(self.readout_hi[...], self.readout_lo[...])
         lead = states.hi.shape[:-3]
         if cfg.projection == "tensordot":
-            flat = lc.DoubleFloat(*(s.reshape(*lead, cfg.d_out, -1) for s in states))
+            flat = lc.DoubleFloat(
+                *(None if s is None else s.reshape(*lead, cfg.d_out, -1) for s in states)
+            )
             return self._contract(flat, weights)[..., 0]
         features = self._contract(states, weights)  # [..., C, S, K]
         features = features.reshape(*lead, cfg.d_in, -1)
@@ -224,14 +227,14 @@ class LDSLayer(nnx.Module):
         return jnp.matmul(states.hi[..., None, :], weights.hi, precision=HIGHEST)[..., 0, :]
 
     def _states(self, drive: jax.Array) -> lc.DoubleFloat:
-        """Parallel scan: ``drive [B, L, C] -> states [B, L, C, S, n]``."""
+        """Parallel scan: ``drive [B, L, C] -> states [B, L, C, S, n]`` (``lo`` None if plain)."""
         decays = self.decays[...]
         u = jnp.broadcast_to(drive[..., None, None], drive.shape + decays.shape)
         decays = jnp.broadcast_to(decays, u.shape[2:])
         if self.config.arithmetic == "compensated":
             return lc.parallel_scan(decays, u)
         states = lds.parallel_scan(decays, u)
-        return lc.DoubleFloat(states, jnp.zeros_like(states))
+        return lc.DoubleFloat(states, None)
 
     # ---- the four entry points -----------------------------------------------------------
 
@@ -270,7 +273,7 @@ class LDSLayer(nnx.Module):
         cache = self.init_cache(x.shape[0], cfg.max_len)
         cache = LDSCache(
             states.hi[:, -1],
-            states.lo[:, -1],
+            cache.state_lo if states.lo is None else states.lo[:, -1],
             _recent(x, cache.inputs),
             _recent(y, cache.outputs),
         )
