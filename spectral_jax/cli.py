@@ -3,6 +3,8 @@
 - ``spectral-jax demo``: the main job end to end on a small built-in default (CPU, minutes).
 - ``spectral-jax train PRESET [--set key=value ...]``: train a named run (see
   :mod:`spectral_jax.train.presets`), with checkpoints and resume.
+- ``spectral-jax distill CKPT OUT``: distill every STU layer of a trained checkpoint into a new
+  checkpoint and print the error report.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import argparse
 import dataclasses
 import sys
 
-from spectral_jax import demo
-from spectral_jax.train import CheckpointConfig, presets, train
+from spectral_jax import demo, inference
+from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +59,57 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="directory of a trained checkpoint")
+    parser.add_argument("out", help="new, empty directory for the distilled checkpoint")
+    parser.add_argument(
+        "--num-states",
+        type=int,
+        default=120,
+        help="LDS states per input channel, both signs counted (default 120)",
+    )
+    parser.add_argument(
+        "--arithmetic",
+        choices=("compensated", "plain"),
+        default="compensated",
+        help="float32 pairs (accurate, default) or plain float32 (fastest) recurrences",
+    )
+
+
+def print_distill_report(report: dict) -> None:
+    print(f"distilled {report['stu_layers']} STU layer(s)")
+    print(
+        f"{'L':>7}{'K':>4}  {'variant':<9}{'states':>7}{'filter err f64':>16}"
+        f"{'filter err f32':>16}{'fit s':>7}"
+    )
+    for b in report["banks"]:
+        f32 = b.get(
+            "rel_fro_err_f32_compensated"
+            if report.get("arithmetic") == "compensated"
+            else "rel_fro_err_f32",
+            b["rel_fro_err_f32"],
+        )
+        print(
+            f"{b['L']:>7}{b['K']:>4}  {b['variant']:<9}{b['num_states']:>7}"
+            f"{b['rel_fro_err']:>16.2e}{f32:>16.2e}{b['fit_seconds']:>7.1f}"
+        )
+    line = (
+        f"model outputs, distilled vs STU (one eval batch): relative error {report['rel_err']:.2e}"
+    )
+    if "argmax_agreement" in report:
+        line += f", most-likely next token agrees at {report['argmax_agreement']:.2%} of positions"
+    print(line)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    report = inference.distill_checkpoint(
+        args.checkpoint, args.out, num_states=args.num_states, arithmetic=args.arithmetic
+    )
+    print_distill_report({**report, "arithmetic": args.arithmetic})
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spectral-jax",
@@ -74,16 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
     )
+    add_distill_arguments(
+        commands.add_parser(
+            "distill", help="distill a trained checkpoint's STU layers into LDS layers"
+        )
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            return demo.run(args)
-        return run_train(args)
-    except ValueError as err:  # configuration errors: one clear line, no traceback
+        runners = {"demo": demo.run, "train": run_train, "distill": run_distill}
+        return runners[args.command](args)
+    except (ValueError, CheckpointError) as err:  # bad input: one clear line, no traceback
         print(f"spectral-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
 

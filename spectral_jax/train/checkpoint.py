@@ -111,18 +111,14 @@ class Checkpointer:
     def save(self, step: int, model_state, optimizer_state, meta: dict[str, Any]) -> None:
         """Start saving ``step`` (returns before the files are written when async).
 
-        ``model_state`` / ``optimizer_state``: pytrees (pure dicts) of ``jax.Array``.
+        ``model_state`` / ``optimizer_state``: pytrees (pure dicts) of ``jax.Array``;
+        ``optimizer_state=None`` saves a model for inference only.
         """
         meta = {**meta, "step": step, "format_version": FORMAT_VERSION}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardSave(model_state),
-                optimizer=ocp.args.StandardSave(optimizer_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        items = {"model": ocp.args.StandardSave(model_state), "meta": ocp.args.JsonSave(meta)}
+        if optimizer_state is not None:
+            items["optimizer"] = ocp.args.StandardSave(optimizer_state)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata of ``step`` (default: latest)."""

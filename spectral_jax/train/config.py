@@ -11,7 +11,7 @@ from flax import nnx
 
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.train.checkpoint import CheckpointConfig, CheckpointError
-from spectral_jax.train.data import Task
+from spectral_jax.train.data import ByteCorpusLM, LDSRegression, SelectiveCopying, Task
 from spectral_jax.train.optim import OptimConfig
 from spectral_jax.train.sharding import DistributedConfig, MeshConfig
 
@@ -102,6 +102,16 @@ def model_config_from_record(record: dict[str, Any]) -> ModelConfig:
             "trained with a custom model_fn; pass the same model_fn to load it"
         )
     return ModelConfig(**fields)
+
+
+def task_from_record(record: dict[str, Any]) -> Task:
+    """The task of a run record (``run_record``), validated again."""
+    fields = dict(record.get("task") or {})
+    kind = fields.pop("type", None)
+    tasks = {cls.__name__: cls for cls in (LDSRegression, ByteCorpusLM, SelectiveCopying)}
+    if kind not in tasks:
+        raise CheckpointError(f"the run record names an unknown task {record.get('task')!r}")
+    return tasks[kind](**fields)
 
 
 def spectral_model_fn(model_config: ModelConfig | None) -> ModelFn:

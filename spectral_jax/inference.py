@@ -1,0 +1,115 @@
+"""Checkpoints for inference: load a trained or distilled model; distill a trained checkpoint.
+
+A distilled checkpoint holds the distilled model's state (no optimizer) and, in its metadata,
+the source run's record plus ``"distill": {"num_states", "arithmetic", "source", "report"}``.
+Loading one rebuilds the same structure (the bank fit is deterministic and cached) and restores
+the saved arrays into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spectral_jax.distill import fit_lds_bank
+from spectral_jax.nn.lds_layer import distill_model
+from spectral_jax.nn.model import SpectralModel
+from spectral_jax.nn.stu import STU
+from spectral_jax.train import CheckpointConfig, Checkpointer, load_model
+from spectral_jax.train.config import model_config_from_record, task_from_record
+
+
+def _stu_layers(model: nnx.Module) -> list[STU]:
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, STU)]
+
+
+def distill_with_report(
+    model: nnx.Module, record: dict[str, Any], *, num_states: int, arithmetic: str
+) -> tuple[nnx.Module, dict[str, Any]]:
+    """Distill every STU of ``model`` and measure the result.
+
+    The report holds, per distinct filter bank, the fit's own report (float64 and float32 filter
+    errors, coefficient norms), and end to end on one batch of the run's eval split:
+    ``rel_err`` (``||y_lds - y_stu|| / ||y_stu||`` of the model outputs) and, for token models,
+    ``argmax_agreement`` (fraction of positions whose most likely next token is the same).
+    """
+    stus = _stu_layers(model)
+    banks = {}
+    for stu in stus:
+        cfg = stu.config
+        spec = (cfg.max_len, cfg.num_filters, cfg.variant)
+        if spec not in banks:
+            _, bank_report = fit_lds_bank(*spec, num_states, arithmetic=arithmetic)
+            banks[spec] = {"L": spec[0], "K": spec[1], "variant": spec[2], **bank_report}
+    distilled = distill_model(model, num_states=num_states, arithmetic=arithmetic)
+
+    task = task_from_record(record)
+    inputs = jnp.asarray(task.batch(seed=0, step=0, rows=range(4), split="eval").inputs)
+    y_stu = np.asarray(nnx.jit(lambda m, x: m(x))(model, inputs), np.float64)
+    y_lds = np.asarray(nnx.jit(lambda m, x: m(x))(distilled, inputs), np.float64)
+    report: dict[str, Any] = {
+        "stu_layers": len(stus),
+        "banks": list(banks.values()),
+        "rel_err": float(np.linalg.norm(y_lds - y_stu) / np.linalg.norm(y_stu)),
+    }
+    if task.kind == "tokens":
+        report["argmax_agreement"] = float(np.mean(y_lds.argmax(-1) == y_stu.argmax(-1)))
+    return distilled, report
+
+
+def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Module:
+    model = SpectralModel(model_config_from_record(record), rngs=nnx.Rngs(0))
+    if distill is None:
+        return model
+    return distill_model(model, num_states=distill["num_states"], arithmetic=distill["arithmetic"])
+
+
+def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
+    """Load the latest checkpoint in ``directory``, trained or distilled: ``(model, meta)``."""
+    with Checkpointer(CheckpointConfig(directory), read_only=True) as ckpt:
+        meta = ckpt.restore_meta()
+        if "distill" not in meta:
+            return load_model(directory)
+        model = _template(meta["run"], meta["distill"])
+        state = nnx.state(model)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state)
+        )
+        pure, _, meta = ckpt.restore(abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model, meta
+
+
+def distill_checkpoint(
+    source: str, out: str, *, num_states: int = 120, arithmetic: str = "compensated"
+) -> dict[str, Any]:
+    """Distill every STU layer of the model in ``source`` into a new checkpoint in ``out``.
+
+    Returns the report of :func:`distill_with_report`, which is also stored in ``out``'s
+    metadata. ``out`` must not hold checkpoints yet (nothing is overwritten).
+    """
+    with Checkpointer(CheckpointConfig(source), read_only=True) as ckpt:
+        if "distill" in ckpt.restore_meta():
+            raise ValueError(f"{source} is already a distilled checkpoint")
+    model, meta = load_model(source)
+    distilled, report = distill_with_report(
+        model, meta["run"], num_states=num_states, arithmetic=arithmetic
+    )
+    distill = {
+        "num_states": num_states,
+        "arithmetic": arithmetic,
+        "source": source,
+        "report": report,
+    }
+    with Checkpointer(CheckpointConfig(out, async_save=False, keep=1)) as ckpt:
+        if ckpt.latest_step() is not None:
+            raise ValueError(f"{out} already holds checkpoints; choose an empty directory")
+        state = nnx.to_pure_dict(nnx.state(distilled))
+        ckpt.save(meta["step"], state, None, {"run": meta["run"], "distill": distill})
+        ckpt.wait()
+    return report
