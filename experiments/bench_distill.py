@@ -12,8 +12,13 @@ with random projections (full mode, d_in = d_out = 8, default init) is run in fl
 distilled LDS layer entirely in float32 (recurrence, readout and projection; compensated
 arithmetic, the layer's default) on the same random input (B=1, length L), and the relative
 Frobenius error of the outputs is reported; ``rel_err_f32_layer_plain`` is the same with the
-textbook float32 recurrence and readout, and ``rel_err_f32_stu`` the float32 FFT STU against the
+textbook float32 recurrence and readout (and a bank whose grid was chosen for plain arithmetic,
+``rel_err_f64_plain_bank``), and ``rel_err_f32_stu`` the float32 FFT STU against the
 float64 one (the floor any float32 path faces).
+
+A speed section times, in the same run, the jitted float32 STU and distilled layer (plain and
+compensated) on the fidelity problem (B=1, d=8, L=8192), and one decode step of each LDS layer;
+it reports the compensated/plain cost ratios.
 
 ``--levers`` (implied without ``--quick``) adds, at L=8192, K=24, the float32 error of the bank's
 impulse responses under alternative design choices (decays rounded after the fit, ridge,
@@ -59,8 +64,11 @@ def relative(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def layer_errors(bank: distill.LDSBank, seed: int = 0) -> dict[str, float]:
-    """Float32 distilled layer (compensated, plain) and float32 STU vs the float64 STU."""
+def layer_errors(
+    bank: distill.LDSBank, plain_bank: distill.LDSBank, seed: int = 0
+) -> dict[str, float]:
+    """Float32 distilled layer (compensated with ``bank``, plain with ``plain_bank``, each fitted
+    for its arithmetic) and float32 STU vs the float64 STU."""
     L, K, variant = bank.seq_len, bank.num_filters, bank.variant
     stu = STU(STUConfig(D, D, L, K, variant), rngs=nnx.Rngs(seed))
     x = jax.random.normal(jax.random.key(seed + 1), (1, L, D), jnp.float32)
@@ -71,24 +79,26 @@ def layer_errors(bank: distill.LDSBank, seed: int = 0) -> dict[str, float]:
             getattr(stu64, name)[...] = jnp.asarray(value, jnp.float64)
         reference = np.asarray(stu64(jnp.asarray(x, jnp.float64)))
     out = {"rel_err_f32_stu": relative(stu(x), reference)}
-    for arithmetic, key in (
-        ("compensated", "rel_err_f32_layer"),
-        ("plain", "rel_err_f32_layer_plain"),
+    for arithmetic, key, b in (
+        ("compensated", "rel_err_f32_layer", bank),
+        ("plain", "rel_err_f32_layer_plain", plain_bank),
     ):
-        layer = LDSLayer.from_stu(stu, bank, arithmetic=arithmetic)
+        layer = LDSLayer.from_stu(stu, b, arithmetic=arithmetic)
         out[key] = relative(layer(x), reference)
     return out
 
 
 def row(L: int, K: int, variant: str, states: int) -> dict:
     bank, report, seconds = fit_cold(L, K, variant, states)
+    plain_bank, plain_report, _ = fit_cold(L, K, variant, states, arithmetic="plain")
     return {
         "L": L,
         "K": K,
         "variant": variant,
         "states": bank.num_states,
         "rel_err_f64": report["rel_fro_err"],
-        **layer_errors(bank),
+        **layer_errors(bank, plain_bank),
+        "rel_err_f64_plain_bank": plain_report["rel_fro_err"],
         "fit_seconds": seconds,
         "max_abs_err": report["max_abs_err"],
         "amplification": report["amplification"],
@@ -185,6 +195,32 @@ def levers(states: int, L: int = 8192, K: int = 24) -> list[dict]:
     return results
 
 
+def median_seconds(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def speed(L: int = 8192, K: int = 24, states: int = 120) -> dict[str, float]:
+    """Seconds per forward pass (B=1, d=8) and per decode step, all jitted, float32."""
+    bank, _, _ = fit_cold(L, K, "standard", states)
+    stu = STU(STUConfig(D, D, L, K), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, L, D), jnp.float32)
+    forward = nnx.jit(lambda layer, x: layer(x))
+    step = nnx.jit(lambda layer, cache, x_t: layer.step(cache, x_t)[1])
+    out = {"forward_stu_fft": median_seconds(forward, stu, x)}
+    for arithmetic in ("plain", "compensated"):
+        layer = LDSLayer.from_stu(stu, bank, arithmetic=arithmetic)
+        out[f"forward_lds_{arithmetic}"] = median_seconds(forward, layer, x)
+        cache = layer.init_cache(1, L)
+        out[f"step_lds_{arithmetic}"] = median_seconds(step, layer, cache, x[:, 0], repeats=50)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows, no levers")
@@ -214,6 +250,13 @@ def main() -> None:
             flush=True,
         )
     results = {"rows": rows}
+    results["speed"] = timing = speed()
+    print("\nSpeed (L=8192, K=24, 120 states, B=1, d=8; jitted float32, median seconds)")
+    for name, seconds in timing.items():
+        print(f"  {name:<24} {seconds * 1e3:9.3f} ms")
+    for kind in ("forward", "step"):
+        ratio = timing[f"{kind}_lds_compensated"] / timing[f"{kind}_lds_plain"]
+        print(f"  {kind}: compensated / plain = {ratio:.2f}")
     if args.levers or not args.quick:
         results["levers"] = []
         print("\nLevers (L=8192, K=24): float32 impulse-response error of the bank")
