@@ -20,12 +20,12 @@ Strategies (both exact: they only reorder the sum):
   ``O(t0 log t0)`` whatever ``max_len``; ``N`` tokens cost ``O(N E + N^2 log N / E)``.
 
 Layout for speed on CPU: the history is time-major (``[T, B, C]``) and the taps are stored
-reversed (``taps[T - 1 - l] = K[l]``, then ``W`` zero rows), so the taps of a window of positions
-are one ``dynamic_slice`` aligned with the history slice, and a window sum is one matrix product
-(reductions over a middle axis are many times slower in XLA:CPU). The history is written inside
-the loop that reads it, so it is updated in place, never copied per token. Everything is a pure
-function of explicit pytrees; only the shapes are static, so a decode loop runs in ``lax.scan``
-without Python work per token.
+reversed (``taps[T - 1 - l] = K[l]``, then ``block_len`` zero rows), so the taps of a window of
+positions are one ``dynamic_slice`` aligned with the history slice, and a window sum is one
+matrix product (reductions over a middle axis are many times slower in XLA:CPU). The history is
+written inside the loop that reads it, so it is updated in place, never copied per token.
+Everything is a pure function of explicit pytrees; only the shapes are static, so a decode loop
+runs in ``lax.scan`` without Python work per token.
 """
 
 from __future__ import annotations
