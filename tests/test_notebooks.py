@@ -15,6 +15,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 # name -> overriding source; sizes chosen to run in well under a minute on a loaded 2-core CPU
 SMALL_PARAMETERS = {
+    "distillation_walkthrough.ipynb": "L = 128\nK = 8\nSTATES = [20, 40]\nD = 2\n",
     "scan_vs_fft_latency.ipynb": (
         "D = 4\nH = 4\nK = 4\nLENGTHS = [32, 64]\nDECODE_LENGTHS = [32, 64]\n"
         "LDS_STATES = 16\nREPEATS = 1\n"
