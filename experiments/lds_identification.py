@@ -309,11 +309,12 @@ def plot(config: ExperimentConfig, bands: dict, lag_norms: dict, path: Path) -> 
     colors = {"true": "k", "stu": "C0", "lds": "C1", "distilled": "C3"}
     for name, norms in lag_norms.items():
         label = "||G[t]|| (true)" if name == "true" else f"{name}: ||G[t] - G_true[t]||"
-        axes[-1].plot(np.arange(1, norms.size + 1), norms, color=colors[name], lw=1, label=label)
+        style = dict(color=colors[name], lw=1, ls="--" if name == "distilled" else "-")
+        axes[-1].plot(np.arange(1, norms.size + 1), norms, label=label, **style)
     axes[-1].set(xscale="log", yscale="log", xlabel="lag t + 1", title="impulse response, seed 0")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(
         f"symmetric LDS n={config.state_dim}, 1-rho={config.delta:g}, L={config.seq_len}, "
         f"d={config.d_in}, batch {config.batch}: {config.seeds} seeds, 95% band"
