@@ -5,15 +5,22 @@
   :mod:`spectral_jax.train.presets`), with checkpoints and resume.
 - ``spectral-jax distill CKPT OUT``: distill every STU layer of a trained checkpoint into a new
   checkpoint and print the error report.
+- ``spectral-jax generate CKPT --prompt TEXT --strategy naive|futurefill|lds``: stream bytes from a
+  byte-level model as they are produced.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
 import sys
 
+import jax
+
 from spectral_jax import demo, inference
+from spectral_jax.generate import Sampling, decode_chunks, prefill
+from spectral_jax.nn.lds_layer import distill_model
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
 
 
@@ -110,6 +117,58 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="directory of a trained or distilled checkpoint")
+    parser.add_argument("--prompt", required=True, help="text to continue (UTF-8 bytes)")
+    parser.add_argument(
+        "--strategy",
+        choices=("naive", "futurefill", "lds"),
+        default="futurefill",
+        help="STU decoding: input-history convolution, FutureFill, or the distilled LDS "
+        "(distills on the fly unless the checkpoint is already distilled)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, help="default: up to the model's max_len")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
+    parser.add_argument("--num-states", type=int, default=120, help="LDS states (lds strategy)")
+    parser.add_argument("--chunk", type=int, default=16, help="bytes decoded per jitted call")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    model, meta = inference.load_for_inference(args.checkpoint)
+    distilled = "distill" in meta
+    if model.config.vocab_size != 256:
+        raise ValueError(
+            f"--prompt needs a byte-level model (vocab 256), got vocab {model.config.vocab_size}"
+        )
+    if distilled and args.strategy != "lds":
+        raise ValueError(f"{args.checkpoint} is distilled (LDS layers): use --strategy lds")
+    if args.strategy == "lds" and not distilled:
+        print(f"[distilling the STU layers ({args.num_states} states)]", file=sys.stderr)
+        model = distill_model(model, num_states=args.num_states)
+    prompt = list(args.prompt.encode("utf-8"))
+    room = model.config.max_len - len(prompt)
+    new_tokens = room if args.max_new_tokens is None else args.max_new_tokens
+    if not prompt or room < 1 or not 1 <= new_tokens <= room:
+        raise ValueError(
+            f"prompt of {len(prompt)} bytes plus {new_tokens} new bytes must fit "
+            f"in max_len={model.config.max_len} (and both be >= 1)"
+        )
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k)
+    strategy = None if args.strategy == "lds" else args.strategy
+    logits, cache = prefill(model, [prompt], strategy=strategy)
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    for tokens in decode_chunks(
+        model, cache, logits, new_tokens, sampling, jax.random.key(args.seed), chunk=args.chunk
+    ):
+        sys.stdout.write(text.decode(bytes(tokens[0].tolist())))
+        sys.stdout.flush()
+    sys.stdout.write(text.decode(b"", final=True) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spectral-jax",
@@ -132,13 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
             "distill", help="distill a trained checkpoint's STU layers into LDS layers"
         )
     )
+    add_generate_arguments(
+        commands.add_parser("generate", help="stream text from a byte-level checkpoint")
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        runners = {"demo": demo.run, "train": run_train, "distill": run_distill}
+        runners = {
+            "demo": demo.run,
+            "train": run_train,
+            "distill": run_distill,
+            "generate": run_generate,
+        }
         return runners[args.command](args)
     except (ValueError, CheckpointError) as err:  # bad input: one clear line, no traceback
         print(f"spectral-jax {args.command}: error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -95,6 +96,8 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling"))
 def _decode(graphdef, state, cache, logits, key, num_tokens: int, sampling: Sampling):
+    """``num_tokens`` tokens from ``logits``; returns ``(tokens [B, n], cache)`` where the cache
+    has consumed every token but the last (feeding it would need one more position)."""
     model = nnx.merge(graphdef, state)
     keys = jax.random.split(key, num_tokens)
     first = sample_tokens(logits, keys[0], sampling)
@@ -105,8 +108,13 @@ def _decode(graphdef, state, cache, logits, key, num_tokens: int, sampling: Samp
         token = sample_tokens(logits, key_t, sampling)
         return (cache, token), token
 
-    _, rest = jax.lax.scan(advance, (cache, first), keys[1:])
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    (cache, _), rest = jax.lax.scan(advance, (cache, first), keys[1:])
+    return jnp.concatenate([first[:, None], rest.T], axis=1), cache
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _feed(graphdef, state, cache, tokens):
+    return nnx.merge(graphdef, state).step(cache, tokens)
 
 
 def prefill(model: nnx.Module, prompt_tokens: Any, *, strategy: str | None = None):
@@ -129,6 +137,44 @@ def prefill(model: nnx.Module, prompt_tokens: Any, *, strategy: str | None = Non
     return _prefill(graphdef, state, prompt)
 
 
+def decode_chunks(
+    model: nnx.Module,
+    cache: Any,
+    last_logits: jax.Array,
+    num_tokens: int,
+    sampling: Sampling = GREEDY,
+    key: jax.Array | None = None,
+    *,
+    chunk: int | None = None,
+) -> Iterator[jax.Array]:
+    """Sample ``num_tokens`` tokens, feeding each back, and yield them ``chunk`` at a time
+    (``[B, <= chunk]`` int32; default: all at once). Each chunk is one jitted ``lax.scan``.
+
+    ``cache`` and ``last_logits [B, V]`` come from :func:`prefill`; the cache's strategy is the
+    one chosen there. Stepping past the caches' ``max_len`` raises at run time.
+    """
+    _check_num_tokens(num_tokens)
+    chunk = num_tokens if chunk is None else chunk
+    _check_num_tokens(chunk)
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+    if key is None:
+        if not sampling.greedy:
+            raise ValueError(f"{sampling} draws random tokens: pass a PRNG key")
+        key = jax.random.key(0)  # split but never used by greedy decoding
+    graphdef, state = nnx.split(model)
+    done, logits = 0, last_logits
+    while done < num_tokens:
+        size = min(chunk, num_tokens - done)
+        tokens, cache = _decode(
+            graphdef, state, cache, logits, jax.random.fold_in(key, done), size, sampling
+        )
+        yield tokens
+        done += size
+        if done < num_tokens:
+            cache, logits = _feed(graphdef, state, cache, tokens[:, -1])
+
+
 def decode(
     model: nnx.Module,
     cache: Any,
@@ -137,21 +183,8 @@ def decode(
     sampling: Sampling = GREEDY,
     key: jax.Array | None = None,
 ) -> jax.Array:
-    """Sample ``num_tokens`` tokens, feeding each back, in one jitted ``lax.scan``.
-
-    ``cache`` and ``last_logits [B, V]`` come from :func:`prefill`; the cache's strategy is the
-    one chosen there. Returns ``[B, num_tokens]`` int32. Stepping past the caches' ``max_len``
-    raises at run time.
-    """
-    _check_num_tokens(num_tokens)
-    if not isinstance(sampling, Sampling):
-        raise ValueError(f"sampling must be a Sampling, got {type(sampling).__name__}")
-    if key is None:
-        if not sampling.greedy:
-            raise ValueError(f"{sampling} draws random tokens: pass a PRNG key")
-        key = jax.random.key(0)  # split but never used by greedy decoding
-    graphdef, state = nnx.split(model)
-    return _decode(graphdef, state, cache, last_logits, key, num_tokens, sampling)
+    """All of :func:`decode_chunks` in one jitted ``lax.scan``: ``[B, num_tokens]`` int32."""
+    return next(decode_chunks(model, cache, last_logits, num_tokens, sampling, key))
 
 
 def generate(
