@@ -83,36 +83,11 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def print_distill_report(report: dict) -> None:
-    print(f"distilled {report['stu_layers']} STU layer(s)")
-    print(
-        f"{'L':>7}{'K':>4}  {'variant':<9}{'states':>7}{'filter err f64':>16}"
-        f"{'filter err f32':>16}{'fit s':>7}"
-    )
-    for b in report["banks"]:
-        f32 = b.get(
-            "rel_fro_err_f32_compensated"
-            if report.get("arithmetic") == "compensated"
-            else "rel_fro_err_f32",
-            b["rel_fro_err_f32"],
-        )
-        print(
-            f"{b['L']:>7}{b['K']:>4}  {b['variant']:<9}{b['num_states']:>7}"
-            f"{b['rel_fro_err']:>16.2e}{f32:>16.2e}{b['fit_seconds']:>7.1f}"
-        )
-    line = (
-        f"model outputs, distilled vs STU (one eval batch): relative error {report['rel_err']:.2e}"
-    )
-    if "argmax_agreement" in report:
-        line += f", most-likely next token agrees at {report['argmax_agreement']:.2%} of positions"
-    print(line)
-
-
 def run_distill(args: argparse.Namespace) -> int:
     report = inference.distill_checkpoint(
         args.checkpoint, args.out, num_states=args.num_states, arithmetic=args.arithmetic
     )
-    print_distill_report({**report, "arithmetic": args.arithmetic})
+    print(inference.format_distill_report(report))
     print(f"wrote {args.out}")
     return 0
 

@@ -53,12 +53,35 @@ def distill_with_report(
     y_lds = np.asarray(nnx.jit(lambda m, x: m(x))(distilled, inputs), np.float64)
     report: dict[str, Any] = {
         "stu_layers": len(stus),
+        "arithmetic": arithmetic,
         "banks": list(banks.values()),
         "rel_err": float(np.linalg.norm(y_lds - y_stu) / np.linalg.norm(y_stu)),
     }
     if task.kind == "tokens":
         report["argmax_agreement"] = float(np.mean(y_lds.argmax(-1) == y_stu.argmax(-1)))
     return distilled, report
+
+
+def format_distill_report(report: dict[str, Any]) -> str:
+    """The report of :func:`distill_with_report` as a short table."""
+    f32_key = {"compensated": "rel_fro_err_f32_compensated", "plain": "rel_fro_err_f32"}
+    lines = [
+        f"distilled {report['stu_layers']} STU layer(s), {report['arithmetic']} float32 LDS",
+        f"{'L':>7}{'K':>4}  {'variant':<9}{'states':>7}{'filter err f64':>16}"
+        f"{'filter err f32':>16}{'fit s':>7}",
+    ]
+    for b in report["banks"]:
+        lines.append(
+            f"{b['L']:>7}{b['K']:>4}  {b['variant']:<9}{b['num_states']:>7}"
+            f"{b['rel_fro_err']:>16.2e}{b[f32_key[report['arithmetic']]]:>16.2e}"
+            f"{b['fit_seconds']:>7.1f}"
+        )
+    line = (
+        f"model outputs on an eval batch, distilled vs STU: relative error {report['rel_err']:.2e}"
+    )
+    if "argmax_agreement" in report:
+        line += f"; same most likely next byte at {report['argmax_agreement']:.2%} of positions"
+    return "\n".join([*lines, line])
 
 
 def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Module:

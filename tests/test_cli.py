@@ -76,3 +76,17 @@ def test_generate_bad_input_is_one_clear_line(byte_checkpoint, capsys, extra, ma
     assert main(["generate", byte_checkpoint, "--prompt", "ab", *extra]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_demo_runs_end_to_end(capsys):
+    assert main(["demo", "--steps", "3", "--new-tokens", "8", "--num-states", "40"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("== 1. training", "== 2. distilling", "== 3. sampling"):
+        assert heading in out
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["naive"], ["futurefill"], ["lds"])
+    ]
+    assert [r[0] for r in rows] == ["naive", "futurefill", "lds"]
+    assert all(r[-1] == "8/8" for r in rows), rows  # every strategy samples the same bytes
