@@ -47,7 +47,7 @@ def demo_config(steps: int, seed: int):
             "model.window=32",
             f"log_every={max(1, steps // 10)}",
             "eval_every=0",
-            "optim.warmup_steps=20",
+            f"optim.warmup_steps={min(20, steps // 10)}",
             f"optim.decay_steps={steps + 1}",
         ],
     )
