@@ -47,7 +47,7 @@ from spectral_jax.cache import cached_arrays, load_npz, save_npz_atomic
 from spectral_jax.filters import VARIANTS, max_num_filters, spectral_filters
 
 # Bump when the fit changes so stale cache files are never read.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 DEFAULT_NUM_STATES = 120
 DEFAULT_RIDGE = 1e-12
 # Candidate grids: x_min = -log(L) + offset, x_max (see the module docstring).
@@ -92,6 +92,8 @@ class LDSBank:
             raise ValueError("LDSBank.coeffs contain NaN or infinite values")
         if np.any(decays.astype(np.float32).astype(np.float64) != decays):
             raise ValueError("LDSBank.decays must be exactly representable in float32")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"LDSBank.seq_len must be an integer >= 2, got {self.seq_len!r}")
         object.__setattr__(self, "decays", decays)
         object.__setattr__(self, "coeffs", coeffs)
 
@@ -210,6 +212,13 @@ def _fit(
     L: int, K: int, variant: str, num_states: int, ridge: float, x_range, arithmetic: str
 ) -> dict:
     """The uncached fit: arrays and metadata for the cache (see :func:`fit_lds_bank`)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        return _fit_on_host(L, K, variant, num_states, ridge, x_range, arithmetic)
+
+
+def _fit_on_host(
+    L: int, K: int, variant: str, num_states: int, ridge: float, x_range, arithmetic: str
+) -> dict:
     start = time.perf_counter()
     phi = np.asarray(spectral_filters(L, K, variant)[0])
     num_nodes = num_states // 2
@@ -259,7 +268,7 @@ def fit_lds_bank(
     x_range: tuple[float, float] | None = None,
     arithmetic: str = "compensated",
 ) -> tuple[LDSBank, dict[str, Any]]:
-    """Fit an LDS bank to the ``L``-tap spectral filters (cached in memory-free form on disk).
+    """Fit an LDS bank to the ``L``-tap spectral filters (cached on disk; runs on the host CPU).
 
     Args:
       L: filter length. K: filters per branch (``K < L``). variant: ``"standard"``/``"hankel_l"``.

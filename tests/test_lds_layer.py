@@ -181,6 +181,10 @@ def test_bad_inputs_raise(banks):
     hankel, _ = banks["hankel_l"]
     with pytest.raises(ValueError, match="does not match"):
         LDSLayer.from_stu(make_stu("full", "standard"), hankel)
+    params = distill.stu_to_lds(make_stu("full", "standard").params(), bank, tensordot=False)
+    params["M_u"] = params["M_u"][:1]
+    with pytest.raises(ValueError, match="M_u must have shape"):
+        LDSLayer(layer.config, bank, params)
 
 
 @pytest.mark.parametrize(

@@ -127,20 +127,22 @@ class LDSLayer(nnx.Module):
             weights = bank.coeffs  # [n, K]
         hi, lo = _split(weights, pdt)
         self.readout_hi, self.readout_lo = LDSReadout(hi), LDSReadout(lo)
-        names = (
-            ["M_in"]
-            if config.projection == "tensordot"
-            else ["M_plus", "M_minus"][: bank.num_branches]
-        )
-        names += [name for name, k in (("M_u", config.k_u), ("M_y", config.k_y)) if k]
-        for name in names:
+        K, d_in, d_out = bank.num_filters, config.d_in, config.d_out
+        shapes = {"M_in": (d_in, d_out)} if config.projection == "tensordot" else {}
+        if config.projection == "full":
+            shapes.update({name: (K, d_in, d_out) for name in ("M_plus", "M_minus")})
+            if bank.num_branches == 1:
+                del shapes["M_minus"]
+        if config.k_u:
+            shapes["M_u"] = (config.k_u, d_in, d_out)
+        if config.k_y:
+            shapes["M_y"] = (config.k_y, d_out, d_out)
+        for name, shape in shapes.items():
             if name not in params:
                 raise ValueError(f"LDSLayer parameters lack {name}")
+            if tuple(np.shape(params[name])) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {np.shape(params[name])}")
             setattr(self, name, nnx.Param(jnp.asarray(params[name], pdt)))
-        if config.projection == "full":
-            m = self.M_plus[...]
-            if m.shape != (bank.num_filters, config.d_in, config.d_out):
-                raise ValueError(f"M_plus has shape {m.shape}, expected [K, d_in, d_out]")
 
     @classmethod
     def from_stu(
