@@ -33,6 +33,9 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_filters.py --quick
 	$(BIN)/python experiments/bench_stu.py --quick
+	$(BIN)/python experiments/bench_distill.py --quick
+	$(BIN)/python experiments/bench_decode.py --quick
+	$(BIN)/python experiments/bench_train.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache
