@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from spectral_jax.cli import main
@@ -81,3 +82,13 @@ def test_train_command_writes_metrics_and_rejects_bad_keys(tmp_path, capsys):
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
     assert main(["train", "lds_small", "--set", "model.widht=3"]) == 2
     assert "unknown config key 'model.widht'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lm_bytes_small_validation_bits_per_byte_fall():
+    """The first 600 steps of lm_bytes_small (the full preset runs 2000 steps, ~10 minutes)."""
+    config = apply_overrides(preset("lm_bytes_small"), ["steps=600", "eval_every=300"])
+    history = train(config).history
+    bpb = [r["bits_per_byte"] for r in history if r["split"] == "eval"]
+    first_loss_bits = next(r["loss"] for r in history if r["split"] == "train") / np.log(2)
+    assert len(bpb) == 2 and bpb[1] < bpb[0] < first_loss_bits, (first_loss_bits, bpb)
