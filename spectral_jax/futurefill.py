@@ -35,9 +35,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
+from spectral_jax.cache_capacity import check_room
 from spectral_jax.conv import causal_conv, causal_conv_project
 
 STRATEGIES = ("naive", "futurefill")
@@ -99,28 +99,6 @@ def default_block_len(strategy: str, max_len: int) -> int:
 def compute_dtype(dtype: Any) -> jnp.dtype:
     """Sums run in float32, or float64 for float64 inputs."""
     return jnp.promote_types(dtype, jnp.float32)
-
-
-def _raise_if_full(pos: Any, max_len: int) -> None:
-    full = np.asarray(pos) >= max_len
-    if np.any(full):
-        first = int(np.asarray(pos)[full].flat[0])
-        raise ValueError(f"step: cache is full: position {first} >= max_len={max_len}")
-
-
-def check_room(pos: jax.Array, max_len: int) -> None:
-    """Raise ValueError if a cache at ``pos`` cannot take one more token: now for a concrete
-    ``pos``, as a runtime error from a host callback for a traced one (under jit / scan). The
-    callback re-tests the position so it stays correct when vmap turns the cond into a select."""
-    if isinstance(pos, jax.core.Tracer):
-        jax.lax.cond(
-            pos >= max_len,
-            lambda p: jax.debug.callback(_raise_if_full, p, max_len),
-            lambda p: None,
-            pos,
-        )
-    else:
-        _raise_if_full(pos, max_len)
 
 
 def _reversed_taps(kernels: jax.Array, length: int, pad: int, dtype: Any) -> jax.Array:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from spectral_jax.cache_capacity import check_room
 from spectral_jax.nn.attention import (
     AttentionConfig,
     SlidingWindowAttention,
-    check_room,
     rope,
     sliding_window_attention,
 )
