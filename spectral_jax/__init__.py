@@ -12,5 +12,3 @@ Modules (import what you need; nothing heavy is imported here):
 * :mod:`spectral_jax.train` -- data, sharding, optimizer, checkpoints, the training loop.
 * :mod:`spectral_jax.inference` -- trained and distilled checkpoints for inference.
 """
-
-__version__ = "0.1.0"
