@@ -118,12 +118,17 @@ def _step(decays: jax.Array, x: jax.Array, u_t: jax.Array) -> jax.Array:
     return decays * x + u_t
 
 
-def scan(decays: jax.Array, u: jax.Array, x0: jax.Array | None = None) -> jax.Array:
-    """All states by a sequential ``lax.scan`` over time: ``u: [B, L, *S] -> [B, L, *S]``."""
+def _scan_args(decays, u: jax.Array, x0: jax.Array | None):
+    """Validated ``(decays, u, x0)`` for the scans, with a zero initial state by default."""
     decays = validate(decays, u, x0, time_axis=True)
     if x0 is None:
         x0 = jnp.zeros((u.shape[0], *decays.shape), u.dtype)
-    return _scan(decays, u, x0)
+    return decays, u, x0
+
+
+def scan(decays: jax.Array, u: jax.Array, x0: jax.Array | None = None) -> jax.Array:
+    """All states by a sequential ``lax.scan`` over time: ``u: [B, L, *S] -> [B, L, *S]``."""
+    return _scan(*_scan_args(decays, u, x0))
 
 
 @jax.jit
@@ -142,10 +147,7 @@ def parallel_scan(decays: jax.Array, u: jax.Array, x0: jax.Array | None = None) 
     The scanned elements are ``(n, b)``: a segment of ``n`` steps maps ``x`` to ``a^n x + b``;
     two segments compose as ``(n1 + n2, a^n2 b1 + b2)`` with ``a^n2`` from :func:`decay_powers`.
     """
-    decays = validate(decays, u, x0, time_axis=True)
-    if x0 is None:
-        x0 = jnp.zeros((u.shape[0], *decays.shape), u.dtype)
-    return _parallel_scan(decays, u, x0)
+    return _parallel_scan(*_scan_args(decays, u, x0))
 
 
 @jax.jit

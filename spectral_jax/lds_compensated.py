@@ -102,15 +102,20 @@ def _step(decays: jax.Array, state: DoubleFloat, u_t: jax.Array) -> DoubleFloat:
     return DoubleFloat(*two_sum(total, comp + (p22 + decays * state.lo)))
 
 
-def scan(decays: jax.Array, u: jax.Array, x0: DoubleFloat | None = None) -> DoubleFloat:
-    """All states as ``hi + lo`` by a sequential ``lax.scan`` of :func:`step`:
-    ``u: [B, L, *S] -> [B, L, *S]`` twice."""
+def _scan_args(decays, u: jax.Array, x0: DoubleFloat | None):
+    """Validated ``(decays, u, x0)`` for the scans, with a zero initial state by default."""
     decays = lds.validate(decays, u, None if x0 is None else x0.hi, time_axis=True)
     _check_float32(u=u)
     if x0 is None:
         zeros = jnp.zeros((u.shape[0], *decays.shape), u.dtype)
         x0 = DoubleFloat(zeros, zeros)
-    return _scan(decays, u, x0)
+    return decays, u, x0
+
+
+def scan(decays: jax.Array, u: jax.Array, x0: DoubleFloat | None = None) -> DoubleFloat:
+    """All states as ``hi + lo`` by a sequential ``lax.scan`` of :func:`step`:
+    ``u: [B, L, *S] -> [B, L, *S]`` twice."""
+    return _scan(*_scan_args(decays, u, x0))
 
 
 @jax.jit
@@ -125,12 +130,7 @@ def _scan(decays: jax.Array, u: jax.Array, x0: DoubleFloat) -> DoubleFloat:
 
 def parallel_scan(decays: jax.Array, u: jax.Array, x0: DoubleFloat | None = None) -> DoubleFloat:
     """All states as ``hi + lo`` by two parallel scans: ``u: [B, L, *S] -> [B, L, *S]`` twice."""
-    decays = lds.validate(decays, u, None if x0 is None else x0.hi, time_axis=True)
-    _check_float32(u=u)
-    if x0 is None:
-        zeros = jnp.zeros((u.shape[0], *decays.shape), u.dtype)
-        x0 = DoubleFloat(zeros, zeros)
-    return _parallel_scan(decays, u, x0)
+    return _parallel_scan(*_scan_args(decays, u, x0))
 
 
 @jax.jit
