@@ -34,10 +34,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spectral_jax import generate as gen
-from spectral_jax.futurefill import default_block_len
 from spectral_jax.nn.lds_layer import ARITHMETICS, LDSLayer, distill_model
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU, STUConfig
+from spectral_jax.ops.conv_decode import default_block_len
 
 D, K = 128, 24
 STRATEGIES = ("naive", "futurefill", "lds")

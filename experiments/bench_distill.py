@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax import distill, filters, lds
-from spectral_jax import lds_compensated as lc
+from spectral_jax import distill
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.stu import STU, STUConfig
+from spectral_jax.ops import filters, lds
+from spectral_jax.ops import lds_compensated as lc
 
 D = 8
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spectral_jax import filters
+from spectral_jax.ops import filters
 
 K = 24
 DENSE_L = 8192

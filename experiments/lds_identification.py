@@ -47,10 +47,10 @@ import numpy as np
 from flax import nnx
 from scipy import stats
 
-from spectral_jax import lds
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU, STUConfig
+from spectral_jax.ops import lds
 from spectral_jax.train import LDSRegression, OptimConfig, TrainConfig, train
 
 METHODS = ("stu", "lds", "attention")

@@ -1,7 +1,8 @@
 """SpectraLDS distillation: fit the spectral filters with a bank of scalar LDS impulse responses.
 
-The Hankel matrix is a continuous mixture of LDS impulse responses (``spectral_jax.filters``), so
-each filter is, to float64 round-off, a combination of ``a^t`` over a few dozen decays ``a``:
+The Hankel matrix is a continuous mixture of LDS impulse responses
+(:mod:`spectral_jax.ops.filters`), so each filter is, to float64 round-off, a combination of
+``a^t`` over a few dozen decays ``a``:
 
     phi_k[t] ~= sum_j W[j, k] a_j^t,       and then   (-1)^t phi_k[t] = sum_j W[j, k] (-a_j)^t.
 
@@ -24,10 +25,11 @@ The fit (x64 scoped to it, JAX linear algebra, deterministic):
   ``fit_error + roundoff * amplification`` of the arithmetic the bank will run in, where
   ``amplification = ||W_normalized||_F / ||Phi||_F`` is the factor by which the cancelling
   coefficients amplify round-off of the states, and ``roundoff`` is ``2^-24`` for plain float32
-  and ``2^-48`` for compensated float32 pairs (:mod:`spectral_jax.lds_compensated`).
+  and ``2^-48`` for compensated float32 pairs (:mod:`spectral_jax.ops.lds_compensated`).
 
 Banks are saved pickle-free (``.npz`` with a JSON metadata string) and cached on disk like the
-filters (:mod:`spectral_jax.cache`). The fit report lives in :mod:`spectral_jax.distill_report`.
+filters (:mod:`spectral_jax.ops.disk_cache`). The fit report lives in
+:mod:`spectral_jax.distill_report`.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_jax import distill_report, lds
-from spectral_jax.cache import cached_arrays, load_npz, save_npz_atomic
-from spectral_jax.filters import VARIANTS, max_num_filters, spectral_filters
+from spectral_jax import distill_report
+from spectral_jax.ops import lds
+from spectral_jax.ops.disk_cache import cached_arrays, load_npz, save_npz_atomic
+from spectral_jax.ops.filters import VARIANTS, max_num_filters, spectral_filters
 
 # Bump when the fit changes so stale cache files are never read.
 ALGORITHM_VERSION = 2
@@ -332,7 +335,7 @@ def load_bank(path: str | Path) -> LDSBank:
 
 
 def stu_to_lds(params: dict[str, Any], bank: LDSBank, *, tensordot: bool) -> dict[str, np.ndarray]:
-    """Convert STU parameters (names as in :mod:`spectral_jax.stu_ops`) to LDS-layer parameters.
+    """Convert STU parameters (names as in :mod:`spectral_jax.ops.stu_ops`) to LDS-layer parameters.
 
     Full mode keeps ``M_plus`` (and ``M_minus``): the LDS replaces only the convolutions, and its
     readout is the bank's ``coeffs``. Tensordot mode keeps ``M_in`` and folds each channel's

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_jax import lds
-from spectral_jax import lds_compensated as lc
+from spectral_jax.ops import lds
+from spectral_jax.ops import lds_compensated as lc
 
 
 def _relative(approx: np.ndarray, target: np.ndarray) -> float:

@@ -2,7 +2,7 @@
 
 The decode loop runs entirely inside ``lax.scan`` (one compiled program for all new tokens; no
 Python work per token). Each layer keeps its own explicit cache; STU layers decode with the
-``naive`` or ``futurefill`` strategy (:mod:`spectral_jax.futurefill`), chosen per call through
+``naive`` or ``futurefill`` strategy (:mod:`spectral_jax.ops.conv_decode`), chosen per call through
 ``nnx.view`` (parameters are shared, not copied); a distilled model's LDS layers decode in
 ``O(1)`` per token whatever the strategy.
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectral_jax.futurefill import STRATEGIES
+from spectral_jax.ops.conv_decode import STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)

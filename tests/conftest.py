@@ -2,7 +2,7 @@
 
 import pytest
 
-from spectral_jax import filters
+from spectral_jax.ops import filters
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectral_jax.cache_capacity import check_room
 from spectral_jax.nn.attention import (
     AttentionConfig,
     SlidingWindowAttention,
     rope,
     sliding_window_attention,
 )
+from spectral_jax.ops.conv_decode import check_room
 
 # float64 paths differ only in summation order: a few ulps of O(1) values.
 TOL64 = 1e-12

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectral_jax import conv
+from spectral_jax.ops import conv
 
 
 def test_fft_length_is_smallest_5_smooth_at_least_n():

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectral_jax import distill, lds
+from spectral_jax import distill
+from spectral_jax.ops import lds
 
 U32 = 2.0**-24  # float32 unit round-off
 L, K, STATES = 128, 6, 40

@@ -5,7 +5,7 @@ import functools
 import numpy as np
 import pytest
 
-from spectral_jax import cache, filters
+from spectral_jax.ops import disk_cache, filters
 
 EPS = np.finfo(np.float64).eps
 
@@ -127,12 +127,12 @@ def test_corrupt_cache_file_is_recomputed(private_cache):
     with pytest.warns(UserWarning, match="unreadable cache file"):
         phi, _ = filters.spectral_filters(64, 4)
     np.testing.assert_array_equal(phi, expected)
-    assert cache.load_npz(path)["filters"].shape == (64, 4)
+    assert disk_cache.load_npz(path)["filters"].shape == (64, 4)
 
 
 def test_cache_can_be_disabled(monkeypatch, private_cache):
     monkeypatch.setenv("SPECTRAL_JAX_CACHE", "off")
-    assert cache.cache_dir() is None
+    assert disk_cache.cache_dir() is None
     filters.spectral_filters(32, 4)
     assert not private_cache.exists()
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectral_jax import lds
-from spectral_jax import lds_compensated as lc
+from spectral_jax.ops import lds
+from spectral_jax.ops import lds_compensated as lc
 
 EPS32 = float(np.finfo(np.float32).eps) / 2  # unit round-off 2^-24
 EPS64 = float(np.finfo(np.float64).eps) / 2

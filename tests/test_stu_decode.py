@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from spectral_jax.futurefill import FutureFillCache, NaiveCache
 from spectral_jax.nn.stu import STU, STUCache, STUConfig
+from spectral_jax.ops.conv_decode import FutureFillCache, NaiveCache
 
 MODES = list(itertools.product(["standard", "hankel_l"], ["full", "tensordot"]))
 TOL64 = 1e-12  # float64: FFT vs direct summation order only

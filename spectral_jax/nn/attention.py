@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from spectral_jax.cache_capacity import check_room
+from spectral_jax.ops.conv_decode import check_room
 
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 

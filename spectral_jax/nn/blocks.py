@@ -1,7 +1,7 @@
 """Building blocks shared by every model: RMSNorm, SwiGLU MLP, pre-norm residual block.
 
 :class:`ResidualBlock` wraps any sequence mixer with the four entry points of
-:class:`SequenceMixer` (STU, sliding-window attention, a distilled LDS layer...) and exposes
+:class:`~spectral_jax.nn.mixer.SequenceMixer` (STU, sliding-window attention, a distilled LDS layer...) and exposes
 the same four itself; its decode cache is the mixer's cache, since the norms and the MLP act
 on one position at a time and keep no state.
 """
@@ -9,23 +9,13 @@ on one position at a time and keep no state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-class SequenceMixer(Protocol):
-    """What a block needs from a sequence layer. x: [B, L, D] -> [B, L, D]."""
-
-    def __call__(self, x: jax.Array) -> jax.Array: ...
-
-    def init_cache(self, batch: int, max_len: int, dtype: Any) -> Any: ...
-
-    def prefill(self, x: jax.Array) -> tuple[jax.Array, Any]: ...
-
-    def step(self, cache: Any, x_t: jax.Array) -> tuple[Any, jax.Array]: ...
+from spectral_jax.nn.mixer import SequenceMixer
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

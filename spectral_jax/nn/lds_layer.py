@@ -8,10 +8,10 @@ the bank's LDS (:mod:`spectral_jax.distill`): constant time and memory per gener
   which the STU's own ``M_plus``/``M_minus`` project, exactly as in the STU;
 * tensordot mode: the inputs are projected by ``M_in`` first, and each of the ``d_out`` channels
   reads its states out with its own folded coefficients ``readout[o] = coeffs @ M_filt[:, o]``;
-* AR terms are the STU's (:func:`spectral_jax.stu_ops.input_ar` / ``output_ar``).
+* AR terms are the STU's (:func:`spectral_jax.ops.stu_ops.input_ar` / ``output_ar``).
 
 ``arithmetic="compensated"`` (default) carries the states as float32 pairs and accumulates the
-readout without rounding (:mod:`spectral_jax.lds_compensated`): the cancelling coefficients then
+readout without rounding (:mod:`spectral_jax.ops.lds_compensated`): the cancelling coefficients then
 cost no accuracy, and a float32 layer matches the float64 STU to ~1e-7 relative.
 ``arithmetic="plain"`` is the textbook float32 recurrence (~1e-5 for K=24; fastest), and runs in
 float64 when ``param_dtype`` is float64 (references under ``jax.enable_x64``).
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax import lds, stu_ops
-from spectral_jax import lds_compensated as lc
 from spectral_jax.distill import LDSBank, fit_lds_bank, stu_to_lds
 from spectral_jax.nn.stu import STU
+from spectral_jax.ops import lds, stu_ops
+from spectral_jax.ops import lds_compensated as lc
 
 ARITHMETICS = ("compensated", "plain")
 PARAM_DTYPES = ("float32", "float64")

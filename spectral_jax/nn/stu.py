@@ -1,4 +1,4 @@
-"""The Spectral Transform Unit as an nnx module: a thin shell over :mod:`spectral_jax.stu_ops`."""
+"""The Spectral Transform Unit as an nnx module: a thin shell over :mod:`~.ops.stu_ops`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from spectral_jax import futurefill, stu_ops
-from spectral_jax.filters import VARIANTS, max_num_filters, spectral_filters
+from spectral_jax.ops import conv_decode, stu_ops
+from spectral_jax.ops.filters import VARIANTS, max_num_filters, spectral_filters
 
 PROJECTIONS = ("full", "tensordot")
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float64")
@@ -37,10 +37,10 @@ class STUConfig:
       dtype: activation dtype; FFTs always run in at least float32.
       param_dtype: parameter (and filter) dtype: float32, or float64 for references under x64.
       decode_strategy: default decode cache, ``"futurefill"`` or ``"naive"`` (see
-        :mod:`spectral_jax.futurefill`); ``init_cache``/``prefill`` can override it per call and
-        ``nnx.view(model, decode_strategy=...)`` for a whole model.
+        :mod:`~spectral_jax.ops.conv_decode`); ``init_cache``/``prefill`` can override it per call
+        and ``nnx.view(model, decode_strategy=...)`` for a whole model.
       decode_block_len: naive read block / FutureFill epoch length, None for the default
-        (:func:`spectral_jax.futurefill.default_block_len`); at most ``max_len``.
+        (:func:`spectral_jax.ops.conv_decode.default_block_len`); at most ``max_len``.
     """
 
     d_in: int
@@ -80,9 +80,9 @@ class STUConfig:
                 raise ValueError(
                     f"STUConfig.{name} must be one of {ACTIVATION_DTYPES}, got {value!r}"
                 )
-        if self.decode_strategy not in futurefill.STRATEGIES:
+        if self.decode_strategy not in conv_decode.STRATEGIES:
             raise ValueError(
-                f"STUConfig.decode_strategy must be one of {futurefill.STRATEGIES}, "
+                f"STUConfig.decode_strategy must be one of {conv_decode.STRATEGIES}, "
                 f"got {self.decode_strategy!r}"
             )
         if self.decode_block_len is not None:
@@ -106,13 +106,13 @@ class STUConfig:
 class STUCache:
     """Decode state of one STU layer.
 
-    conv: the convolution's cache (:class:`~spectral_jax.futurefill.NaiveCache` or
-      :class:`~spectral_jax.futurefill.FutureFillCache`); its ``pos`` is the layer's position.
+    conv: the convolution's cache (:class:`~spectral_jax.ops.conv_decode.NaiveCache` or
+      :class:`~spectral_jax.ops.conv_decode.FutureFillCache`); its ``pos`` is the layer's position.
     inputs: ``[B, max(k_u - 1, 0), d_in]`` previous inputs, most recent first.
     outputs: ``[B, k_y, d_out]`` previous outputs, most recent first.
     """
 
-    conv: futurefill.ConvCache
+    conv: conv_decode.ConvCache
     inputs: jax.Array
     outputs: jax.Array
 
@@ -168,7 +168,7 @@ class STU(nnx.Module):
             self.M_y = nnx.Param(jnp.zeros((config.k_y, d_out, d_out), pdt))
 
     def params(self) -> dict[str, jax.Array]:
-        """The learned parameter arrays by name (the keys :mod:`spectral_jax.stu_ops` expects)."""
+        """The learned parameter arrays by name (the keys :mod:`~.ops.stu_ops` expects)."""
         return {
             name: value[...] for name, value in vars(self).items() if isinstance(value, nnx.Param)
         }
@@ -249,7 +249,7 @@ class STU(nnx.Module):
         strategy = cfg.decode_strategy if strategy is None else strategy
         block_len = cfg.decode_block_len if block_len is None else block_len
         weights = self._conv_weights()
-        conv = futurefill.init_cache(
+        conv = conv_decode.init_cache(
             strategy,
             self._conv_kernels(),
             weights,
@@ -277,7 +277,7 @@ class STU(nnx.Module):
             x.shape[0], cfg.max_len, x.dtype, strategy=strategy, block_len=block_len
         )
         u = x.astype(cfg.dtype)
-        conv = futurefill.prefill(cache.conv, self._conv_input(u), self._conv_weights())
+        conv = conv_decode.prefill(cache.conv, self._conv_input(u), self._conv_weights())
         return y, STUCache(
             conv=conv,
             inputs=_most_recent_first(u, cache.inputs.shape[1]),
@@ -301,7 +301,7 @@ class STU(nnx.Module):
             raise ValueError(f"STU.step: x_t dtype {x_t.dtype} does not match cache {dtype}")
         u = x_t.astype(cfg.dtype)
         h_t = self._conv_input(u).astype(dtype)
-        conv, y = futurefill.step(cache.conv, h_t, self._conv_weights())
+        conv, y = conv_decode.step(cache.conv, h_t, self._conv_weights())
         y = y.astype(cfg.dtype)
         inputs, outputs = cache.inputs, cache.outputs
         if cfg.k_u:

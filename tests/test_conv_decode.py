@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectral_jax import futurefill
-from spectral_jax.conv import causal_conv_direct
+from spectral_jax.ops import conv_decode
+from spectral_jax.ops.conv import causal_conv_direct
 
 TOL64 = 1e-13  # float64 sums of <= 40 O(1) terms, FFT of length <= 128: a few hundred ulps
 
@@ -32,16 +32,16 @@ def run_both(h, kernels, weights, prompt_len):
     prefilling the first ``prompt_len`` positions. Returns four [B, L, O] arrays."""
     outs = []
     for strategy, block_len in (("naive", 3), ("futurefill", 5)):
-        empty = futurefill.init_cache(
+        empty = conv_decode.init_cache(
             strategy, kernels, weights, h.shape[0], h.shape[1], h.shape[2], h.dtype, block_len
         )
 
         def advance(cache, h_t):
-            return futurefill.step(cache, h_t, weights)
+            return conv_decode.step(cache, h_t, weights)
 
         _, ys = jax.lax.scan(advance, empty, jnp.swapaxes(h, 0, 1))
         outs.append(jnp.swapaxes(ys, 0, 1))
-        cache = futurefill.prefill(empty, h[:, :prompt_len], weights)
+        cache = conv_decode.prefill(empty, h[:, :prompt_len], weights)
         _, ys = jax.lax.scan(advance, cache, jnp.swapaxes(h[:, prompt_len:], 0, 1))
         outs.append(jnp.swapaxes(ys, 0, 1))
     return outs
@@ -50,7 +50,7 @@ def run_both(h, kernels, weights, prompt_len):
 @jax.jit
 def scan_steps(cache, h):
     """Channelwise steps over h: [B, L, C] -> (cache, [B, L, C])."""
-    cache, ys = jax.lax.scan(lambda c, h_t: futurefill.step(c, h_t, None), cache, h.swapaxes(0, 1))
+    cache, ys = jax.lax.scan(lambda c, h_t: conv_decode.step(c, h_t, None), cache, h.swapaxes(0, 1))
     return cache, ys.swapaxes(0, 1)
 
 
@@ -83,7 +83,9 @@ def test_epoch_length_one_and_max_len_float32():
     kernels = jnp.asarray(rng.standard_normal((16, 2)), jnp.float32)
     ref = np.asarray(reference(h, kernels, None))
     for block_len in (1, 16):
-        cache = futurefill.init_cache("futurefill", kernels, None, 1, 16, 2, jnp.float32, block_len)
+        cache = conv_decode.init_cache(
+            "futurefill", kernels, None, 1, 16, 2, jnp.float32, block_len
+        )
         cache, ys = scan_steps(cache, h)
         got = np.asarray(ys)
         assert got.dtype == np.float32
@@ -92,29 +94,29 @@ def test_epoch_length_one_and_max_len_float32():
 
 
 def test_default_block_lengths():
-    assert futurefill.default_block_len("naive", 10) == 10
-    assert futurefill.default_block_len("naive", 1 << 20) == futurefill.NAIVE_BLOCK
+    assert conv_decode.default_block_len("naive", 10) == 10
+    assert conv_decode.default_block_len("naive", 1 << 20) == conv_decode.NAIVE_BLOCK
     # 2 sqrt(2^16 * 16) = 2048 and 2 sqrt(2^20 * 20) ~ 9160 -> 8192; never above max_len
-    assert futurefill.default_block_len("futurefill", 1 << 16) == 2048
-    assert futurefill.default_block_len("futurefill", 1 << 20) == 8192
-    assert futurefill.default_block_len("futurefill", 4) == 4
+    assert conv_decode.default_block_len("futurefill", 1 << 16) == 2048
+    assert conv_decode.default_block_len("futurefill", 1 << 20) == 8192
+    assert conv_decode.default_block_len("futurefill", 4) == 4
 
 
 def test_errors():
     kernels = jnp.ones((8, 2))
-    cache = futurefill.init_cache("naive", kernels, None, 2, 4, 2, jnp.float32)
+    cache = conv_decode.init_cache("naive", kernels, None, 2, 4, 2, jnp.float32)
     with pytest.raises(ValueError, match=r"input must be \[2, 2\]"):
-        futurefill.step(cache, jnp.ones((3, 2)), None)
+        conv_decode.step(cache, jnp.ones((3, 2)), None)
     with pytest.raises(ValueError, match="dtype bfloat16 does not match"):
-        futurefill.step(cache, jnp.ones((2, 2), jnp.bfloat16), None)
+        conv_decode.step(cache, jnp.ones((2, 2), jnp.bfloat16), None)
     with pytest.raises(ValueError, match=r"length 5 must be in \[1, max_len=4\]"):
-        futurefill.prefill(cache, jnp.ones((2, 5, 2)), None)
-    full = futurefill.prefill(cache, jnp.ones((2, 4, 2)), None)
+        conv_decode.prefill(cache, jnp.ones((2, 5, 2)), None)
+    full = conv_decode.prefill(cache, jnp.ones((2, 4, 2)), None)
     with pytest.raises(ValueError, match="cache is full: position 4 >= max_len=4"):
-        futurefill.step(full, jnp.ones((2, 2)), None)
+        conv_decode.step(full, jnp.ones((2, 2)), None)
     with pytest.raises(Exception, match="cache is full"):  # runtime error under jit
         jax.block_until_ready(
-            jax.jit(futurefill.step, static_argnums=2)(full, jnp.ones((2, 2)), None)
+            jax.jit(conv_decode.step, static_argnums=2)(full, jnp.ones((2, 2)), None)
         )
     bad_calls = [
         (("lds", kernels, None, 2, 4, 2, jnp.float32), "strategy must be one of"),
@@ -126,4 +128,4 @@ def test_errors():
     ]
     for args, match in bad_calls:
         with pytest.raises(ValueError, match=match):
-            futurefill.init_cache(*args)
+            conv_decode.init_cache(*args)

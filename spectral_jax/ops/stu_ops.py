@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from spectral_jax.conv import causal_conv, causal_conv_project
+from spectral_jax.ops.conv import causal_conv, causal_conv_project
 
 
 def alternate_signs(filters: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ Everything uses float32 operations only (TPUs have no float64):
   ``TwoProduct`` with a Veltkamp split is not: XLA's CPU backend does fuse, and it breaks).
 * :func:`two_sum` (Knuth) returns ``s = fl(a + b)`` and the exact rounding error ``e``.
 
-The parallel path runs the plain float32 :func:`spectral_jax.lds.parallel_scan`, computes the
+The parallel path runs the plain float32 :func:`spectral_jax.ops.lds.parallel_scan`, computes the
 exact residual ``r_t = u_t + a x_{t-1} - x_t`` of its result with the transformations above, and
 scans the residual again (iterative refinement): the two scans give ``hi`` and ``lo`` with a
 relative error ~1e-13 instead of ~1e-7. The step path updates ``(hi, lo)`` directly.
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_jax import lds
+from spectral_jax.ops import lds
 
 # Keeps the sign, the exponent and the top 11 stored mantissa bits of a float32 (12 significant
 # bits with the implicit one); the remaining 12 bits form the tail.

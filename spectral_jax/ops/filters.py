@@ -21,14 +21,11 @@ Everything here is float64 NumPy on the host; results are cached in memory and o
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import numpy as np
 
-from spectral_jax.cache import cached_arrays
-
-Variant = Literal["standard", "hankel_l"]
-VARIANTS: tuple[str, ...] = ("standard", "hankel_l")
+from spectral_jax.ops.disk_cache import cached_arrays
+from spectral_jax.validation import VARIANTS, Variant
 
 # Trapezoid step in x = log(-log a). The quadrature error is ~exp(-pi^2 / STEP) ~ 1e-17.
 QUADRATURE_STEP = 0.25
@@ -182,7 +179,7 @@ def spectral_filters(
       ``(filters [L, K], eigvals [K])``, float64 and read-only: eigenvectors ``phi_k`` of the Hankel
       matrix in decreasing eigenvalue order, each scaled by ``sigma_k^(1/4)``, with the sign
       convention of :func:`_fix_signs`. Cached in memory and on disk (see
-      :func:`spectral_jax.cache.cache_dir`).
+      :func:`spectral_jax.ops.disk_cache.cache_dir`).
     """
     _check_length(L)
     _check_variant(variant)

@@ -1,0 +1,74 @@
+"""What every sequence layer is: the :class:`SequenceMixer` protocol, and the
+:class:`DecodeOptions` that the caller of ``init_cache`` / ``prefill`` chooses.
+
+Every mixer (STU, distilled LDS, sliding-window attention) has the same entry points:
+
+* ``__call__(x [B, L, D]) -> y [B, L, D]``: the parallel (training) path;
+* ``init_cache(batch, max_len, dtype, options) -> cache``: an empty decode state;
+* ``prefill(x [B, L, D], options) -> (y [B, L, D], cache)``: the parallel path that also
+  returns the decode state after position ``L - 1``;
+* ``step(cache, x_t [B, D]) -> (cache, y_t [B, D])``: one position.
+
+``prefill`` returns ``(y, cache)`` because it is a forward pass that also yields a state, like
+``__call__``; ``step`` returns ``(cache, y_t)`` because it is the body of ``lax.scan``, whose
+carry comes first. Caches are explicit pytrees; step and prefill reproduce ``__call__``.
+
+Decode choices (which cache a convolution keeps, its block length) are made once, where the
+cache is built, from the :class:`DecodeOptions` that ``generate`` passes down; layers never
+change their configs to decode differently. A layer ignores the options that do not concern
+it (attention has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+
+from spectral_jax.validation import DECODE_STRATEGIES, DecodeStrategy, one_of, positive_int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Choices made where a decode cache is built.
+
+    strategy: how STU layers decode (``"futurefill"`` or ``"naive"``, see
+      :mod:`spectral_jax.ops.conv_decode`); distilled LDS layers always step their recurrence.
+    block_len: naive read block / FutureFill epoch length, None for the default
+      (:func:`spectral_jax.ops.conv_decode.default_block_len`).
+    """
+
+    strategy: DecodeStrategy = "futurefill"
+    block_len: int | None = None
+
+    def __post_init__(self) -> None:
+        one_of("DecodeOptions", "strategy", self.strategy, DECODE_STRATEGIES)
+        if self.block_len is not None:
+            positive_int("DecodeOptions", "block_len", self.block_len)
+
+
+DEFAULT_DECODE = DecodeOptions()
+
+
+class SequenceMixer(Protocol):
+    """What a block needs from a sequence layer. x: [B, L, D] -> [B, L, D].
+
+    ``length_limit``: the longest sequence (prompt plus generated tokens) the layer can run,
+    or None if it has no limit (an LDS recurrence, sliding-window attention).
+    """
+
+    @property
+    def length_limit(self) -> int | None: ...
+
+    def __call__(self, x: jax.Array) -> jax.Array: ...
+
+    def init_cache(
+        self, batch: int, max_len: int, dtype: Any, options: DecodeOptions = DEFAULT_DECODE
+    ) -> Any: ...
+
+    def prefill(
+        self, x: jax.Array, options: DecodeOptions = DEFAULT_DECODE
+    ) -> tuple[jax.Array, Any]: ...
+
+    def step(self, cache: Any, x_t: jax.Array) -> tuple[Any, jax.Array]: ...
