@@ -1,9 +1,9 @@
 """Building blocks shared by every model: RMSNorm, SwiGLU MLP, pre-norm residual block.
 
 :class:`ResidualBlock` wraps any sequence mixer with the four entry points of
-:class:`~spectral_jax.nn.mixer.SequenceMixer` (STU, sliding-window attention, a distilled LDS layer...) and exposes
-the same four itself; its decode cache is the mixer's cache, since the norms and the MLP act
-on one position at a time and keep no state.
+:class:`~spectral_jax.nn.mixer.SequenceMixer` (STU, sliding-window attention, a distilled LDS
+layer...) and exposes the same four itself; its decode cache is the mixer's cache, since the norms
+and the MLP act on one position at a time and keep no state.
 """
 
 from __future__ import annotations
