@@ -54,7 +54,7 @@ def fit_cold(L: int, K: int, variant: str, states: int, **kwargs):
     """Fit with an empty on-disk cache and a cleared in-memory filter cache: (bank, report, s)."""
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["SPECTRAL_JAX_CACHE"] = tmp
-        filters._filters_cached.cache_clear()
+        filters.clear_memory_cache()
         start = time.perf_counter()
         bank, report = distill.fit_lds_bank(L, K, variant, states, **kwargs)
         return bank, report, time.perf_counter() - start

@@ -28,7 +28,7 @@ DENSE_L = 8192
 
 
 def time_fast(L: int) -> tuple[float, np.ndarray, np.ndarray]:
-    filters._filters_cached.cache_clear()
+    filters.clear_memory_cache()
     start = time.perf_counter()
     phi, sigma = filters.spectral_filters(L, K)
     return time.perf_counter() - start, phi, sigma
@@ -40,7 +40,7 @@ def dense_comparison(phi: np.ndarray, sigma: np.ndarray) -> tuple[float, float, 
     start = time.perf_counter()
     w, U = np.linalg.eigh(Z)
     seconds = time.perf_counter() - start
-    w, U = w[::-1][: K + 1], filters._fix_signs(U[:, ::-1][:, :K])
+    w, U = w[::-1][: K + 1], filters.fix_signs(U[:, ::-1][:, :K])
     residual = np.linalg.norm(Z @ U - U * w[:K], axis=0)
     gaps = np.minimum(np.abs(w[:K] - w[1:]), np.abs(w[:K] - np.r_[np.inf, w[: K - 1]]))
     trusted = residual / gaps <= 1e-9

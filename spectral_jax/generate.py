@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectral_jax.ops.conv_decode import STRATEGIES
+from spectral_jax.validation import DECODE_STRATEGIES as STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
+import numpy as np
 
 # ---- typed choices ---------------------------------------------------------------------------
 
@@ -44,10 +45,11 @@ def _where(owner: str, name: str) -> str:
 
 
 def positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an ``int`` (not a ``bool``) ``>= minimum``, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``int(value)`` if it is an integer (Python or NumPy, not a ``bool``) ``>= minimum``, else
+    ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{_where(owner, name)} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def one_of(owner: str, name: str, value: Any, allowed: tuple[Any, ...]) -> Any:

@@ -9,6 +9,6 @@ from spectral_jax.ops import filters
 def private_cache(tmp_path, monkeypatch):
     """Point the on-disk cache at a per-test directory and clear the in-memory filter cache."""
     monkeypatch.setenv("SPECTRAL_JAX_CACHE", str(tmp_path / "cache"))
-    filters._filters_cached.cache_clear()
+    filters.clear_memory_cache()
     yield tmp_path / "cache"
-    filters._filters_cached.cache_clear()
+    filters.clear_memory_cache()

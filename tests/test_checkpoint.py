@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint.path import atomicity
 
 from spectral_jax.train import (
     CheckpointConfig,

@@ -121,7 +121,7 @@ def test_errors():
     bad_calls = [
         (("lds", kernels, None, 2, 4, 2, jnp.float32), "strategy must be one of"),
         (("naive", kernels, None, 2, 9, 2, jnp.float32), "L >= max_len=9"),
-        (("naive", kernels, None, 0, 4, 2, jnp.float32), "batch must be a positive int"),
+        (("naive", kernels, None, 0, 4, 2, jnp.float32), "batch must be an integer >= 1, got 0"),
         (("naive", kernels, None, 2, 4, 3, jnp.float32), "one tap per channel"),
         (("naive", kernels, jnp.ones((2, 3, 1)), 2, 4, 2, jnp.float32), r"weights must be \[F=2"),
         (("futurefill", kernels, None, 2, 4, 2, jnp.float32, 5), "block_len=5 must be in"),

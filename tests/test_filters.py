@@ -27,7 +27,7 @@ def dense_eig(L, variant):
             cols += idx.size
         order = np.argsort(w)
         w, U = w[order], U[:, order]
-    return Z, w[::-1], filters._fix_signs(U[:, ::-1])
+    return Z, w[::-1], filters.fix_signs(U[:, ::-1])
 
 
 @pytest.mark.parametrize("variant", filters.VARIANTS)
@@ -76,17 +76,16 @@ def test_filters_match_dense_eigensolver(L, variant):
 
 
 @pytest.mark.parametrize("variant", filters.VARIANTS)
-def test_blocked_qr_matches_plain_qr(variant, monkeypatch):
+def test_blocked_qr_matches_plain_qr(variant):
     """The self-similar blocked QR (several full blocks plus a remainder) equals a plain QR."""
     L, K = 1000, 12
-    monkeypatch.setattr(filters, "_BLOCK_ROWS", 96)
-    u_blocked, s_blocked = filters._left_singular_vectors(L, K, variant)
+    u_blocked, s_blocked = filters.left_singular_vectors(L, K, variant, block_rows=96)
     q, r = np.linalg.qr(filters.hankel_factor(L, variant))
     u_small, s, _ = np.linalg.svd(r)
-    u_plain = filters._fix_signs(q @ u_small[:, :K])
+    u_plain = filters.fix_signs(q @ u_small[:, :K])
     np.testing.assert_allclose(s_blocked, s[:K], rtol=1e-10)
     # Directions are fixed to ~eps * s_1 / (s_k gap); the 12th is ~1e-5 below the 1st.
-    assert np.abs(filters._fix_signs(u_blocked) - u_plain).max() <= 1e-9
+    assert np.abs(filters.fix_signs(u_blocked) - u_plain).max() <= 1e-9
 
 
 @pytest.mark.parametrize("variant", filters.VARIANTS)
@@ -111,7 +110,7 @@ def test_disk_cache_roundtrip_and_atomicity(private_cache):
     phi, sigma = filters.spectral_filters(128, 8)
     files = sorted(p.name for p in private_cache.iterdir())
     assert files == ["filters-standard-L128-K8-v1.npz"], "no temporary files may remain"
-    filters._filters_cached.cache_clear()
+    filters.clear_memory_cache()
     phi2, sigma2 = filters.spectral_filters(128, 8)
     np.testing.assert_array_equal(phi, phi2)
     np.testing.assert_array_equal(sigma, sigma2)
@@ -121,7 +120,7 @@ def test_disk_cache_roundtrip_and_atomicity(private_cache):
 
 def test_corrupt_cache_file_is_recomputed(private_cache):
     expected, _ = filters.spectral_filters(64, 4)
-    filters._filters_cached.cache_clear()
+    filters.clear_memory_cache()
     path = private_cache / "filters-standard-L64-K4-v1.npz"
     path.write_bytes(b"not a zip file")
     with pytest.warns(UserWarning, match="unreadable cache file"):

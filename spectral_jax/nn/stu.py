@@ -11,6 +11,7 @@ from flax import nnx, struct
 
 from spectral_jax.ops import conv_decode, stu_ops
 from spectral_jax.ops.filters import VARIANTS, max_num_filters, spectral_filters
+from spectral_jax.validation import DECODE_STRATEGIES
 
 PROJECTIONS = ("full", "tensordot")
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float64")
@@ -80,9 +81,9 @@ class STUConfig:
                 raise ValueError(
                     f"STUConfig.{name} must be one of {ACTIVATION_DTYPES}, got {value!r}"
                 )
-        if self.decode_strategy not in conv_decode.STRATEGIES:
+        if self.decode_strategy not in DECODE_STRATEGIES:
             raise ValueError(
-                f"STUConfig.decode_strategy must be one of {conv_decode.STRATEGIES}, "
+                f"STUConfig.decode_strategy must be one of {DECODE_STRATEGIES}, "
                 f"got {self.decode_strategy!r}"
             )
         if self.decode_block_len is not None:

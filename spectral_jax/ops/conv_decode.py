@@ -39,8 +39,8 @@ import numpy as np
 from flax import struct
 
 from spectral_jax.ops.conv import causal_conv, causal_conv_project
+from spectral_jax.validation import DECODE_STRATEGIES, DecodeStrategy, one_of, positive_int
 
-STRATEGIES = ("naive", "futurefill")
 NAIVE_BLOCK = 512  # history positions read per loop iteration by the naive strategy
 
 
@@ -85,7 +85,7 @@ class FutureFillCache:
 ConvCache = NaiveCache | FutureFillCache
 
 
-def default_block_len(strategy: str, max_len: int) -> int:
+def default_block_len(strategy: DecodeStrategy, max_len: int) -> int:
     """Naive: ``min(NAIVE_BLOCK, max_len)``. FutureFill: the power of two nearest
     ``2 sqrt(max_len log2 max_len)``, which balances the ``N E`` in-epoch work against the
     ``N^2 log N / E`` FFT work (the factor 2 was measured for d=128 on a 2-core CPU, where an
@@ -110,8 +110,7 @@ def _reversed_taps(kernels: jax.Array, length: int, pad: int, dtype: Any) -> jax
 
 def _check_init(kernels, weights, batch, max_len, channels, block_len) -> None:
     for name, value in (("batch", batch), ("max_len", max_len), ("channels", channels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int("", name, value)
     if kernels.ndim != 2 or kernels.shape[0] < max_len:
         raise ValueError(
             f"kernels must be [L, F] with L >= max_len={max_len}, got shape {kernels.shape}"
@@ -124,14 +123,13 @@ def _check_init(kernels, weights, batch, max_len, channels, block_len) -> None:
         raise ValueError(
             f"weights must be [F={kernels.shape[1]}, C={channels}, O], got {weights.shape}"
         )
-    if isinstance(block_len, bool) or not isinstance(block_len, int):
-        raise ValueError(f"block_len must be an int, got {block_len!r}")
-    if not 1 <= block_len <= max_len:
+    positive_int("", "block_len", block_len)
+    if block_len > max_len:
         raise ValueError(f"block_len={block_len} must be in [1, max_len={max_len}]")
 
 
 def init_cache(
-    strategy: str,
+    strategy: DecodeStrategy,
     kernels: jax.Array,
     weights: jax.Array | None,
     batch: int,
@@ -149,8 +147,7 @@ def init_cache(
       channels: ``C``; dtype: dtype of the stored history (and of the inputs to ``step``).
       block_len: naive read block / FutureFill epoch length (default :func:`default_block_len`).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    one_of("", "strategy", strategy, DECODE_STRATEGIES)
     if block_len is None:
         block_len = default_block_len(strategy, max_len)
     _check_init(kernels, weights, batch, max_len, channels, block_len)

@@ -25,26 +25,24 @@ import functools
 import numpy as np
 
 from spectral_jax.ops.disk_cache import cached_arrays
-from spectral_jax.validation import VARIANTS, Variant
+from spectral_jax.validation import VARIANTS, Variant, one_of, positive_int
 
 # Trapezoid step in x = log(-log a). The quadrature error is ~exp(-pi^2 / STEP) ~ 1e-17.
 QUADRATURE_STEP = 0.25
 # Above x = 4 every weight is below exp(-e^4) ~ 2e-24 of the largest.
 QUADRATURE_X_MAX = 4.0
 # Rows of the leading block in the structured QR of the factor.
-_BLOCK_ROWS = 4096
+BLOCK_ROWS = 4096
 # Bump when the algorithm changes so stale cache files are never read.
 _ALGORITHM_VERSION = 1
 
 
 def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    one_of("", "variant", variant, VARIANTS)
 
 
 def _check_length(L: int) -> None:
-    if isinstance(L, bool) or not isinstance(L, int | np.integer) or L < 2:
-        raise ValueError(f"sequence length L must be an integer >= 2, got {L!r}")
+    positive_int("", "sequence length L", L, minimum=2)
 
 
 def hankel_matrix(L: int, variant: Variant = "standard") -> np.ndarray:
@@ -105,7 +103,7 @@ def hankel_factor(L: int, variant: Variant = "standard") -> np.ndarray:
     return _powers(a, np.arange(L)) * np.sqrt(w)[None, :]
 
 
-def _fix_signs(vectors: np.ndarray) -> np.ndarray:
+def fix_signs(vectors: np.ndarray) -> np.ndarray:
     """Sign convention: in each column, the first entry whose magnitude reaches 1e-3 of the
     column's largest magnitude is positive. (Robust to round-off, unlike "first nonzero entry",
     and well defined for Hankel-L eigenvectors supported on odd indices only.)"""
@@ -115,16 +113,19 @@ def _fix_signs(vectors: np.ndarray) -> np.ndarray:
     return vectors * signs[None, :]
 
 
-def _left_singular_vectors(L: int, K: int, variant: Variant) -> tuple[np.ndarray, np.ndarray]:
+def left_singular_vectors(
+    L: int, K: int, variant: Variant, block_rows: int = BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-``K`` left singular vectors ``[L, K]`` and singular values of the factor ``V``.
 
     ``V`` is self-similar: rows ``bT .. bT+T-1`` equal ``V0 diag(a^(bT))`` with ``V0`` its first
     ``T`` rows. So ``V = blockdiag(Q0, ..., Q0) S`` with ``V0 = Q0 R0`` and ``S`` the stack of
     ``R0 diag(a^(bT))``: a backward-stable QR of the tall factor costs one ``T x m`` QR plus one
     QR of the short stack, and the singular vectors are ``Q0`` times blocks of ``S``'s.
+    ``block_rows`` is ``T`` (the default is for speed; tests use small blocks).
     """
     a, w = _signed_nodes(L, variant)
-    block = min(L, _BLOCK_ROWS)
+    block = min(L, block_rows)
     num_full, rest = divmod(L, block)
     v0 = _powers(a, np.arange(block)) * np.sqrt(w)[None, :]
     q0, r0 = np.linalg.qr(v0)
@@ -145,9 +146,9 @@ def _left_singular_vectors(L: int, K: int, variant: Variant) -> tuple[np.ndarray
 
 
 def _compute_filters(L: int, K: int, variant: Variant) -> dict[str, np.ndarray]:
-    vectors, singular_values = _left_singular_vectors(L, K, variant)
+    vectors, singular_values = left_singular_vectors(L, K, variant)
     eigvals = singular_values**2
-    return {"filters": _fix_signs(vectors) * eigvals[None, :] ** 0.25, "eigvals": eigvals}
+    return {"filters": fix_signs(vectors) * eigvals[None, :] ** 0.25, "eigvals": eigvals}
 
 
 def max_num_filters(L: int, variant: Variant = "standard") -> int:
@@ -178,7 +179,7 @@ def spectral_filters(
     Returns:
       ``(filters [L, K], eigvals [K])``, float64 and read-only: eigenvectors ``phi_k`` of the Hankel
       matrix in decreasing eigenvalue order, each scaled by ``sigma_k^(1/4)``, with the sign
-      convention of :func:`_fix_signs`. Cached in memory and on disk (see
+      convention of :func:`fix_signs`. Cached in memory and on disk (see
       :func:`spectral_jax.ops.disk_cache.cache_dir`).
     """
     _check_length(L)
@@ -191,3 +192,9 @@ def spectral_filters(
             + ("" if limit == L else f" (eigenvalues beyond {limit} are below float64 round-off)")
         )
     return _filters_cached(int(L), int(K), variant)
+
+
+def clear_memory_cache() -> None:
+    """Forget the filters kept in memory (the disk cache is untouched): the next
+    :func:`spectral_filters` call reads the disk cache or recomputes."""
+    _filters_cached.cache_clear()
