@@ -7,6 +7,7 @@ stream is part of the state that must survive the restart.
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -67,6 +68,18 @@ def test_round_trip_restores_arrays_keys_and_metadata(tmp_path):
         assert no_opt is None and int(model_only["step"]) == 3
         with pytest.raises(CheckpointError, match=r"no complete checkpoint for step 1 .* \[3, 4\]"):
             ckpt.restore(_abstract(_tree()), step=1)
+
+
+def test_opening_for_reading_logs_no_warning(tmp_path, caplog):
+    """`spectral-jax generate` / `distill` open checkpoints read-only: no warning line for it."""
+    _save(tmp_path / "ck", [1])
+    with caplog.at_level(logging.WARNING):
+        with Checkpointer(CheckpointConfig(str(tmp_path / "ck")), read_only=True) as ckpt:
+            ckpt.restore(_abstract(_tree()))
+    assert [r.getMessage() for r in caplog.records] == []
+    with caplog.at_level(logging.WARNING, logger="absl"):  # other absl warnings still pass
+        logging.getLogger("absl").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
 
 
 def test_missing_file_or_empty_directory_is_a_clear_error(tmp_path):

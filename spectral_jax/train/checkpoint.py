@@ -19,7 +19,9 @@ exercised by the tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import pathlib
 from typing import Any
 
@@ -58,6 +60,25 @@ def _resolve(directory: str) -> str:
     return directory if _is_remote(directory) else str(pathlib.Path(directory).absolute())
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops orbax's "Given directory is read only" warning: opening a directory read-only is
+    exactly what ``Checkpointer(read_only=True)`` asks for, so it is not worth a warning line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice():
+    """Within the block, orbax's read-only notice (logged through absl) is dropped."""
+    logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 class Checkpointer:
     """Save and restore training state in one directory; use as a context manager.
 
@@ -83,9 +104,10 @@ class Checkpointer:
             enable_async_checkpointing=config.async_save,
         )
         try:
-            self._manager = ocp.CheckpointManager(
-                self.directory, item_names=_ITEMS, options=options
-            )
+            with _quiet_read_only_notice():
+                self._manager = ocp.CheckpointManager(
+                    self.directory, item_names=_ITEMS, options=options
+                )
         except (OSError, ValueError) as e:
             raise CheckpointError(
                 f"cannot open checkpoint directory {self.directory}: {type(e).__name__}: {e}"
