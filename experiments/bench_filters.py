@@ -14,13 +14,13 @@ Usage: python experiments/bench_filters.py [--quick] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.ops import filters
 
 K = 24
@@ -75,17 +75,14 @@ def main() -> None:
         f"(over the {compared} filters the dense solver resolves to 1e-9)"
     )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "rows": rows,
-                    "dense_seconds": dense_seconds,
-                    "dense_L": DENSE_L,
-                    "max_rel_err_vs_dense": max_rel_err,
-                },
-                indent=2,
-            )
+        write_json_atomic(
+            args.json,
+            {
+                "rows": rows,
+                "dense_seconds": dense_seconds,
+                "dense_L": DENSE_L,
+                "max_rel_err_vs_dense": max_rel_err,
+            },
         )
 
 

@@ -12,7 +12,6 @@ Usage: python experiments/bench_stu.py [--quick] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.nn.stu import STU, STUConfig
 
 
@@ -91,8 +91,7 @@ def main() -> None:
             f"{r['fwd_s']:>10.4f}{r['fwdbwd_s']:>11.4f}{float(per):>25.2f}"
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows}, indent=2))
+        write_json_atomic(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import operator
 import os
@@ -47,6 +46,7 @@ import numpy as np
 from flax import nnx
 from scipy import stats
 
+from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU, STUConfig
@@ -350,10 +350,10 @@ def write_outputs(config, runs: dict, rows: list[dict], bands: dict, out: Path, 
         for t in range(config.steps):
             values = ",".join(f"{v:.6g}" for v in (mean[t], lo[t], hi[t], *curves[:, t]))
             lines.append(f"{noise_std},{method},{t + 1},{values}")
-    (out / "curves.csv").write_text("\n".join(lines) + "\n")
-    (out / "final_mse.md").write_text(format_table(rows, config.thresholds) + "\n")
+    write_text_atomic(out / "curves.csv", "\n".join(lines) + "\n")
+    write_text_atomic(out / "final_mse.md", format_table(rows, config.thresholds) + "\n")
     record = {"config": dataclasses.asdict(config), **meta, "rows": rows}
-    (out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(out / "summary.json", record)
     plot(config, bands, next(iter(runs.values()))[0]["lag_norms"], out / "curves.png")
 
 

@@ -1,20 +1,21 @@
 """On-disk cache for deterministic float64 arrays (spectral filters, LDS banks).
 
-Entries are pickle-free ``.npz`` files in :func:`cache_dir`, written to a temporary file in the
-same directory and moved into place with :func:`os.replace`, so a concurrent reader sees either
-no file or a complete one. A file that cannot be read is recomputed and replaced.
+Entries are pickle-free ``.npz`` files in :func:`cache_dir`, written atomically
+(:mod:`spectral_jax.atomic_files`), so a concurrent reader sees either no file or a complete
+one. A file that cannot be read is recomputed and replaced.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from spectral_jax.atomic_files import write_atomic
 
 ENV_VAR = "SPECTRAL_JAX_CACHE"
 
@@ -31,18 +32,8 @@ def cache_dir() -> Path | None:
 
 
 def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``path`` atomically (temporary file + rename in the same directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``arrays`` to ``path`` atomically (:func:`spectral_jax.atomic_files.write_atomic`)."""
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -1,0 +1,44 @@
+"""Files that are never half-written: write to a temporary file in the same directory, flush it
+to disk, then :func:`os.replace` it into place. A reader (or a run killed mid-write) sees either
+the old file, or no file, or the complete new one; the temporary file is removed on any error.
+
+Every result, cache entry, manifest and shard that spectral_jax writes goes through
+:func:`write_atomic` (orbax handles checkpoints the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Create or replace ``path`` with what ``write(file)`` writes to a binary file object;
+    parent directories are created. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Create or replace the UTF-8 text file ``path`` atomically."""
+    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path: str | Path, value: Any) -> Path:
+    """Create or replace ``path`` with ``value`` as indented JSON (and a final newline)."""
+    return write_text_atomic(path, json.dumps(value, indent=2) + "\n")
