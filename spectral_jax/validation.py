@@ -52,6 +52,21 @@ def positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def int_in_range(owner: str, name: str, value: Any, low: int, high: int, why: str = "") -> int:
+    """``int(value)`` if it is an integer in ``[low, high]``, else ``ValueError`` (``why``, if
+    given, is appended to the message: what sets the bounds)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or not low <= value <= high
+    ):
+        suffix = f" {why}" if why else ""
+        raise ValueError(
+            f"{_where(owner, name)} must be an integer in [{low}, {high}]{suffix}, got {value!r}"
+        )
+    return int(value)
+
+
 def one_of(owner: str, name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
     """``value`` if it is one of ``allowed``, else ``ValueError`` listing them."""
     if value not in allowed:

@@ -25,7 +25,7 @@ import functools
 import numpy as np
 
 from spectral_jax.ops.disk_cache import cached_arrays
-from spectral_jax.validation import VARIANTS, Variant, one_of, positive_int
+from spectral_jax.validation import VARIANTS, Variant, int_in_range, one_of, positive_int
 
 # Trapezoid step in x = log(-log a). The quadrature error is ~exp(-pi^2 / STEP) ~ 1e-17.
 QUADRATURE_STEP = 0.25
@@ -185,12 +185,10 @@ def spectral_filters(
     _check_length(L)
     _check_variant(variant)
     limit = max_num_filters(L, variant)
-    if isinstance(K, bool) or not isinstance(K, int | np.integer) or not 1 <= K <= limit:
-        raise ValueError(
-            f"number of filters K must be an integer in [1, {limit}] for L={L} ({variant}), "
-            f"got {K!r}"
-            + ("" if limit == L else f" (eigenvalues beyond {limit} are below float64 round-off)")
-        )
+    why = f"for L={L} ({variant})" + (
+        "" if limit == L else f"; eigenvalues beyond {limit} are below float64 round-off"
+    )
+    int_in_range("", "number of filters K", K, 1, limit, why)
     return _filters_cached(int(L), int(K), variant)
 
 
