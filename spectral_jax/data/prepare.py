@@ -130,6 +130,8 @@ def _start(out: pathlib.Path, plan: dict) -> dict | None:
                 f"{out} holds a prepare-data run with other inputs or settings; nothing is "
                 "overwritten: choose another --out (or delete it)"
             )
+        for stale in [*out.glob(".*.tmp"), *out.glob("parts/.*.tmp")]:
+            stale.unlink()  # temporary files of writes cut short
         return shards_lib.read_manifest(str(out))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(
