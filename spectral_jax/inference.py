@@ -82,7 +82,7 @@ def format_distill_report(report: dict[str, Any]) -> str:
         f"model outputs on an eval batch, distilled vs STU: relative error {report['rel_err']:.2e}"
     )
     if "argmax_agreement" in report:
-        line += f"; same most likely next byte at {report['argmax_agreement']:.2%} of positions"
+        line += f"; same most likely next token at {report['argmax_agreement']:.2%} of positions"
     return "\n".join([*lines, line])
 
 

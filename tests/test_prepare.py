@@ -156,6 +156,13 @@ def test_flash_stu_2_npy_layout_is_read_as_is(tmp_path):
         starts = [s for s in range(40 - 8) if np.array_equal(val[s : s + 8], row_in)]
         assert starts and np.array_equal(val[starts[0] + 1 : starts[0] + 9], row_out)
     assert task.eval_metrics(np.log(2.0)) == {"bits_per_token": 1.0}  # no byte counts known
+    # A URL reads the same tokens by byte ranges (fsspec; gs:// works the same way).
+    url = TokenShardLM(f"file://{tmp_path}", tokenizer=f"file://{tmp_path}/tok", seq_len=8)
+    by_ranges = url.shards().splits["train"]
+    assert not isinstance(by_ranges.shard(0), np.memmap)
+    np.testing.assert_array_equal(by_ranges.read(45, 10), train[45:55])
+    for a, b in zip(url.batch(0, 0, range(4), "eval"), batch, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(corpus, prepared, tmp_path):

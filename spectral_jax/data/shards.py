@@ -133,7 +133,7 @@ class SplitStream:
         self._arrays: dict[int, Any] = {}
         self.lengths = lengths
         if lengths is None:  # no manifest: read each header for its length
-            lengths = [len(self._array(i)) for i in range(len(names))]
+            lengths = [len(self.shard(i)) for i in range(len(names))]
             self.lengths = lengths
         self.starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, np.int64))])
 
@@ -141,7 +141,8 @@ class SplitStream:
     def tokens(self) -> int:
         return int(self.starts[-1])
 
-    def _array(self, i: int):
+    def shard(self, i: int):
+        """The array-like of shard ``i`` (opened on first use): ``np.memmap`` or byte ranges."""
         if i not in self._arrays:
             array = self._files.open_array(self.names[i])
             if self.lengths is not None and len(array) != self.lengths[i]:
@@ -166,7 +167,7 @@ class SplitStream:
         while done < length:
             lo = start + done - int(self.starts[i])
             hi = min(int(self.lengths[i]), lo + length - done)
-            piece = np.asarray(self._array(i)[lo:hi])
+            piece = np.asarray(self.shard(i)[lo:hi])
             if vocab_size is not None and piece.size and int(piece.max()) >= vocab_size:
                 raise ShardError(
                     f"shard {self._files.root}/{self.names[i]} holds id {int(piece.max())} "
