@@ -187,7 +187,10 @@ class ShardDirectory:
     def __init__(self, path: str):
         files = _Files(path)
         if not files.is_dir():
-            raise ShardError(f"token shard directory {path} does not exist")
+            raise ShardError(
+                f"token shard directory {path} does not exist: write one with "
+                "`spectral-jax prepare-data INPUT... --out DIR` and set task.path=DIR"
+            )
         self.path = path
         self.manifest = read_manifest(path)
         self.splits: dict[str, SplitStream] = {}
