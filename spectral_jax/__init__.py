@@ -8,6 +8,7 @@ Floors, lowest first (a floor never imports from a higher one; nothing heavy is 
 * :mod:`spectral_jax.distill` -- fit LDS banks to the filters, convert STU parameters.
 * :mod:`spectral_jax.nn` -- ``STU``, ``LDSLayer``, attention, blocks, ``SpectralModel``.
 * :mod:`spectral_jax.generate` -- prefill and decode loops, sampling.
-* :mod:`spectral_jax.train` -- data, sharding, optimizer, checkpoints, the training loop.
+* :mod:`spectral_jax.data` -- tokenizers, token shards on disk, ``prepare-data``.
+* :mod:`spectral_jax.train` -- tasks, sharding, optimizer, checkpoints, the training loop.
 * :mod:`spectral_jax.inference`, :mod:`spectral_jax.cli`, :mod:`spectral_jax.demo` -- apps.
 """

@@ -5,20 +5,23 @@
   :mod:`spectral_jax.train.presets`), with checkpoints and resume.
 - ``spectral-jax distill CKPT OUT``: distill every STU layer of a trained checkpoint into a new
   checkpoint and print the error report.
-- ``spectral-jax generate CKPT --prompt TEXT --strategy naive|futurefill|lds``: stream bytes from a
-  byte-level model as they are produced.
+- ``spectral-jax generate CKPT --prompt TEXT --strategy naive|futurefill|lds``: stream text from a
+  language model as it is produced, through the tokenizer saved with the checkpoint.
+- ``spectral-jax prepare-data INPUT... --out DIR --tokenizer bytes|PATH|bpe:VOCAB``: tokenize
+  local text into memory-mappable token shards (see :mod:`spectral_jax.data.prepare`).
 """
 
 from __future__ import annotations
 
 import argparse
-import codecs
 import dataclasses
 import sys
 
 import jax
 
 from spectral_jax import demo, inference
+from spectral_jax.data.prepare import SHARD_DTYPES, prepare_data
+from spectral_jax.data.tokenizer import StreamDecoder, encode
 from spectral_jax.generate import Sampling, decode_chunks, prefill
 from spectral_jax.nn.lds_layer import distill_model
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
@@ -94,7 +97,9 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="directory of a trained or distilled checkpoint")
-    parser.add_argument("--prompt", required=True, help="text to continue (UTF-8 bytes)")
+    parser.add_argument(
+        "--prompt", required=True, help="text to continue (encoded by the checkpoint's tokenizer)"
+    )
     parser.add_argument(
         "--strategy",
         choices=("naive", "futurefill", "lds"),
@@ -107,40 +112,90 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     parser.add_argument("--num-states", type=int, default=120, help="LDS states (lds strategy)")
-    parser.add_argument("--chunk", type=int, default=16, help="bytes decoded per jitted call")
+    parser.add_argument("--chunk", type=int, default=16, help="tokens decoded per jitted call")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     model, meta = inference.load_for_inference(args.checkpoint)
     distilled = "distill" in meta
-    if model.config.vocab_size != 256:
-        raise ValueError(
-            f"--prompt needs a byte-level model (vocab 256), got vocab {model.config.vocab_size}"
-        )
+    tokenizer = inference.checkpoint_tokenizer(args.checkpoint, meta)
     if distilled and args.strategy != "lds":
         raise ValueError(f"{args.checkpoint} is distilled (LDS layers): use --strategy lds")
     if args.strategy == "lds" and not distilled:
         print(f"[distilling the STU layers ({args.num_states} states)]", file=sys.stderr)
         model = distill_model(model, num_states=args.num_states)
-    prompt = list(args.prompt.encode("utf-8"))
+    prompt = encode(tokenizer, args.prompt)
+    if prompt and max(prompt) >= model.config.vocab_size:
+        raise ValueError(
+            f"the prompt encodes to id {max(prompt)}, outside the model's vocabulary "
+            f"{model.config.vocab_size}: the checkpoint's tokenizer does not fit its model"
+        )
     room = model.config.max_len - len(prompt)
     new_tokens = room if args.max_new_tokens is None else args.max_new_tokens
     if not prompt or room < 1 or not 1 <= new_tokens <= room:
         raise ValueError(
-            f"prompt of {len(prompt)} bytes plus {new_tokens} new bytes must fit "
+            f"prompt of {len(prompt)} tokens plus {new_tokens} new tokens must fit "
             f"in max_len={model.config.max_len} (and both be >= 1)"
         )
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k)
     strategy = None if args.strategy == "lds" else args.strategy
     logits, cache = prefill(model, [prompt], strategy=strategy)
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = StreamDecoder(tokenizer)
     sys.stdout.write(args.prompt)
     for tokens in decode_chunks(
         model, cache, logits, new_tokens, sampling, jax.random.key(args.seed), chunk=args.chunk
     ):
-        sys.stdout.write(text.decode(bytes(tokens[0].tolist())))
+        sys.stdout.write(text.push(tokens[0].tolist()))
         sys.stdout.flush()
-    sys.stdout.write(text.decode(b"", final=True) + "\n")
+    sys.stdout.write(text.finish() + "\n")
+    return 0
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="a .txt/.jsonl/.parquet file, directory or glob"
+    )
+    parser.add_argument("--out", required=True, help="new (or interrupted) output directory")
+    parser.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help="bytes (default), PATH/tokenizer.json, or bpe:VOCAB (train a byte-level BPE)",
+    )
+    parser.add_argument("--text-field", default="text", help="JSONL field / parquet column")
+    parser.add_argument(
+        "--val-percent", type=float, default=1.0, help="documents held out (by hash), default 1"
+    )
+    parser.add_argument(
+        "--docs-per-shard", type=int, default=4096, help="documents per shard (default 4096)"
+    )
+    parser.add_argument("--dtype", choices=SHARD_DTYPES, default="auto", help="token dtype")
+    parser.add_argument(
+        "--stdlib", action="store_true", help="add the standard library's .py sources"
+    )
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    manifest = prepare_data(
+        args.inputs,
+        args.out,
+        args.tokenizer,
+        text_field=args.text_field,
+        val_percent=args.val_percent,
+        docs_per_shard=args.docs_per_shard,
+        dtype=args.dtype,
+        stdlib=args.stdlib,
+        progress=True,
+    )
+    for split, counts in manifest["splits"].items():
+        print(
+            f"{split:>5}: {counts['tokens']:,} tokens, {counts['documents']:,} documents, "
+            f"{len(counts['shards'])} shards, {counts['bytes_per_token']:.3f} bytes/token"
+        )
+    tok = manifest["tokenizer"]
+    print(
+        f"wrote {args.out} ({manifest['dtype']}, {tok['kind']} tokenizer, vocab "
+        f"{tok['vocab_size']}, fingerprint {tok['fingerprint'][:12]})"
+    )
     return 0
 
 
@@ -167,7 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     add_generate_arguments(
-        commands.add_parser("generate", help="stream text from a byte-level checkpoint")
+        commands.add_parser("generate", help="stream text from a language-model checkpoint")
+    )
+    add_prepare_arguments(
+        commands.add_parser(
+            "prepare-data",
+            help="tokenize local text files into token shards for training",
+            description=prepare_data.__doc__,
+        )
     )
     return parser
 
@@ -180,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": run_train,
             "distill": run_distill,
             "generate": run_generate,
+            "prepare-data": run_prepare,
         }
         return runners[args.command](args)
     except (ValueError, CheckpointError) as err:  # bad input: one clear line, no traceback

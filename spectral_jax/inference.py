@@ -13,8 +13,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 from spectral_jax.distill import fit_lds_bank
 from spectral_jax.nn.lds_layer import distill_model
 from spectral_jax.nn.model import SpectralModel
@@ -80,7 +82,7 @@ def format_distill_report(report: dict[str, Any]) -> str:
         f"model outputs on an eval batch, distilled vs STU: relative error {report['rel_err']:.2e}"
     )
     if "argmax_agreement" in report:
-        line += f"; same most likely next byte at {report['argmax_agreement']:.2%} of positions"
+        line += f"; same most likely next token at {report['argmax_agreement']:.2%} of positions"
     return "\n".join([*lines, line])
 
 
@@ -106,6 +108,21 @@ def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     return model, meta
+
+
+def checkpoint_tokenizer(directory: str, meta: dict[str, Any]) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with: its ``tokenizer.json``, or for older
+    checkpoints the run's task (bytes for ``ByteCorpusLM``); ``ValueError`` if it has none."""
+    saved = f"{directory.rstrip('/')}/{TOKENIZER_FILE}"
+    has_file = epath.Path(saved).exists()
+    task = task_from_record(meta["run"])
+    tokenizer = load_tokenizer(saved) if has_file else task.text_tokenizer()
+    if tokenizer is None:
+        raise ValueError(
+            f"{directory} has no {TOKENIZER_FILE} and its task "
+            f"{meta['run']['task'].get('type')} has no text tokenizer: it does not model text"
+        )
+    return tokenizer
 
 
 def distill_checkpoint(
@@ -135,4 +152,7 @@ def distill_checkpoint(
         state = nnx.to_pure_dict(nnx.state(distilled))
         ckpt.save(meta["step"], state, None, {"run": meta["run"], "distill": distill})
         ckpt.wait()
+        saved = epath.Path(source) / TOKENIZER_FILE
+        if saved.exists():  # the distilled checkpoint carries the tokenizer too
+            save_tokenizer(load_tokenizer(str(saved)), ckpt.directory)
     return report

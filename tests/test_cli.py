@@ -1,6 +1,7 @@
 """`spectral-jax generate` (streaming, three strategies) and chunked decoding."""
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ from spectral_jax.cli import main
 from spectral_jax.generate import decode, decode_chunks, prefill
 from spectral_jax.inference import load_for_inference
 from spectral_jax.train import CheckpointConfig, train
-from spectral_jax.train.presets import apply_overrides, lm_bytes_small
+from spectral_jax.train.presets import apply_overrides, lm_bytes_small, lm_tokens_small
 
 TINY = [
     "steps=2",
@@ -90,3 +91,34 @@ def test_demo_runs_end_to_end(capsys):
     ]
     assert [r[0] for r in rows] == ["naive", "futurefill", "lds"]
     assert all(r[-1] == "8/8" for r in rows), rows  # every strategy samples the same bytes
+
+
+def test_prepare_train_distill_generate_through_a_bpe_tokenizer(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "import", "os", "self", "(x):", "\n", "    ", "é"]
+    lines = [json.dumps({"body": " ".join(rng.choice(words, 40))}) for _ in range(60)]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shards = tmp_path / "shards"
+    prep = ["prepare-data", str(corpus), "--out", str(shards), "--tokenizer", "bpe:300"]
+    assert main([*prep, "--text-field", "body", "--val-percent", "20"]) == 0
+    assert "val:" in capsys.readouterr().out
+    ckpt, distilled = str(tmp_path / "ckpt"), str(tmp_path / "distilled")
+    overrides = [o for o in TINY if not o.startswith("task.")] + [
+        f"task.path={shards}",
+        "task.seq_len=64",
+        "model.vocab_size=300",
+    ]
+    config = apply_overrides(lm_tokens_small(), overrides)
+    train(dataclasses.replace(config, checkpoint=CheckpointConfig(ckpt, async_save=False)))
+    assert (tmp_path / "ckpt" / "tokenizer.json").is_file()
+    assert main(["distill", ckpt, distilled, "--num-states", "40"]) == 0
+    assert (tmp_path / "distilled" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    texts = {}
+    for directory, strategy in ((ckpt, "naive"), (distilled, "lds")):
+        args = ["generate", directory, "--prompt", "def self", "--strategy", strategy]
+        assert main([*args, "--max-new-tokens", "12", "--chunk", "5"]) == 0
+        texts[strategy] = capsys.readouterr().out
+    assert texts["naive"].startswith("def self") and len(texts["naive"]) > len("def self\n")
+    assert texts["naive"] == texts["lds"]

@@ -8,6 +8,8 @@ from spectral_jax.train.data import (
     ByteCorpusLM,
     LDSRegression,
     SelectiveCopying,
+    TokenShardLM,
+    prefetch,
     stdlib_corpus,
 )
 
@@ -168,3 +170,68 @@ def test_bad_batch_arguments_raise():
         task.batch(0, -1, [0])
     with pytest.raises(ValueError, match="too few"):
         ByteCorpusLM(seq_len=10**9).batch(0, 0, [0])
+
+
+# --------------------------------------------------------------------------- token shards
+
+
+@pytest.fixture(scope="module")
+def token_task(tmp_path_factory):
+    from spectral_jax.data.prepare import prepare_data
+
+    root = tmp_path_factory.mktemp("docs")
+    rng = np.random.default_rng(3)
+    for i in range(30):
+        (root / f"{i}.txt").write_text("".join(rng.choice(list("ab c\n"), 40)))
+    out = root / "shards"
+    prepare_data([str(root)], str(out), "bytes", val_percent=20.0, docs_per_shard=4)
+    return TokenShardLM(str(out), seq_len=32, document_mask=True)
+
+
+def test_token_shard_rows_are_the_same_for_one_and_two_processes(token_task):
+    whole = token_task.batch(seed=5, step=9, rows=range(8))
+    shares = [token_task.batch(seed=5, step=9, rows=range(p * 4, p * 4 + 4)) for p in range(2)]
+    _assert_batches_equal(whole, Batch(*(np.concatenate(x) for x in zip(*shares, strict=True))))
+    _assert_batches_equal(whole, token_task.batch(seed=5, step=9, rows=range(8)))
+    assert not np.array_equal(whole.inputs, token_task.batch(seed=5, step=10, rows=range(8)).inputs)
+    # Windows read across shard boundaries are slices of the split's token stream.
+    stream = token_task.shards().splits["train"]
+    tokens = stream.read(0, stream.tokens)
+    assert len(stream.names) > 1
+    for row_in, row_out in zip(whole.inputs, whole.targets, strict=True):
+        np.testing.assert_array_equal(row_in[1:], row_out[:-1])
+        assert any(np.array_equal(tokens[s : s + 32], row_in) for s in range(tokens.size - 32))
+
+
+def test_document_mask_drops_the_prediction_across_end_of_text(token_task):
+    b = token_task.batch(seed=0, step=0, rows=range(16))
+    eot = token_task.text_tokenizer().eot_id
+    assert (b.inputs == eot).any()
+    np.testing.assert_array_equal(b.mask == 0, b.inputs == eot)
+
+
+def test_eval_reports_bits_per_byte_from_the_manifest(token_task):
+    metrics = token_task.eval_metrics(2.0)
+    val = token_task.shards().manifest["splits"]["val"]
+    assert metrics["bits_per_token"] == pytest.approx(2.0 / np.log(2), rel=1e-12)
+    expected = metrics["bits_per_token"] * val["tokens"] / val["bytes"]
+    assert metrics["bits_per_byte"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_prefetch_resumed_at_a_step_replays_the_uninterrupted_stream(token_task):
+    make = lambda s: token_task.batch(seed=1, step=s, rows=range(2))  # noqa: E731
+    whole = list(prefetch(make, range(6), depth=2))
+    resumed = list(prefetch(make, range(3, 6), depth=3))
+    for a, b in zip(whole[3:], resumed, strict=True):
+        _assert_batches_equal(a, b)
+
+    def fails_at_2(step):
+        if step == 2:
+            raise RuntimeError("no batch 2")
+        return step
+
+    got = []
+    with pytest.raises(RuntimeError, match="no batch 2"):
+        for item in prefetch(fails_at_2, range(5)):
+            got.append(item)
+    assert got == [0, 1]

@@ -15,6 +15,8 @@ from spectral_jax.train.data import (
     LDSRegression,
     SelectiveCopying,
     Task,
+    TokenShardLM,
+    prefetch,
     stdlib_corpus,
 )
 from spectral_jax.train.loop import NonFiniteLossError, TrainResult, load_model, train
@@ -39,12 +41,14 @@ __all__ = [
     "OptimConfig",
     "SelectiveCopying",
     "Task",
+    "TokenShardLM",
     "TrainConfig",
     "TrainResult",
     "initialize_distributed",
     "load_model",
     "make_mesh",
     "make_optimizer",
+    "prefetch",
     "stdlib_corpus",
     "train",
 ]

@@ -9,9 +9,16 @@ from typing import Any
 
 from flax import nnx
 
+from spectral_jax.data.tokenizer import describe as describe_tokenizer
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.train.checkpoint import CheckpointConfig, CheckpointError
-from spectral_jax.train.data import ByteCorpusLM, LDSRegression, SelectiveCopying, Task
+from spectral_jax.train.data import (
+    ByteCorpusLM,
+    LDSRegression,
+    SelectiveCopying,
+    Task,
+    TokenShardLM,
+)
 from spectral_jax.train.optim import OptimConfig
 from spectral_jax.train.sharding import DistributedConfig, MeshConfig
 
@@ -63,7 +70,9 @@ def _describe(obj) -> dict[str, Any] | None:
 
 
 def run_record(config: TrainConfig) -> dict[str, Any]:
-    """The JSON-able description of a run stored in every checkpoint."""
+    """The JSON-able description of a run stored in every checkpoint (with the task's
+    tokenizer, if it has one: kind, vocabulary, end-of-text id and fingerprint)."""
+    tokenizer = config.task.text_tokenizer()
     record = {
         "task": _describe(config.task),
         "model": _describe(config.model),
@@ -71,6 +80,7 @@ def run_record(config: TrainConfig) -> dict[str, Any]:
         "seed": config.seed,
         "global_batch": config.global_batch,
         "steps": config.steps,
+        "tokenizer": None if tokenizer is None else describe_tokenizer(tokenizer),
     }
     return json.loads(json.dumps(record))
 
@@ -82,8 +92,17 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], directory: s
     """Raise CheckpointError unless the saved run continues into the current one.
 
     Task, model, seed and global batch must match (they fix the parameters' shapes
-    and the data stream); steps and optimizer settings may change.
+    and the data stream), and so must the tokenizer where both records name one; steps and
+    optimizer settings may change.
     """
+    saved_tok, current_tok = saved.get("tokenizer"), current.get("tokenizer")
+    if saved_tok and current_tok and saved_tok["fingerprint"] != current_tok["fingerprint"]:
+        raise CheckpointError(
+            f"tokenizer mismatch: the checkpoints in {directory} were trained with tokenizer "
+            f"{saved_tok['fingerprint'][:12]} (vocab {saved_tok['vocab_size']}), but this run's "
+            f"shards use {current_tok['fingerprint'][:12]} (vocab {current_tok['vocab_size']}); "
+            "use another checkpoint directory or the original shards"
+        )
     for key in _MUST_MATCH_ON_RESUME:
         if saved.get(key) != current[key]:
             raise CheckpointError(
@@ -108,7 +127,9 @@ def task_from_record(record: dict[str, Any]) -> Task:
     """The task of a run record (``run_record``), validated again."""
     fields = dict(record.get("task") or {})
     kind = fields.pop("type", None)
-    tasks = {cls.__name__: cls for cls in (LDSRegression, ByteCorpusLM, SelectiveCopying)}
+    tasks = {
+        cls.__name__: cls for cls in (LDSRegression, ByteCorpusLM, TokenShardLM, SelectiveCopying)
+    }
     if kind not in tasks:
         raise CheckpointError(f"the run record names an unknown task {record.get('task')!r}")
     return tasks[kind](**fields)

@@ -5,17 +5,23 @@ drawn from its own NumPy generator seeded with ``(seed, split, step, row)``, so 
 process that loads only its share of the global batch (the rows its devices hold,
 see ``sharding.process_rows``) produces exactly the rows a single process would, and
 resuming at step ``s`` replays the same stream. Nothing is downloaded: the byte-level
-corpus is the running Python's standard library source.
+corpus is the running Python's standard library source, and token shards are local files or
+``gs://`` objects written by ``spectral-jax prepare-data`` (or flash-stu-2's ``.npy`` shards).
 
 Tasks (frozen dataclasses, validated on construction):
 
 - ``LDSRegression``: inputs ``u`` and outputs ``y`` of one random stable symmetric LDS.
 - ``ByteCorpusLM``: next-byte prediction on the standard library source files.
+- ``TokenShardLM``: next-token prediction on a directory of token shards.
 - ``SelectiveCopying``: recall the few symbols scattered in a long blank context.
 
 Each task has ``batch(seed, step, rows, split) -> Batch`` with ``split`` in
 ``("train", "eval")``; the eval split is a fixed set of sequences disjoint from
-training (a separate random stream, or the held-out files of the corpus).
+training (a separate random stream, or the held-out files of the corpus). Each also has
+``text_tokenizer()`` (the ``Tokenizer`` of a text task, else ``None``) and
+``eval_metrics(loss) -> dict`` (what a mean eval loss means: bits per token and per byte).
+
+``prefetch`` computes the batches of the coming steps in a background thread.
 """
 
 from __future__ import annotations
@@ -23,12 +29,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import pathlib
-import sysconfig
+import queue
+import threading
 import zlib
-from typing import Literal, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
+
+from spectral_jax.data import sources
+from spectral_jax.data.shards import ShardDirectory, open_shards
+from spectral_jax.data.tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    fingerprint,
+    load_tokenizer,
+    save_tokenizer,
+)
+from spectral_jax.validation import positive_int
 
 Split = Literal["train", "eval"]
 _SPLIT_IDS = {"train": 0, "eval": 1}
@@ -45,11 +65,6 @@ class Batch(NamedTuple):
     inputs: np.ndarray
     targets: np.ndarray
     mask: np.ndarray
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _row_rng(seed: int, split: Split, step: int, row: int, salt: int) -> np.random.Generator:
@@ -95,7 +110,7 @@ class LDSRegression:
 
     def __post_init__(self):
         for name in ("seq_len", "d_input", "d_output", "state_dim"):
-            _check_positive(name, getattr(self, name))
+            positive_int("LDSRegression", name, getattr(self, name))
         if not 0.0 < self.spectral_radius < 1.0:
             raise ValueError(
                 f"spectral_radius must be in (0, 1) for a stable LDS, got {self.spectral_radius}"
@@ -104,6 +119,12 @@ class LDSRegression:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
         if self.system_seed < 0:
             raise ValueError(f"system_seed must be >= 0, got {self.system_seed}")
+
+    def text_tokenizer(self) -> None:
+        return None
+
+    def eval_metrics(self, loss: float) -> dict[str, float]:
+        return {}
 
     def system(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The LDS in the eigenbasis of A: ``lam: [n]``, ``B: [n, d_in]``, ``C: [d_out, n]``."""
@@ -148,10 +169,6 @@ def _lds_system(task: LDSRegression) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 # --------------------------------------------------------------------------- byte corpus
 
-_SKIPPED_DIRS = frozenset(
-    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
-)
-
 
 class ByteCorpus(NamedTuple):
     """The standard-library corpus: ``train``/``valid`` byte streams ([N] uint8)."""
@@ -171,19 +188,13 @@ def stdlib_corpus(val_percent: int) -> ByteCorpus:
     to validation when ``crc32(relative path) % 100 < val_percent``, a split that
     does not move when files are added or removed elsewhere.
     """
-    return _load_stdlib_corpus(sysconfig.get_paths()["stdlib"], val_percent)
+    return _load_stdlib_corpus(str(sources.stdlib_root()), val_percent)
 
 
 @functools.lru_cache(maxsize=2)
 def _load_stdlib_corpus(root: str, val_percent: int) -> ByteCorpus:
     root_path = pathlib.Path(root)
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"the standard library directory {root} does not exist")
-    rel_paths = sorted(
-        p.relative_to(root_path).as_posix()
-        for p in root_path.rglob("*.py")
-        if not _SKIPPED_DIRS.intersection(p.relative_to(root_path).parts[:-1])
-    )
+    rel_paths = [p.relative_to(root_path).as_posix() for p in sources.stdlib_files(root_path)]
     train, valid = [], []
     digest = hashlib.sha256()
     for rel in rel_paths:
@@ -210,12 +221,22 @@ class ByteCorpusLM:
     vocab_size = 256
 
     def __post_init__(self):
-        _check_positive("seq_len", self.seq_len)
-        if not isinstance(self.val_percent, int) or not 1 <= self.val_percent <= 50:
-            raise ValueError(f"val_percent must be an int in [1, 50], got {self.val_percent!r}")
+        positive_int("ByteCorpusLM", "seq_len", self.seq_len)
+        positive_int("ByteCorpusLM", "val_percent", self.val_percent)
+        if self.val_percent > 50:
+            raise ValueError(
+                f"ByteCorpusLM.val_percent must be an integer in [1, 50], got {self.val_percent!r}"
+            )
 
     def corpus(self) -> ByteCorpus:
         return stdlib_corpus(self.val_percent)
+
+    def text_tokenizer(self) -> Tokenizer:
+        return ByteTokenizer()
+
+    def eval_metrics(self, loss: float) -> dict[str, float]:
+        """A token is a byte: bits per byte is the loss in bits."""
+        return {"bits_per_byte": loss / math.log(2)}
 
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
         rows = _rows_array(rows)
@@ -254,7 +275,7 @@ class SelectiveCopying:
 
     def __post_init__(self):
         for name in ("context_len", "num_tokens", "num_symbols"):
-            _check_positive(name, getattr(self, name))
+            positive_int("SelectiveCopying", name, getattr(self, name))
         if self.num_tokens > self.context_len:
             raise ValueError(
                 f"num_tokens must be <= context_len={self.context_len}, got {self.num_tokens}"
@@ -267,6 +288,12 @@ class SelectiveCopying:
     @property
     def vocab_size(self) -> int:
         return self.num_symbols + 2
+
+    def text_tokenizer(self) -> None:
+        return None
+
+    def eval_metrics(self, loss: float) -> dict[str, float]:
+        return {}
 
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
         rows = _rows_array(rows)
@@ -284,4 +311,165 @@ class SelectiveCopying:
         return Batch(inputs, targets, mask)
 
 
-Task = LDSRegression | ByteCorpusLM | SelectiveCopying
+# --------------------------------------------------------------------------- token shards
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenShardLM:
+    """Next-token prediction on a directory of token shards (``spectral-jax prepare-data``
+    output, or a flash-stu-2 ``.npy`` directory).
+
+    Each row is a window of ``seq_len + 1`` tokens of the split's token stream (all its shards
+    end to end) at an offset drawn from the row's generator, read through a memory map (or by
+    byte ranges for ``gs://`` paths). The eval split reads the ``val`` shards.
+
+    ``tokenizer``: a ``tokenizer.json`` path; ``None`` uses the one saved with the shards
+    (needed for a flash-stu-2 directory, which has none). Given both, they must be the same.
+    ``document_mask``: no loss where the input is end-of-text, i.e. on predicting the first
+    token of a document from the one before it.
+    """
+
+    path: str
+    tokenizer: str | None = None
+    seq_len: int = 256
+    document_mask: bool = False
+
+    kind = "tokens"
+
+    def __post_init__(self):
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"TokenShardLM.path must be a shard directory, got {self.path!r}")
+        if self.tokenizer is not None and not (isinstance(self.tokenizer, str) and self.tokenizer):
+            raise ValueError(
+                f"TokenShardLM.tokenizer must be a tokenizer.json path or None, "
+                f"got {self.tokenizer!r}"
+            )
+        positive_int("TokenShardLM", "seq_len", self.seq_len)
+        if not isinstance(self.document_mask, bool):
+            raise ValueError(
+                f"TokenShardLM.document_mask must be true or false, got {self.document_mask!r}"
+            )
+
+    def shards(self) -> ShardDirectory:
+        return open_shards(self.path)
+
+    def text_tokenizer(self) -> Tokenizer:
+        return _shard_tokenizer(self.path, self.tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_tokenizer().vocab_size
+
+    def eval_metrics(self, loss: float) -> dict[str, float]:
+        """Bits per token, and bits per byte of text when the manifest counts the val bytes."""
+        bits = loss / math.log(2)
+        manifest = self.shards().manifest
+        if manifest is None:
+            return {"bits_per_token": bits}
+        return {"bits_per_token": bits, "bits_per_byte": bits / _val_bytes_per_token(manifest)}
+
+    def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
+        rows = _rows_array(rows)
+        stream = self.shards().splits["train" if split == "train" else "val"]
+        if stream.tokens < self.seq_len + 1:
+            raise ValueError(
+                f"the {split} split of {self.path} holds {stream.tokens} tokens, fewer than "
+                f"seq_len + 1 = {self.seq_len + 1}: lower task.seq_len or add documents"
+            )
+        vocab = self.vocab_size
+        windows = np.empty((rows.size, self.seq_len + 1), np.int32)
+        for i, row in enumerate(rows):
+            rng = _row_rng(seed, split, step, row, salt=4)
+            start = int(rng.integers(0, stream.tokens - self.seq_len))
+            windows[i] = stream.read(start, self.seq_len + 1, vocab)
+        inputs = windows[:, :-1]
+        mask = np.ones(inputs.shape, np.float32)
+        if self.document_mask:
+            mask[inputs == self.text_tokenizer().eot_id] = 0.0
+        return Batch(inputs, windows[:, 1:], mask)
+
+
+def _val_bytes_per_token(manifest: dict) -> float:
+    return manifest["splits"]["val"]["bytes"] / manifest["splits"]["val"]["tokens"]
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_tokenizer(path: str, tokenizer_path: str | None) -> Tokenizer:
+    shards = open_shards(path)
+    saved = shards.tokenizer_fingerprint
+    if tokenizer_path is None:
+        if saved is None:
+            raise ValueError(
+                f"{path} has no manifest or tokenizer (a flash-stu-2 directory?): "
+                "give task.tokenizer=PATH/tokenizer.json"
+            )
+        return load_tokenizer(path)
+    tok = load_tokenizer(tokenizer_path)
+    if saved is not None and fingerprint(tok) != saved:
+        raise ValueError(
+            f"tokenizer mismatch: {tokenizer_path} (fingerprint {fingerprint(tok)[:12]}) is not "
+            f"the tokenizer the shards in {path} were written with ({saved[:12]}); drop "
+            "task.tokenizer or give that tokenizer"
+        )
+    return tok
+
+
+def save_task_tokenizer(task, directory: str) -> None:
+    """Save ``task``'s tokenizer (if it has one) as ``directory/tokenizer.json``, so that
+    checkpoints carry it; a different tokenizer already there is a ``ValueError``."""
+    tok = task.text_tokenizer()
+    if tok is not None:
+        save_tokenizer(tok, directory)
+
+
+# --------------------------------------------------------------------------- prefetch
+
+T = TypeVar("T")
+_DONE = object()
+
+
+def prefetch(make: Callable[[int], T], steps: Iterable[int], depth: int = 2) -> Iterator[T]:
+    """``make(step)`` for each of ``steps`` in order, computed up to ``depth`` steps ahead in
+    a background thread, so host-side loading overlaps the device's work. An exception in
+    ``make`` is raised here, at the step it belongs to."""
+    positive_int("prefetch", "depth", depth)
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for step in steps:
+                item = (make(step), None)
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as err:  # handed to the consumer
+            ready.put((None, err))
+            return
+        ready.put((_DONE, None))
+
+    worker = threading.Thread(target=produce, name="spectral_jax-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if err is not None:
+                raise err
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                ready.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+
+Task = LDSRegression | ByteCorpusLM | TokenShardLM | SelectiveCopying

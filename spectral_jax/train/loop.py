@@ -32,7 +32,7 @@ from spectral_jax.train.config import (
     run_record,
     spectral_model_fn,
 )
-from spectral_jax.train.data import ByteCorpusLM, Task
+from spectral_jax.train.data import Task, prefetch, save_task_tokenizer
 from spectral_jax.train.metrics import MetricsLogger
 from spectral_jax.train.optim import learning_rate_schedule, make_optimizer
 from spectral_jax.train.step import make_eval_step, make_train_step
@@ -182,6 +182,8 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
         config.metrics_path, config.steps, primary=primary, tensorboard_dir=config.tensorboard_dir
     )
     ckpt = Checkpointer(config.checkpoint) if config.checkpoint is not None else None
+    if ckpt is not None and primary:
+        save_task_tokenizer(task, ckpt.directory)  # generate and distill read it back
     start = 0 if ckpt is None else (ckpt.latest_step() or 0)
     if start:
         check_resumable(ckpt.restore_meta(start)["run"], record, ckpt.directory)
@@ -219,16 +221,15 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
         out = {"split": "eval", "step": step, "loss": sums["loss"] / max(sums["weight"], 1.0)}
         if "correct" in sums:
             out["accuracy"] = sums["correct"] / max(sums["weight"], 1.0)
-        if isinstance(task, ByteCorpusLM):
-            out["bits_per_byte"] = out["loss"] / math.log(2)
+        out.update(task.eval_metrics(out["loss"]))
         return out
 
     log = _TrainLog(logger, config, ckpt)
     try:
-        for step in range(start, config.steps):
-            model_state, opt_state, metrics = train_step(
-                model_state, opt_state, global_batch(step, "train")
-            )
+        steps = range(start, config.steps)
+        batches = prefetch(lambda s: global_batch(s, "train"), steps)
+        for step, batch in zip(steps, batches, strict=True):
+            model_state, opt_state, metrics = train_step(model_state, opt_state, batch)
             done = step + 1
             log.pending.append((done, metrics))
             if step == start:

@@ -6,6 +6,9 @@ Presets:
 - ``lds_small``: a 2-layer STU regressor on a random symmetric LDS; CPU, well under a minute.
 - ``lm_bytes_small``: a 4-layer hybrid (STU + sliding-window attention) byte-level LM on the
   Python standard library; CPU, about 10 minutes.
+- ``lm_tokens_small``: the same kind of model on BPE tokens (vocabulary 4096) of the standard
+  library, from ``spectral-jax prepare-data --stdlib --out data/stdlib_bpe4k --tokenizer
+  bpe:4096`` (``task.path`` names another shard directory); CPU, minutes.
 - ``lm_bytes_gpu8``: a 12-layer hybrid at d_model=1024, L=4096, on one 8-GPU node
   (data-parallel x FSDP). Documented, not run here.
 - ``lm_bytes_tpu_pod``: the same model on a TPU v4/v5 pod slice, every host a process
@@ -24,7 +27,7 @@ from typing import Any
 
 from spectral_jax.nn.model import ModelConfig
 from spectral_jax.train.config import TrainConfig
-from spectral_jax.train.data import ByteCorpusLM, LDSRegression
+from spectral_jax.train.data import ByteCorpusLM, LDSRegression, TokenShardLM
 from spectral_jax.train.optim import OptimConfig
 from spectral_jax.train.sharding import DistributedConfig, MeshConfig
 
@@ -62,6 +65,32 @@ def lm_bytes_small() -> TrainConfig:
         global_batch=16,
         log_every=100,
         eval_every=500,
+        eval_batches=8,
+    )
+
+
+def lm_tokens_small() -> TrainConfig:
+    task = TokenShardLM(path="data/stdlib_bpe4k", seq_len=128, document_mask=True)
+    model = ModelConfig(
+        d_model=96,
+        num_layers=4,
+        max_len=128,
+        vocab_size=4096,
+        tie_embeddings=True,
+        layer_pattern="SA",
+        num_filters=16,
+        stu_projection="tensordot",
+        window=64,
+    )
+    optim = OptimConfig(learning_rate=2e-3, warmup_steps=50, decay_steps=601)
+    return TrainConfig(
+        task=task,
+        model=model,
+        optim=optim,
+        steps=600,
+        global_batch=16,
+        log_every=50,
+        eval_every=200,
         eval_batches=8,
     )
 
@@ -106,6 +135,7 @@ def lm_bytes_tpu_pod() -> TrainConfig:
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "lds_small": lds_small,
     "lm_bytes_small": lm_bytes_small,
+    "lm_tokens_small": lm_tokens_small,
     "lm_bytes_gpu8": lm_bytes_gpu8,
     "lm_bytes_tpu_pod": lm_bytes_tpu_pod,
 }
