@@ -43,13 +43,17 @@ VOCAB = 256
 
 
 class TinyLM(nnx.Module):
-    """Embedding -> causal running mean -> RMSNorm -> linear head (logits [B, L, V])."""
+    """Embedding -> causal running mean -> RMSNorm -> linear head (logits [B, L, V]).
+
+    The matrices name their logical axes (train.sharding) so that FSDP shards them; the
+    unnamed norm scale and biases are replicated."""
 
     def __init__(self, rngs: nnx.Rngs, vocab: int = VOCAB, width: int = 16, nan_after=None):
-        self.embed = nnx.Embed(vocab, width, rngs=rngs)
-        self.mix = nnx.Linear(width, width, rngs=rngs)
+        axes = lambda *names: {"logical_axes": names}  # noqa: E731
+        self.embed = nnx.Embed(vocab, width, rngs=rngs, embedding_metadata=axes("vocab", "embed"))
+        self.mix = nnx.Linear(width, width, rngs=rngs, kernel_metadata=axes("embed", "embed"))
         self.norm = nnx.RMSNorm(width, rngs=rngs)
-        self.head = nnx.Linear(width, vocab, rngs=rngs)
+        self.head = nnx.Linear(width, vocab, rngs=rngs, kernel_metadata=axes("embed", "vocab"))
         self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
         self.nan_after = nan_after
 

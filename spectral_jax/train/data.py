@@ -13,9 +13,11 @@ Tasks (frozen dataclasses, validated on construction):
 - ``ByteCorpusLM``: next-byte prediction on the standard library source files.
 - ``SelectiveCopying``: recall the few symbols scattered in a long blank context.
 
-Each task has ``batch(seed, step, rows, split) -> Batch`` with ``split`` in
-``("train", "eval")``; the eval split is a fixed set of sequences disjoint from
-training (a separate random stream, or the held-out files of the corpus).
+Every task follows the ``Task`` protocol: ``batch(seed, step, rows, split) -> Batch``
+with ``split`` in ``("train", "eval")`` (the eval split is a fixed set of sequences
+disjoint from training: a separate random stream, or the held-out files of the corpus),
+its loss ``kind``, ``seq_len``, and ``eval_metrics(mean_loss)``, the task's own
+evaluation figures (bits per byte for a byte LM).
 """
 
 from __future__ import annotations
@@ -23,15 +25,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import pathlib
 import sysconfig
 import zlib
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
 Split = Literal["train", "eval"]
 _SPLIT_IDS = {"train": 0, "eval": 1}
+LossKind = Literal["tokens", "regression"]
+"""``tokens``: the model outputs logits ``[B, L, vocab_size]``, cross-entropy against int
+targets; ``regression``: outputs ``[B, L, d_output]``, mean squared error."""
+LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
 
 
 class Batch(NamedTuple):
@@ -66,6 +73,30 @@ def _rows_array(rows) -> np.ndarray:
     if rows.ndim != 1 or rows.size == 0:
         raise ValueError(f"rows must be a non-empty 1-D sequence of row indices, got {rows!r}")
     return rows
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the training loop needs from a task, whatever its class.
+
+    - ``kind``: the loss (``LossKind``); a ``tokens`` task also has ``vocab_size``, a
+      ``regression`` task ``d_output`` (the model's output width is checked against them).
+    - ``seq_len``: the length ``L`` of every row.
+    - ``batch(seed, step, rows, split)``: the rows (global indices) of one batch, a pure
+      function of its arguments, as a ``Batch`` of ``[len(rows), L, ...]`` NumPy arrays.
+    - ``eval_metrics(mean_loss)``: the task's own figures derived from the eval split's
+      mask-weighted mean loss (natural units), e.g. ``{"bits_per_byte": ...}``; ``{}`` if none.
+    """
+
+    @property
+    def kind(self) -> LossKind: ...
+
+    @property
+    def seq_len(self) -> int: ...
+
+    def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch: ...
+
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]: ...
 
 
 # --------------------------------------------------------------------------- LDS regression
@@ -108,6 +139,10 @@ class LDSRegression:
     def system(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The LDS in the eigenbasis of A: ``lam: [n]``, ``B: [n, d_in]``, ``C: [d_out, n]``."""
         return _lds_system(self)
+
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]:
+        """None beyond the loss (the MSE; outputs have unit variance before noise)."""
+        return {}
 
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
         rows = _rows_array(rows)
@@ -217,6 +252,10 @@ class ByteCorpusLM:
     def corpus(self) -> ByteCorpus:
         return stdlib_corpus(self.val_percent)
 
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]:
+        """Bits per byte: one token is one byte."""
+        return {"bits_per_byte": mean_loss / math.log(2)}
+
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
         rows = _rows_array(rows)
         corpus = self.corpus()
@@ -268,6 +307,10 @@ class SelectiveCopying:
     def vocab_size(self) -> int:
         return self.num_symbols + 2
 
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]:
+        """None beyond the loss and the accuracy the loop reports for every token task."""
+        return {}
+
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
         rows = _rows_array(rows)
         inputs = np.zeros((rows.size, self.seq_len), np.int32)
@@ -282,6 +325,3 @@ class SelectiveCopying:
         mask = np.zeros((rows.size, self.seq_len), np.float32)
         mask[:, self.context_len :] = 1.0
         return Batch(inputs, targets, mask)
-
-
-Task = LDSRegression | ByteCorpusLM | SelectiveCopying
