@@ -166,14 +166,19 @@ def block_runner(remat: Remat):
 
     ``"none"`` keeps every activation for the backward pass; ``"full"`` keeps only each block's
     input and recomputes the rest (``jax.checkpoint`` with no policy); ``"save_dots"`` also keeps
-    the outputs of matrix products (``jax.checkpoint_policies.checkpoint_dots``) and recomputes
-    the cheap elementwise work, norms and FFTs. Values and gradients are the same in all three.
+    the outputs of the weight matmuls, those without batch dimensions
+    (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), and recomputes attention
+    scores, FFTs, norms and elementwise work. (``checkpoint_dots``, which would also keep
+    batched products, fails on the STU's complex frequency-domain product in jax 0.10.)
+    Values and gradients are the same in all three.
     """
     one_of("block_runner", "remat", remat, REMATS)
     run = lambda block, h: block(h)  # noqa: E731
     if remat == "none":
         return run
-    policy = jax.checkpoint_policies.checkpoint_dots if remat == "save_dots" else None
+    policy = (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "save_dots" else None
+    )
     return nnx.remat(run, policy=policy)
 
 

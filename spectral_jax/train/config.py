@@ -61,6 +61,11 @@ class TrainConfig:
                 f"TrainConfig.task must follow the Task protocol of spectral_jax.train.data "
                 f"(kind, seq_len, batch, eval_metrics), got {self.task!r}"
             )
+        if not dataclasses.is_dataclass(self.task):
+            raise ValueError(
+                f"TrainConfig.task must be a (frozen) dataclass, whose fields every checkpoint "
+                f"records, got {type(self.task).__name__}"
+            )
         one_of("TrainConfig", "task.kind", self.task.kind, LOSS_KINDS)
         if self.global_batch % self.microbatches:
             raise ValueError(

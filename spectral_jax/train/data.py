@@ -79,6 +79,9 @@ def _rows_array(rows) -> np.ndarray:
 class Task(Protocol):
     """What the training loop needs from a task, whatever its class.
 
+    A task is a frozen dataclass (its fields go into every checkpoint's run record, and a
+    resumed run must have the same ones) with:
+
     - ``kind``: the loss (``LossKind``); a ``tokens`` task also has ``vocab_size``, a
       ``regression`` task ``d_output`` (the model's output width is checked against them).
     - ``seq_len``: the length ``L`` of every row.
