@@ -237,22 +237,25 @@ def test_model_output_that_does_not_fit_the_task_is_rejected(tmp_path):
         train(config, model_fn=lambda rngs: TinyLM(rngs, vocab=100))
 
 
-def test_four_microbatches_train_like_one_batch(tmp_path):
+def test_four_microbatches_train_and_evaluate_like_one_batch(tmp_path):
     # One AdamW step from the same start: the accumulated gradient is the full-batch gradient
     # up to float32 round-off of sums over 8 x 16 positions (e <~ 1e-8 relative); eps = 1e-4
     # bounds the step's sensitivity to it by lr / eps, as in the sharded-step test.
     optim = OptimConfig(learning_rate=1e-2, warmup_steps=0, decay_steps=10, eps=1e-4)
     runs = [
         train(_config(tmp_path, steps=1, global_batch=8, optim=optim, microbatches=m,
-                      eval_batches=0, metrics_path=None), model_fn=TinyLM)
+                      eval_batches=1, metrics_path=None), model_fn=TinyLM)
         for m in (1, 4)
     ]  # fmt: skip
-    np.testing.assert_allclose(runs[1].history[0]["loss"], runs[0].history[0]["loss"], rtol=1e-6)
-    np.testing.assert_allclose(
-        runs[1].history[0]["grad_norm"], runs[0].history[0]["grad_norm"], rtol=1e-5
-    )
+    (train_1, eval_1), (train_4, eval_4) = (r.history for r in runs)
+    np.testing.assert_allclose(train_4["loss"], train_1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(train_4["grad_norm"], train_1["grad_norm"], rtol=1e-5)
     for a, b in zip(*(jax.tree.leaves(nnx.state(r.model, nnx.Param)) for r in runs), strict=True):
         np.testing.assert_allclose(a, b, rtol=4 * 2**-23, atol=1e-2 * 1e-8 / 1e-4)
+    # the eval step runs in slices too; its sums reorder float32 additions only
+    assert eval_1["split"] == eval_4["split"] == "eval"
+    np.testing.assert_allclose(eval_4["loss"], eval_1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(eval_4["accuracy"], eval_1["accuracy"], rtol=1e-6)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,7 +93,7 @@ def _check_output_shape(layout: _Layout, task: Task, global_batch: int) -> None:
         )
 
 
-def _train_flops_per_device_token(config: TrainConfig) -> float | None:
+def _flops_per_token_over_peak(config: TrainConfig) -> float | None:
     """Model FLOPs per trained token divided by peak FLOP/s per device; None if unknown."""
     peak = config.peak_flops_per_device or peak_flops(jax.devices()[0].device_kind)
     if config.model is None or peak is None:
@@ -114,7 +114,7 @@ class _TrainLog:
     def __init__(self, logger: MetricsLogger, config: TrainConfig, ckpt: Checkpointer | None):
         self.logger, self.config, self.ckpt = logger, config, ckpt
         self.tokens_per_step = config.global_batch * config.task.seq_len
-        self.flops_over_peak = _train_flops_per_device_token(config)
+        self.flops_over_peak = _flops_per_token_over_peak(config)
         self.pending: list[tuple[int, dict]] = []
         self.history: list[dict[str, Any]] = []
         self.clock: tuple[float, int] | None = None
@@ -223,7 +223,9 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
         (layout.model_sh, layout.opt_sh, batch_sh, replicated),
         config.microbatches,
     )
-    eval_step = make_eval_step(layout.model_def, task.kind, (layout.model_sh, batch_sh, replicated))
+    eval_step = make_eval_step(
+        layout.model_def, task.kind, (layout.model_sh, batch_sh, replicated), config.microbatches
+    )
     rows = shd.process_rows(config.global_batch, mesh)
 
     def global_batch(step: int, split: str):

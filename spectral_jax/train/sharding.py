@@ -9,6 +9,9 @@ One code path for 1 CPU, simulated CPU devices, a GPU node and a TPU pod slice:
   for an MLP matrix, ``("time", "filters")`` for the fixed spectral filters), and the one
   rule table ``LOGICAL_AXIS_RULES`` maps those names to mesh axes (``logical_partition_spec``).
   Arrays are replicated over ``data``; XLA inserts the all-gathers and reduce-scatters.
+  The names live in our own ``logical_axes`` metadata, not in flax's ``out_sharding``: flax
+  0.12 shards a variable with ``out_sharding`` eagerly where it is created (which needs a mesh
+  in the layer code), while the layers here stay mesh-free and the loop places the state.
 - Batches are split along their leading dimension over both axes, so every device
   sees different rows. Each process generates only the rows its own devices hold
   (``process_rows``) and ``place_batch`` assembles the global array from those

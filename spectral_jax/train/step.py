@@ -129,19 +129,31 @@ def make_train_step(
     )
 
 
-def make_eval_step(model_graphdef, kind: str, shardings: tuple):
-    """``step(model_state, batch) -> sums``: loss, weight (and correct tokens) summed."""
+def make_eval_step(model_graphdef, kind: str, shardings: tuple, microbatches: int = 1):
+    """``step(model_state, batch) -> sums``: loss, weight (and correct tokens) summed.
+
+    The batch runs in ``microbatches`` slices (``split_microbatches``), like the train step,
+    so evaluation needs no more activation memory than training.
+    """
     model_sharding, batch_sharding, replicated = shardings
 
     def eval_step(model_state, batch: Batch):
         model = nnx.merge(model_graphdef, model_state)
         model.eval()
-        outputs = model(batch.inputs)
-        losses = per_position_loss(outputs, batch.targets, kind)
-        sums = {"loss": jnp.sum(losses * batch.mask), "weight": jnp.sum(batch.mask)}
-        if kind == "tokens":
-            correct = jnp.argmax(outputs, axis=-1) == batch.targets
-            sums["correct"] = jnp.sum(correct * batch.mask)
+        graphdef, state = nnx.split(model)
+
+        def add_slice(sums, micro: Batch):
+            outputs = nnx.merge(graphdef, state, copy=True)(micro.inputs)
+            losses = per_position_loss(outputs, micro.targets, kind)
+            new = {"loss": jnp.sum(losses * micro.mask), "weight": jnp.sum(micro.mask)}
+            if kind == "tokens":
+                correct = jnp.argmax(outputs, axis=-1) == micro.targets
+                new["correct"] = jnp.sum(correct * micro.mask)
+            return jax.tree.map(jnp.add, sums, new), None
+
+        names = ("loss", "weight", "correct") if kind == "tokens" else ("loss", "weight")
+        zeros = {name: jnp.zeros((), batch.mask.dtype) for name in names}
+        sums, _ = jax.lax.scan(add_slice, zeros, split_microbatches(batch, microbatches))
         return sums
 
     return jax.jit(
