@@ -9,9 +9,15 @@ its [B, H, L, L] scores outgrow this machine's memory beyond). Each row trains w
 first (compiling) step, in one run:
 
 * every model at L=1024, batch 8;
-* every model as L grows from 1k to 16k (1k to 4k with ``--quick``) at batch 2.
+* every model as L grows from 1k to 16k (1k to 4k with ``--quick``) at batch 2;
+* the hybrid at L=1024, batch 8, under each rematerialization policy (``none``, ``full``,
+  ``save_dots``) and with 4 microbatches: the price of the memory they save (``--scale`` runs
+  only these rows).
 
-Usage: python experiments/bench_train.py [--quick] [--json PATH]
+Each row also gives tokens/s per device and, where the device's peak FLOP/s is known (or
+given by ``--peak-flops``), the MFU of :mod:`spectral_jax.train.flops`.
+
+Usage: python experiments/bench_train.py [--quick] [--scale] [--peak-flops F] [--json PATH]
 """
 
 from __future__ import annotations
@@ -50,50 +56,88 @@ def model_config(kind: str, L: int) -> ModelConfig:
     return dataclasses.replace(base, attention_only=True, window=L)
 
 
-def measure(kind: str, L: int, batch: int, steps: int) -> dict:
+def measure(
+    kind: str,
+    L: int,
+    batch: int,
+    steps: int,
+    *,
+    remat: str = "none",
+    microbatches: int = 1,
+    peak_flops: float | None = None,
+) -> dict:
     config = TrainConfig(
         task=ByteCorpusLM(seq_len=L),
-        model=model_config(kind, L),
+        model=dataclasses.replace(model_config(kind, L), remat=remat),
         steps=steps,
         global_batch=batch,
+        microbatches=microbatches,
         log_every=steps,
+        eval_batches=0,
+        peak_flops_per_device=peak_flops,
     )
-    history = train(config).history
-    tokens_per_s = [r["tokens_per_s"] for r in history if "tokens_per_s" in r][-1]
+    last = [r for r in train(config).history if "tokens_per_s" in r][-1]
     return {
         "model": kind,
         "L": L,
         "batch": batch,
-        "tokens_per_s": tokens_per_s,
-        "step_s": batch * L / tokens_per_s,
+        "remat": remat,
+        "microbatches": microbatches,
+        "tokens_per_s": last["tokens_per_s"],
+        "tokens_per_s_per_device": last["tokens_per_s_per_device"],
+        "mfu": last.get("mfu"),
+        "step_s": batch * L / last["tokens_per_s"],
     }
+
+
+SCALE_SETTINGS = (("none", 1), ("full", 1), ("save_dots", 1), ("none", 4), ("full", 4))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="lengths up to 4k, fewer steps")
+    parser.add_argument("--scale", action="store_true", help="only the remat/microbatch rows")
+    parser.add_argument("--peak-flops", type=float, help="peak FLOP/s per device, for MFU")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     steps = 4 if args.quick else 8
     lengths = [1024, 2048, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    peak = {"peak_flops": args.peak_flops}
 
-    rows = [measure(kind, 1024, 8, steps) for kind in MODELS]
-    rows += [
-        measure(kind, L, 2, steps)
-        for kind in MODELS
-        for L in lengths
-        if kind != "transformer" or L <= TRANSFORMER_MAX_L
+    rows = []
+    if not args.scale:
+        rows += [measure(kind, 1024, 8, steps, **peak) for kind in MODELS]
+        rows += [
+            measure(kind, L, 2, steps, **peak)
+            for kind in MODELS
+            for L in lengths
+            if kind != "transformer" or L <= TRANSFORMER_MAX_L
+        ]
+    scale_rows = [
+        measure("hybrid", 1024, 8, steps, remat=remat, microbatches=m, **peak)
+        for remat, m in SCALE_SETTINGS
     ]
 
     print(f"\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}")
-    print(f"{'model':<12}{'L':>7}{'batch':>7}{'tokens/s':>12}{'step s':>9}{'vs stu':>8}")
-    stu = {(r["L"], r["batch"]): r["tokens_per_s"] for r in rows if r["model"] == "stu"}
-    for r in rows:
-        ratio = r["tokens_per_s"] / stu[(r["L"], r["batch"])]
+    if rows:
+        print(f"{'model':<12}{'L':>7}{'batch':>7}{'tokens/s':>12}{'step s':>9}{'vs stu':>8}")
+        stu = {(r["L"], r["batch"]): r["tokens_per_s"] for r in rows if r["model"] == "stu"}
+        for r in rows:
+            ratio = r["tokens_per_s"] / stu[(r["L"], r["batch"])]
+            print(
+                f"{r['model']:<12}{r['L']:>7}{r['batch']:>7}{r['tokens_per_s']:>12,.0f}"
+                f"{r['step_s']:>9.3f}{ratio:>8.2f}"
+            )
+    print(f"\n{'hybrid L=1024 B=8':<20}{'tok/s/device':>14}{'MFU':>8}{'vs none x1':>12}")
+    base = scale_rows[0]["tokens_per_s"]
+    for r in scale_rows:
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        label = f"remat={r['remat']} x{r['microbatches']}"
         print(
-            f"{r['model']:<12}{r['L']:>7}{r['batch']:>7}{r['tokens_per_s']:>12,.0f}"
-            f"{r['step_s']:>9.3f}{ratio:>8.2f}"
+            f"{label:<20}{r['tokens_per_s_per_device']:>14,.0f}{mfu:>8}"
+            f"{r['tokens_per_s'] / base:>12.2f}"
         )
+    rows += scale_rows
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rows": rows}, indent=2))

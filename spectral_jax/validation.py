@@ -27,12 +27,15 @@ Arithmetic = Literal["plain", "compensated"]
 """Float arithmetic of a distilled LDS: one float32 per state, or float32 pairs (exact mode)."""
 ScanKind = Literal["fft", "parallel", "sequential"]
 """How an LDS runs over a whole sequence: FFT convolution, associative scan, ``lax.scan``."""
+Remat = Literal["none", "full", "save_dots"]
+"""Per-block rematerialization: keep every activation, recompute all, or keep matmul outputs."""
 
 VARIANTS: tuple[str, ...] = get_args(Variant)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 DECODE_STRATEGIES: tuple[str, ...] = get_args(DecodeStrategy)
 ARITHMETICS: tuple[str, ...] = get_args(Arithmetic)
 SCAN_KINDS: tuple[str, ...] = get_args(ScanKind)
+REMATS: tuple[str, ...] = get_args(Remat)
 
 # Activation dtypes (bf16 runs activations only; FFTs and statistics stay in float32), and the
 # dtypes that can hold parameters, filters and LDS states (float64 is for references under x64).

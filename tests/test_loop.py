@@ -4,6 +4,7 @@ The multi-process test starts two OS processes joined by ``jax.distributed`` (CP
 gloo collectives on localhost); this file doubles as their script.
 """
 
+import dataclasses
 import io
 import json
 import math
@@ -30,11 +31,13 @@ from spectral_jax.train import (
     MeshConfig,
     NonFiniteLossError,
     OptimConfig,
+    Task,
     TrainConfig,
     load_model,
     train,
 )
 from spectral_jax.train.config import model_config_from_record, run_record
+from spectral_jax.train.flops import train_flops_per_token
 from spectral_jax.train.metrics import MetricsLogger, progress_line
 from spectral_jax.train.optim import learning_rate_schedule, make_optimizer, weight_decay_mask
 
@@ -43,13 +46,17 @@ VOCAB = 256
 
 
 class TinyLM(nnx.Module):
-    """Embedding -> causal running mean -> RMSNorm -> linear head (logits [B, L, V])."""
+    """Embedding -> causal running mean -> RMSNorm -> linear head (logits [B, L, V]).
+
+    The matrices name their logical axes (train.sharding) so that FSDP shards them; the
+    unnamed norm scale and biases are replicated."""
 
     def __init__(self, rngs: nnx.Rngs, vocab: int = VOCAB, width: int = 16, nan_after=None):
-        self.embed = nnx.Embed(vocab, width, rngs=rngs)
-        self.mix = nnx.Linear(width, width, rngs=rngs)
+        axes = lambda *names: {"logical_axes": names}  # noqa: E731
+        self.embed = nnx.Embed(vocab, width, rngs=rngs, embedding_metadata=axes("vocab", "embed"))
+        self.mix = nnx.Linear(width, width, rngs=rngs, kernel_metadata=axes("embed", "embed"))
         self.norm = nnx.RMSNorm(width, rngs=rngs)
-        self.head = nnx.Linear(width, vocab, rngs=rngs)
+        self.head = nnx.Linear(width, vocab, rngs=rngs, kernel_metadata=axes("embed", "vocab"))
         self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
         self.nan_after = nan_after
 
@@ -228,6 +235,68 @@ def test_model_output_that_does_not_fit_the_task_is_rejected(tmp_path):
         ValueError, match=r"maps inputs \(4, 16\) to \(4, 16, 100\).*\(4, 16, 256\)"
     ):
         train(config, model_fn=lambda rngs: TinyLM(rngs, vocab=100))
+
+
+def test_four_microbatches_train_and_evaluate_like_one_batch(tmp_path):
+    # One AdamW step from the same start: the accumulated gradient is the full-batch gradient
+    # up to float32 round-off of sums over 8 x 16 positions (e <~ 1e-8 relative); eps = 1e-4
+    # bounds the step's sensitivity to it by lr / eps, as in the sharded-step test.
+    optim = OptimConfig(learning_rate=1e-2, warmup_steps=0, decay_steps=10, eps=1e-4)
+    runs = [
+        train(_config(tmp_path, steps=1, global_batch=8, optim=optim, microbatches=m,
+                      eval_batches=1, metrics_path=None), model_fn=TinyLM)
+        for m in (1, 4)
+    ]  # fmt: skip
+    (train_1, eval_1), (train_4, eval_4) = (r.history for r in runs)
+    np.testing.assert_allclose(train_4["loss"], train_1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(train_4["grad_norm"], train_1["grad_norm"], rtol=1e-5)
+    for a, b in zip(*(jax.tree.leaves(nnx.state(r.model, nnx.Param)) for r in runs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=4 * 2**-23, atol=1e-2 * 1e-8 / 1e-4)
+    # the eval step runs in slices too; its sums reorder float32 additions only
+    assert eval_1["split"] == eval_4["split"] == "eval"
+    np.testing.assert_allclose(eval_4["loss"], eval_1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(eval_4["accuracy"], eval_1["accuracy"], rtol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class NibbleTask:
+    """A task of another class: bytes, with its own eval figure (bits per nibble)."""
+
+    seq_len: int = 16
+    kind, vocab_size = "tokens", VOCAB
+
+    def batch(self, seed, step, rows, split="train"):
+        return ByteCorpusLM(seq_len=self.seq_len).batch(seed, step, rows, split)
+
+    def eval_metrics(self, mean_loss):
+        return {"bits_per_nibble": mean_loss / math.log(2) / 2}
+
+
+def test_any_task_following_the_protocol_trains_with_its_own_eval_metrics(tmp_path):
+    assert isinstance(ByteCorpusLM(), Task) and isinstance(NibbleTask(), Task)
+    config = dataclasses.replace(_config(tmp_path, steps=2), task=NibbleTask())
+    evals = [r for r in train(config, model_fn=TinyLM).history if r["split"] == "eval"]
+    assert evals[0]["bits_per_nibble"] == pytest.approx(evals[0]["loss"] / math.log(4))
+    assert "bits_per_byte" not in evals[0]
+
+
+def test_throughput_per_device_and_mfu_are_logged(tmp_path):
+    model = ModelConfig(
+        d_model=8, num_layers=2, max_len=16, vocab_size=VOCAB, layer_pattern="SA", num_filters=2,
+        window=4, num_heads=2, d_hidden=16,
+    )  # fmt: skip
+    config = _config(
+        tmp_path, model=model, steps=3, log_every=3, eval_batches=0, peak_flops_per_device=1e12
+    )
+    last = train(config).history[-1]
+    per_device = last["tokens_per_s"] / jax.device_count()
+    assert last["tokens_per_s_per_device"] == pytest.approx(per_device)
+    flops = train_flops_per_token(model, 16, 4)
+    assert last["mfu"] == pytest.approx(per_device * flops / 1e12)
+    assert f"MFU {100 * last['mfu']:.1f}%" in progress_line(last, 3)
+    # on this CPU no peak is known: no MFU unless a peak is given
+    assert "mfu" not in train(_config(tmp_path, model=model, steps=2, log_every=2,
+                                      eval_batches=0)).history[-1]  # fmt: skip
 
 
 def test_resume_with_another_task_is_rejected(tmp_path):

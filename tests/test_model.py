@@ -177,3 +177,34 @@ def test_stu_layers_share_one_copy_of_the_filters():
     assert model.blocks[0].mixer.filters is model.blocks[1].mixer.filters
     filters = jax.tree.leaves(nnx.state(model, nnx.Not(nnx.Param)))
     assert [f.shape for f in filters] == [(32, 4)]  # [max_len, num_filters], not trained
+
+
+def test_remat_gives_the_same_loss_and_gradients_float64():
+    # Rematerialization recomputes the same float64 operations; only XLA's fusion of the
+    # recomputed ops may differ, so loss and gradients agree to TOL64 (round-off of sums
+    # over 2 x 12 positions and width-16 matmuls, ~1e-15 each).
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 11, (2, 12)), jnp.int32)
+
+    def loss(model):
+        logits = model(tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+
+    with jax.enable_x64(True):
+        reference = SpectralModel(dataclasses.replace(HYBRID, dtype="float64"), rngs=nnx.Rngs(2))
+        state = jax.tree.map(lambda x: x.astype(jnp.float64), nnx.state(reference))
+        nnx.update(reference, state)
+        ref_loss, ref_grads = nnx.jit(nnx.value_and_grad(loss))(reference)
+        for remat in ("full", "save_dots"):
+            config = dataclasses.replace(HYBRID, dtype="float64", remat=remat)
+            model = SpectralModel(config, rngs=nnx.Rngs(5))
+            nnx.update(model, state)
+            assert "remat" in str(jax.make_jaxpr(nnx.grad(loss))(model))  # really rematerialized
+            value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+            np.testing.assert_allclose(value, ref_loss, rtol=TOL64)
+            for (path, g), r in zip(
+                jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
+            ):
+                assert g.dtype == jnp.float64
+                np.testing.assert_allclose(g, r, rtol=TOL64, atol=TOL64, err_msg=f"{remat} {path}")
+    with pytest.raises(ValueError, match=r"ModelConfig.remat must be one of .*'save_dots'"):
+        dataclasses.replace(HYBRID, remat="save-dots")

@@ -43,7 +43,7 @@ def test_overrides_parse_by_field_type():
         ("model=1", "is a group"),
         ("steps", "not of the form key=value"),
         ("model.tie_embeddings=maybe", "expected true or false"),
-        ("steps=-3", "steps must be a positive int"),
+        ("steps=-3", r"TrainConfig\.steps must be an integer >= 1"),
         ("model.stu_projection=outer", "projection must be one of"),
     ],
 )
@@ -92,3 +92,39 @@ def test_lm_bytes_small_validation_bits_per_byte_fall():
     bpb = [r["bits_per_byte"] for r in history if r["split"] == "eval"]
     first_loss_bits = next(r["loss"] for r in history if r["split"] == "train") / np.log(2)
     assert len(bpb) == 2 and bpb[1] < bpb[0] < first_loss_bits, (first_loss_bits, bpb)
+
+
+def test_pod_preset_is_a_340m_flash_stu_like_hybrid():
+    import jax
+    from flax import nnx
+
+    from spectral_jax.nn.model import SpectralModel
+    from spectral_jax.train.sharding import logical_partition_spec
+
+    config = preset("lm_tokens_tpu_pod")
+    model = config.model
+    assert model.layer_kinds == ("S", "A") * 6 and model.max_len == config.task.seq_len == 8192
+    assert model.remat == "full" and config.microbatches == 2 and model.dtype == "bfloat16"
+    # abstract shapes only: nothing is allocated
+    abstract = nnx.eval_shape(lambda: SpectralModel(model, rngs=nnx.Rngs(0)))
+    params = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    count = sum(p.size for p in params)
+    assert count == abstract.num_params()
+    # by hand: tied embedding 200064 x 1024; per layer SwiGLU 3 x 1024 x 2736 and 2 norms;
+    # 6 STU (M_in 1024^2, M_filt +/- 2 x 24 x 1024), 6 attention (4 x 1024^2); final norm
+    hand = (
+        200_064 * 1024
+        + 12 * (3 * 1024 * 2736 + 2 * 1024)
+        + 6 * (1024 * 1024 + 2 * 24 * 1024)
+        + 6 * 4 * 1024 * 1024
+        + 1024
+    )
+    assert count == hand and 330e6 < count < 350e6
+    # the embedding rows divide FSDP sizes up to 64
+    assert logical_partition_spec(("vocab", "embed"), (200_064, 1024), {"fsdp": 64}) == (
+        jax.sharding.PartitionSpec("fsdp")
+    )
+    # it reads a user's shards and tokenizer, given by overrides
+    pod = apply_overrides(config, ["task.path=gs://bucket/shards", "task.tokenizer=tok.json"])
+    assert type(pod.task).__name__ == "TokenShardLM"
+    assert (pod.task.path, pod.task.tokenizer) == ("gs://bucket/shards", "tok.json")

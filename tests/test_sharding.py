@@ -21,14 +21,58 @@ from spectral_jax.train import sharding as shd
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_fsdp_spec_shards_the_largest_divisible_dimension():
-    assert shd.fsdp_partition_spec((8, 16), 2) == P(None, "fsdp")
-    assert shd.fsdp_partition_spec((16, 8), 2) == P("fsdp")
-    assert shd.fsdp_partition_spec((8, 8), 4) == P("fsdp")  # tie: first dimension
-    assert shd.fsdp_partition_spec((3, 5, 6), 2) == P(None, None, "fsdp")
-    assert shd.fsdp_partition_spec((7, 5), 2) == P()  # nothing divides: replicate
-    assert shd.fsdp_partition_spec((), 2) == P()
-    assert shd.fsdp_partition_spec((8, 16), 1) == P()
+def test_rule_table_maps_logical_axes_to_the_mesh():
+    spec = lambda names, shape, fsdp=2: shd.logical_partition_spec(  # noqa: E731
+        names, shape, {"data": 4, "fsdp": fsdp}
+    )
+    assert spec(("embed", "mlp"), (8, 16)) == P(None, "fsdp")  # mlp before embed
+    assert spec(("mlp", "embed"), (16, 8)) == P("fsdp")
+    assert spec(("vocab", "embed"), (256, 8)) == P("fsdp")
+    assert spec(("vocab", "embed"), (257, 8)) == P(None, "fsdp")  # vocab does not divide
+    assert spec(("filters", "embed", "embed"), (4, 8, 8)) == P(None, "fsdp")  # one axis only
+    assert spec(("time", "filters"), (4096, 24)) == P()  # the filters: never along time
+    assert spec(("embed", "mlp"), (7, 5)) == P()  # nothing divides: replicate
+    assert spec(("norm",), (8,)) == P()
+    assert spec((), ()) == P()
+    assert spec(("embed", "mlp"), (8, 16), fsdp=1) == P()
+    with pytest.raises(ValueError, match=r"\['embd'\] are not in the rule table"):
+        spec(("embd", "mlp"), (8, 16))
+    with pytest.raises(ValueError, match="do not match the array shape"):
+        spec(("embed",), (8, 16))
+
+
+def test_every_model_array_is_named_and_the_filters_stay_whole():
+    from flax import nnx
+
+    from spectral_jax.nn.model import ModelConfig, SpectralModel
+
+    config = ModelConfig(
+        d_model=16, num_layers=2, max_len=32, vocab_size=256, num_filters=4,
+        layer_pattern="SA", window=8, num_heads=2, d_hidden=32, k_u=2, k_y=1,
+    )  # fmt: skip
+    state = nnx.state(nnx.eval_shape(lambda: SpectralModel(config, rngs=nnx.Rngs(0))))
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert len(variables) > 10
+    for variable in variables:
+        names = shd.logical_axes(variable)
+        assert names is not None and len(names) == variable.ndim, variable
+    mesh = AbstractMesh((1, 2), ("data", "fsdp"))
+    shardings = shd.state_shardings(state, mesh)
+    assert shardings["blocks"][0]["mixer"]["filters"].get_value().spec == P()  # [max_len, K]
+    assert shardings["blocks"][0]["mlp"]["w_down"].get_value().spec == P("fsdp")
+    assert shardings["embed"]["embedding"].get_value().spec == P("fsdp")
+    assert shardings["blocks"][1]["mixer"]["qkv"]["kernel"].get_value().spec == P(None, "fsdp")
+
+
+def test_a_parameter_that_cannot_be_sharded_is_replicated_with_a_warning():
+    from flax import nnx
+
+    state = nnx.State(
+        {"w": nnx.Param(jax.ShapeDtypeStruct((3, 5), np.float32), logical_axes=("embed", "mlp"))}
+    )
+    with pytest.warns(UserWarning, match=r"replicated .*\['w'\] \(3, 5\)"):
+        shardings = shd.state_shardings(state, AbstractMesh((1, 2), ("data", "fsdp")))
+    assert shardings["w"].get_value().spec == P()
 
 
 def test_check_global_batch_names_the_mesh_axes():

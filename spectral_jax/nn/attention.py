@@ -173,8 +173,14 @@ class SlidingWindowAttention(nnx.Module):
     def __init__(self, config: AttentionConfig, *, rngs: nnx.Rngs):
         self.config = config
         d = config.d_model
-        self.qkv = nnx.Linear(d, 3 * d, use_bias=False, dtype=config.dtype, rngs=rngs)
-        self.out = nnx.Linear(d, d, use_bias=False, dtype=config.dtype, rngs=rngs)
+        self.qkv = nnx.Linear(
+            d, 3 * d, use_bias=False, dtype=config.dtype, rngs=rngs,
+            kernel_metadata={"logical_axes": ("embed", "qkv")},
+        )  # fmt: skip
+        self.out = nnx.Linear(
+            d, d, use_bias=False, dtype=config.dtype, rngs=rngs,
+            kernel_metadata={"logical_axes": ("heads", "embed")},
+        )  # fmt: skip
 
     def _project(self, x: jax.Array, positions: jax.Array):
         """x: [B, L, D] -> rotated, scaled q and rotated k, plain v: each [B, L, H, Dh]."""

@@ -45,7 +45,7 @@ class RMSNorm(nnx.Module):
     """Root-mean-square norm with a learned per-channel scale (initialised to 1)."""
 
     def __init__(self, dim: int, *, eps: float = 1e-6):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -58,9 +58,16 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, d_model: int, d_hidden: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
-        self.w_gate = nnx.Param(init(rngs.params(), (d_model, d_hidden), jnp.float32))
-        self.w_up = nnx.Param(init(rngs.params(), (d_model, d_hidden), jnp.float32))
-        self.w_down = nnx.Param(init(rngs.params(), (d_hidden, d_model), jnp.float32))
+        up, down = ("embed", "mlp"), ("mlp", "embed")  # logical axes (train.sharding)
+        self.w_gate = nnx.Param(
+            init(rngs.params(), (d_model, d_hidden), jnp.float32), logical_axes=up
+        )
+        self.w_up = nnx.Param(
+            init(rngs.params(), (d_model, d_hidden), jnp.float32), logical_axes=up
+        )
+        self.w_down = nnx.Param(
+            init(rngs.params(), (d_hidden, d_model), jnp.float32), logical_axes=down
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., d_model] -> [..., d_model], computed in x's dtype."""

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.distill import LDSBank, fit_lds_bank, stu_to_lds
-from spectral_jax.nn.stu import STU
+from spectral_jax.nn.stu import STU, STU_PARAM_AXES
 from spectral_jax.ops import lds, stu_ops
 from spectral_jax.ops import lds_compensated as lc
 
@@ -116,7 +116,7 @@ class LDSLayer(nnx.Module):
         if bank.seq_len != config.max_len:
             raise ValueError(f"bank fitted to L={bank.seq_len}, config.max_len={config.max_len}")
         pdt = jnp.dtype(config.param_dtype)
-        self.decays = LDSDecays(jnp.asarray(bank.branch_decays(), pdt))
+        self.decays = LDSDecays(jnp.asarray(bank.branch_decays(), pdt), logical_axes=(None, None))
         if config.projection == "tensordot":
             weights = np.asarray(params["readout"], np.float64)  # [d_out, S, n]
             expected = (config.d_out, *bank.branch_decays().shape)
@@ -126,7 +126,9 @@ class LDSLayer(nnx.Module):
         else:
             weights = bank.coeffs  # [n, K]
         hi, lo = _split(weights, pdt)
-        self.readout_hi, self.readout_lo = LDSReadout(hi), LDSReadout(lo)
+        readout_axes = (None,) * hi.ndim  # fixed and small: replicated
+        self.readout_hi = LDSReadout(hi, logical_axes=readout_axes)
+        self.readout_lo = LDSReadout(lo, logical_axes=readout_axes)
         K, d_in, d_out = bank.num_filters, config.d_in, config.d_out
         shapes = {"M_in": (d_in, d_out)} if config.projection == "tensordot" else {}
         if config.projection == "full":
@@ -142,7 +144,8 @@ class LDSLayer(nnx.Module):
                 raise ValueError(f"LDSLayer parameters lack {name}")
             if tuple(np.shape(params[name])) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {np.shape(params[name])}")
-            setattr(self, name, nnx.Param(jnp.asarray(params[name], pdt)))
+            param = nnx.Param(jnp.asarray(params[name], pdt), logical_axes=STU_PARAM_AXES[name])
+            setattr(self, name, param)
 
     @classmethod
     def from_stu(

@@ -23,6 +23,7 @@ from flax import nnx
 from spectral_jax.nn.attention import AttentionConfig, SlidingWindowAttention
 from spectral_jax.nn.blocks import BlockConfig, ResidualBlock, RMSNorm
 from spectral_jax.nn.stu import STU, STUConfig, make_filters
+from spectral_jax.validation import REMATS, Remat, one_of
 
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float64")
 LAYER_KINDS = {"S": "STU", "A": "sliding-window attention"}
@@ -49,7 +50,8 @@ class ModelConfig:
 
     ``d_hidden``: SwiGLU width (default: 8/3 * d_model rounded up to a multiple of 8).
     ``dtype``: activation dtype name, "float32" or "bfloat16" ("float64" is for equivalence
-    tests under ``jax.enable_x64``). STU fields (``num_filters``, ``stu_variant``,
+    tests under ``jax.enable_x64``). ``remat``: per-block rematerialization in training
+    (:func:`block_runner`). STU fields (``num_filters``, ``stu_variant``,
     ``stu_projection``, ``k_u``, ``k_y``) and attention fields (``num_heads``, ``window``,
     ``rope_base``) are validated by the layer configs they build.
     """
@@ -74,6 +76,7 @@ class ModelConfig:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-6
     dtype: str = "float32"
+    remat: Remat = "none"
 
     def __post_init__(self) -> None:
         for field in ("d_model", "num_layers", "max_len"):
@@ -105,6 +108,7 @@ class ModelConfig:
         if dtype_name not in ACTIVATION_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {ACTIVATION_DTYPES}")
         object.__setattr__(self, "dtype", dtype_name)
+        one_of("ModelConfig", "remat", self.remat, REMATS)
         BlockConfig(self.d_model, self.hidden_dim, self.norm_eps)
         if "S" in self.layer_kinds:
             self.stu_config()
@@ -157,6 +161,27 @@ class ModelConfig:
         )
 
 
+def block_runner(remat: Remat):
+    """``run(block, h) -> block(h)``, rematerialized as ``remat`` says.
+
+    ``"none"`` keeps every activation for the backward pass; ``"full"`` keeps only each block's
+    input and recomputes the rest (``jax.checkpoint`` with no policy); ``"save_dots"`` also keeps
+    the outputs of the weight matmuls, those without batch dimensions
+    (``jax.checkpoint_policies.dots_with_no_batch_dims_saveable``), and recomputes attention
+    scores, FFTs, norms and elementwise work. (``checkpoint_dots``, which would also keep
+    batched products, fails on the STU's complex frequency-domain product in jax 0.10.)
+    Values and gradients are the same in all three.
+    """
+    one_of("block_runner", "remat", remat, REMATS)
+    run = lambda block, h: block(h)  # noqa: E731
+    if remat == "none":
+        return run
+    policy = (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "save_dots" else None
+    )
+    return nnx.remat(run, policy=policy)
+
+
 class SpectralModel(nnx.Module):
     """STU-only, hybrid STU/attention, or attention-only sequence model.
 
@@ -168,9 +193,16 @@ class SpectralModel(nnx.Module):
         act = config.activation_dtype
         d = config.d_model
         if config.vocab_size is not None:
-            self.embed = nnx.Embed(config.vocab_size, d, dtype=act, rngs=rngs)
+            self.embed = nnx.Embed(
+                config.vocab_size, d, dtype=act, rngs=rngs,
+                embedding_metadata={"logical_axes": ("vocab", "embed")},
+            )  # fmt: skip
         else:
-            self.embed = nnx.Linear(config.d_input, d, dtype=act, rngs=rngs)
+            self.embed = nnx.Linear(
+                config.d_input, d, dtype=act, rngs=rngs,
+                kernel_metadata={"logical_axes": ("input", "embed")},
+                bias_metadata={"logical_axes": ("embed",)},
+            )  # fmt: skip
         block_config = BlockConfig(d, config.hidden_dim, config.norm_eps)
         # one copy of the fixed spectral filters, shared by every STU layer
         filters = make_filters(config.stu_config()) if "S" in config.layer_kinds else None
@@ -194,6 +226,8 @@ class SpectralModel(nnx.Module):
                 dtype=act,
                 preferred_element_type=self.out_dtype,
                 rngs=rngs,
+                kernel_metadata={"logical_axes": ("embed", "vocab")},
+                bias_metadata={"logical_axes": ("vocab",)},
             )
 
     def num_params(self) -> int:
@@ -227,8 +261,9 @@ class SpectralModel(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: tokens [B, L] or vectors [B, L, d_input] -> [B, L, out_dim]."""
         h = self._embed(x, time_axis=True)
+        run = block_runner(self.config.remat)
         for block in self.blocks:
-            h = block(h)
+            h = run(block, h)
         return self._head(h)
 
     def init_cache(

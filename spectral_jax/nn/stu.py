@@ -124,6 +124,19 @@ def _most_recent_first(seq: jax.Array, count: int) -> jax.Array:
     return jnp.pad(last, ((0, 0), (0, count - last.shape[1]), (0, 0)))
 
 
+STU_PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "M_in": ("embed", "embed"),
+    "M_filt_plus": ("filters", "embed"),
+    "M_filt_minus": ("filters", "embed"),
+    "M_plus": ("filters", "embed", "embed"),
+    "M_minus": ("filters", "embed", "embed"),
+    "M_u": ("lag", "embed", "embed"),
+    "M_y": ("lag", "embed", "embed"),
+}
+"""Logical axis names of the STU's learned parameters (mapped to mesh axes by
+``spectral_jax.train.sharding``); the distilled LDS layer names the same parameters alike."""
+
+
 class SpectralFilters(nnx.Variable):
     """Fixed spectral filters ``[max_len, K]``: module state that is never trained."""
 
@@ -131,7 +144,10 @@ class SpectralFilters(nnx.Variable):
 def make_filters(config: STUConfig) -> SpectralFilters:
     """The filter variable for ``config``; pass it to several layers to share one copy."""
     phi, _ = spectral_filters(config.max_len, config.num_filters, config.variant)
-    return SpectralFilters(jnp.asarray(phi, dtype=config.param_dtype))
+    # never sharded along time: every position's convolution needs the whole filter
+    return SpectralFilters(
+        jnp.asarray(phi, dtype=config.param_dtype), logical_axes=("time", "filters")
+    )
 
 
 class STU(nnx.Module):
@@ -167,6 +183,9 @@ class STU(nnx.Module):
         if config.k_y:
             # Zero init: the output recurrence starts as the identity map (stable).
             self.M_y = nnx.Param(jnp.zeros((config.k_y, d_out, d_out), pdt))
+        for name, value in vars(self).items():
+            if isinstance(value, nnx.Param):
+                value.set_metadata(logical_axes=STU_PARAM_AXES[name])
 
     def params(self) -> dict[str, jax.Array]:
         """The learned parameter arrays by name (the keys :mod:`~.ops.stu_ops` expects)."""

@@ -13,6 +13,7 @@ from spectral_jax.data.tokenizer import describe as describe_tokenizer
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.train.checkpoint import CheckpointConfig, CheckpointError
 from spectral_jax.train.data import (
+    LOSS_KINDS,
     ByteCorpusLM,
     LDSRegression,
     SelectiveCopying,
@@ -21,6 +22,7 @@ from spectral_jax.train.data import (
 )
 from spectral_jax.train.optim import OptimConfig
 from spectral_jax.train.sharding import DistributedConfig, MeshConfig
+from spectral_jax.validation import one_of, positive_int
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
 
@@ -31,6 +33,13 @@ class TrainConfig:
 
     ``model`` builds a ``SpectralModel``; leave it ``None`` only when passing
     ``model_fn`` to ``train``. ``seed`` drives both the initialisation and the data.
+
+    ``microbatches``: the global batch is split into this many slices whose gradients are
+    accumulated before one optimizer update (same result as one full batch, less activation
+    memory); ``global_batch`` must divide into ``microbatches`` x the number of batch shards.
+    ``peak_flops_per_device``: the peak FLOP/s that MFU is measured against; ``None`` looks
+    the device kind up in ``flops.PEAK_BF16_FLOPS`` and reports no MFU for unknown devices
+    (CPUs).
     """
 
     task: Task
@@ -47,18 +56,38 @@ class TrainConfig:
     eval_batches: int = 4
     metrics_path: str | None = None  # JSONL file, appended to
     tensorboard_dir: str | None = None
+    microbatches: int = 1
+    peak_flops_per_device: float | None = None
 
     def __post_init__(self):
-        for name in ("steps", "global_batch", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("steps", "global_batch", "log_every", "microbatches"):
+            positive_int("TrainConfig", name, getattr(self, name))
         for name in ("seed", "eval_every", "eval_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if getattr(self.task, "kind", None) not in ("tokens", "regression"):
-            raise ValueError(f"task must be a task from spectral_jax.train.data, got {self.task!r}")
+            positive_int("TrainConfig", name, getattr(self, name), minimum=0)
+        if not isinstance(self.task, Task):
+            raise ValueError(
+                f"TrainConfig.task must follow the Task protocol of spectral_jax.train.data "
+                f"(kind, seq_len, batch, eval_metrics), got {self.task!r}"
+            )
+        if not dataclasses.is_dataclass(self.task):
+            raise ValueError(
+                f"TrainConfig.task must be a (frozen) dataclass, whose fields every checkpoint "
+                f"records, got {type(self.task).__name__}"
+            )
+        one_of("TrainConfig", "task.kind", self.task.kind, LOSS_KINDS)
+        if self.global_batch % self.microbatches:
+            raise ValueError(
+                f"TrainConfig.global_batch={self.global_batch} must be a multiple of "
+                f"microbatches={self.microbatches}"
+            )
+        peak = self.peak_flops_per_device
+        if peak is not None and (
+            isinstance(peak, bool) or not isinstance(peak, int | float) or not peak > 0
+        ):
+            raise ValueError(
+                f"TrainConfig.peak_flops_per_device must be a FLOP/s count > 0 or None "
+                f"(look the device up), got {peak!r}"
+            )
         if self.model is not None and not isinstance(self.model, ModelConfig):
             raise ValueError(f"model must be a ModelConfig or None, got {self.model!r}")
 

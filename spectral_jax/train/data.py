@@ -15,11 +15,12 @@ Tasks (frozen dataclasses, validated on construction):
 - ``TokenShardLM``: next-token prediction on a directory of token shards.
 - ``SelectiveCopying``: recall the few symbols scattered in a long blank context.
 
-Each task has ``batch(seed, step, rows, split) -> Batch`` with ``split`` in
-``("train", "eval")``; the eval split is a fixed set of sequences disjoint from
-training (a separate random stream, or the held-out files of the corpus). Each also has
-``text_tokenizer()`` (the ``Tokenizer`` of a text task, else ``None``) and
-``eval_metrics(loss) -> dict`` (what a mean eval loss means: bits per token and per byte).
+Every task follows the ``Task`` protocol: ``batch(seed, step, rows, split) -> Batch``
+with ``split`` in ``("train", "eval")`` (the eval split is a fixed set of sequences
+disjoint from training: a separate random stream, or the held-out files of the corpus),
+its loss ``kind``, ``seq_len``, and ``eval_metrics(mean_loss)``, the task's own
+evaluation figures (bits per byte for a byte LM).
+Text tasks also have ``text_tokenizer()`` (their ``Tokenizer``; ``None`` for the others).
 
 ``prefetch`` computes the batches of the coming steps in a background thread.
 """
@@ -35,7 +36,7 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal, NamedTuple, TypeVar
+from typing import Literal, NamedTuple, Protocol, TypeVar, get_args, runtime_checkable
 
 import numpy as np
 
@@ -52,6 +53,10 @@ from spectral_jax.validation import positive_int
 
 Split = Literal["train", "eval"]
 _SPLIT_IDS = {"train": 0, "eval": 1}
+LossKind = Literal["tokens", "regression"]
+"""``tokens``: the model outputs logits ``[B, L, vocab_size]``, cross-entropy against int
+targets; ``regression``: outputs ``[B, L, d_output]``, mean squared error."""
+LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
 
 
 class Batch(NamedTuple):
@@ -81,6 +86,37 @@ def _rows_array(rows) -> np.ndarray:
     if rows.ndim != 1 or rows.size == 0:
         raise ValueError(f"rows must be a non-empty 1-D sequence of row indices, got {rows!r}")
     return rows
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the training loop needs from a task, whatever its class.
+
+    A task is a frozen dataclass (its fields go into every checkpoint's run record, and a
+    resumed run must have the same ones) with:
+
+    - ``kind``: the loss (``LossKind``); a ``tokens`` task also has ``vocab_size``, a
+      ``regression`` task ``d_output`` (the model's output width is checked against them).
+    - ``seq_len``: the length ``L`` of every row.
+    - ``batch(seed, step, rows, split)``: the rows (global indices) of one batch, a pure
+      function of its arguments, as a ``Batch`` of ``[len(rows), L, ...]`` NumPy arrays.
+    - ``eval_metrics(mean_loss)``: the task's own figures derived from the eval split's
+      mask-weighted mean loss (natural units), e.g. ``{"bits_per_byte": ...}``; ``{}`` if none.
+    - ``text_tokenizer()``: the ``Tokenizer`` that turns text into the task's tokens (saved with
+      every checkpoint, so generation needs no extra flags), ``None`` for non-text tasks.
+    """
+
+    @property
+    def kind(self) -> LossKind: ...
+
+    @property
+    def seq_len(self) -> int: ...
+
+    def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch: ...
+
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]: ...
+
+    def text_tokenizer(self) -> Tokenizer | None: ...
 
 
 # --------------------------------------------------------------------------- LDS regression
@@ -123,12 +159,13 @@ class LDSRegression:
     def text_tokenizer(self) -> None:
         return None
 
-    def eval_metrics(self, loss: float) -> dict[str, float]:
-        return {}
-
     def system(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The LDS in the eigenbasis of A: ``lam: [n]``, ``B: [n, d_in]``, ``C: [d_out, n]``."""
         return _lds_system(self)
+
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]:
+        """None beyond the loss (the MSE; outputs have unit variance before noise)."""
+        return {}
 
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
         rows = _rows_array(rows)
@@ -234,9 +271,9 @@ class ByteCorpusLM:
     def text_tokenizer(self) -> Tokenizer:
         return ByteTokenizer()
 
-    def eval_metrics(self, loss: float) -> dict[str, float]:
-        """A token is a byte: bits per byte is the loss in bits."""
-        return {"bits_per_byte": loss / math.log(2)}
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]:
+        """Bits per byte: one token is one byte."""
+        return {"bits_per_byte": mean_loss / math.log(2)}
 
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
         rows = _rows_array(rows)
@@ -292,7 +329,8 @@ class SelectiveCopying:
     def text_tokenizer(self) -> None:
         return None
 
-    def eval_metrics(self, loss: float) -> dict[str, float]:
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]:
+        """None beyond the loss and the accuracy the loop reports for every token task."""
         return {}
 
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
@@ -360,9 +398,9 @@ class TokenShardLM:
     def vocab_size(self) -> int:
         return self.text_tokenizer().vocab_size
 
-    def eval_metrics(self, loss: float) -> dict[str, float]:
+    def eval_metrics(self, mean_loss: float) -> dict[str, float]:
         """Bits per token, and bits per byte of text when the manifest counts the val bytes."""
-        bits = loss / math.log(2)
+        bits = mean_loss / math.log(2)
         manifest = self.shards().manifest
         if manifest is None:
             return {"bits_per_token": bits}
@@ -470,6 +508,3 @@ def prefetch(make: Callable[[int], T], steps: Iterable[int], depth: int = 2) -> 
                 ready.get(timeout=0.1)
             except queue.Empty:
                 continue
-
-
-Task = LDSRegression | ByteCorpusLM | TokenShardLM | SelectiveCopying

@@ -33,6 +33,7 @@ from spectral_jax.train.config import (
     spectral_model_fn,
 )
 from spectral_jax.train.data import Task, prefetch, save_task_tokenizer
+from spectral_jax.train.flops import peak_flops, train_flops_per_token
 from spectral_jax.train.metrics import MetricsLogger
 from spectral_jax.train.optim import learning_rate_schedule, make_optimizer
 from spectral_jax.train.step import make_eval_step, make_train_step
@@ -83,25 +84,43 @@ def _check_output_shape(layout: _Layout, task: Task, global_batch: int) -> None:
     spec = jax.ShapeDtypeStruct((global_batch, *inputs.shape[1:]), inputs.dtype)
     apply = lambda s, x: nnx.merge(layout.model_def, s)(x)  # noqa: E731
     out = jax.eval_shape(apply, layout.model_abstract, spec)
+    # A token model's vocabulary may be padded past the tokenizer's (e.g. to a multiple of 64
+    # so the embedding rows shard evenly): the padded ids are never targets.
     width = task.vocab_size if task.kind == "tokens" else task.d_output
     expected = (global_batch, task.seq_len, width)
-    if tuple(out.shape) != expected:
+    tokens = task.kind == "tokens"
+    width_fits = out.shape[-1] >= width if tokens else out.shape[-1] == width
+    if tuple(out.shape[:2]) != expected[:2] or not width_fits:
+        padding = f" (or a vocabulary padded past {width})" if tokens else ""
         raise ValueError(
             f"the model maps inputs {spec.shape} to {tuple(out.shape)}, but the task "
-            f"{type(task).__name__} needs {expected}; match the model's output size to the task"
+            f"{type(task).__name__} needs {expected}{padding}; match the model's output size "
+            "to the task"
         )
+
+
+def _flops_per_token_over_peak(config: TrainConfig) -> float | None:
+    """Model FLOPs per trained token divided by peak FLOP/s per device; None if unknown."""
+    peak = config.peak_flops_per_device or peak_flops(jax.devices()[0].device_kind)
+    if config.model is None or peak is None:
+        return None
+    rows = config.global_batch // config.microbatches  # rows of one forward call
+    return train_flops_per_token(config.model, config.task.seq_len, rows) / peak
 
 
 class _TrainLog:
     """Collects per-step device metrics, checks them, and logs them in batches.
 
     Metrics stay on device until ``flush`` (every ``log_every`` steps and before each
-    save), so the host does not wait for every step.
+    save), so the host does not wait for every step. Throughput records carry
+    ``tokens_per_s`` (global), ``tokens_per_s_per_device`` and, where the model's FLOPs and
+    the device's peak are known, ``mfu`` (model FLOPs utilisation, see ``train.flops``).
     """
 
     def __init__(self, logger: MetricsLogger, config: TrainConfig, ckpt: Checkpointer | None):
         self.logger, self.config, self.ckpt = logger, config, ckpt
         self.tokens_per_step = config.global_batch * config.task.seq_len
+        self.flops_over_peak = _flops_per_token_over_peak(config)
         self.pending: list[tuple[int, dict]] = []
         self.history: list[dict[str, Any]] = []
         self.clock: tuple[float, int] | None = None
@@ -124,7 +143,12 @@ class _TrainLog:
         now = time.perf_counter()
         if self.clock is not None and done > self.clock[1]:
             elapsed, steps_run = now - self.clock[0], done - self.clock[1]
-            records[-1]["tokens_per_s"] = self.tokens_per_step * steps_run / elapsed
+            tokens_per_s = self.tokens_per_step * steps_run / elapsed
+            per_device = tokens_per_s / jax.device_count()
+            records[-1]["tokens_per_s"] = tokens_per_s
+            records[-1]["tokens_per_s_per_device"] = per_device
+            if self.flops_over_peak is not None:
+                records[-1]["mfu"] = per_device * self.flops_over_peak
             records[-1]["eta_s"] = (self.config.steps - done) * elapsed / steps_run
             self.clock = (now, done)
         for record in records:
@@ -159,7 +183,7 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
     """
     shd.initialize_distributed(config.distributed)
     mesh = shd.make_mesh(config.mesh)
-    shd.check_global_batch(config.global_batch, mesh)
+    shd.check_global_batch(config.global_batch, mesh, config.microbatches)
     model_fn = model_fn or spectral_model_fn(config.model)
     task, seed = config.task, config.seed
     tx = make_optimizer(config.optim)
@@ -205,8 +229,11 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
         task.kind,
         learning_rate_schedule(config.optim),
         (layout.model_sh, layout.opt_sh, batch_sh, replicated),
+        config.microbatches,
     )
-    eval_step = make_eval_step(layout.model_def, task.kind, (layout.model_sh, batch_sh, replicated))
+    eval_step = make_eval_step(
+        layout.model_def, task.kind, (layout.model_sh, batch_sh, replicated), config.microbatches
+    )
     rows = shd.process_rows(config.global_batch, mesh)
 
     def global_batch(step: int, split: str):

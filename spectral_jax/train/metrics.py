@@ -42,6 +42,10 @@ def progress_line(record: dict[str, Any], total_steps: int, width: int = 20) -> 
     ]
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if "tokens_per_s_per_device" in record:
+        parts.append(f"{record['tokens_per_s_per_device']:,.0f} tok/s/device")
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
     if "eta_s" in record:
         parts.append(f"eta {format_duration(record['eta_s'])}")
     return " | ".join(parts)

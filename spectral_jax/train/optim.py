@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import optax
 
+from spectral_jax.validation import positive_int
+
 _NO_DECAY_NAMES = ("norm", "bias")
 
 
@@ -30,13 +32,13 @@ class OptimConfig:
     def __post_init__(self):
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if not isinstance(self.decay_steps, int) or self.decay_steps <= self.warmup_steps:
-            raise ValueError(
-                f"decay_steps must be an int > warmup_steps={self.warmup_steps}, "
-                f"got {self.decay_steps!r}"
-            )
+        positive_int("OptimConfig", "warmup_steps", self.warmup_steps, minimum=0)
+        positive_int(
+            "OptimConfig",
+            f"decay_steps (> warmup_steps={self.warmup_steps})",
+            self.decay_steps,
+            minimum=self.warmup_steps + 1,
+        )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("b1", "b2"):

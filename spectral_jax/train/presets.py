@@ -13,6 +13,11 @@ Presets:
   (data-parallel x FSDP). Documented, not run here.
 - ``lm_bytes_tpu_pod``: the same model on a TPU v4/v5 pod slice, every host a process
   (``jax.distributed`` auto-detection), FSDP over 4 chips. Documented, not run here.
+- ``lm_tokens_tpu_pod``: a ~340M-parameter Flash STU-like hybrid (12 layers alternating
+  tensordot STU and sliding-window attention, d_model 1024, o200k-sized vocabulary, tied
+  embeddings), seq 8192, bf16 activations, full per-block remat, 2 microbatches, on a TPU pod
+  slice. Reads a token-shard directory and tokenizer given by ``--set task.path=...
+  --set task.tokenizer=...``. Launch notes: ``experiments/tpu/README.md``. Not run here.
 
 Overrides name a field by its dotted path, e.g. ``steps=2000``, ``model.d_model=256``,
 ``task.seq_len=512``, ``optim.learning_rate=1e-3``; an unknown key is an error.
@@ -132,12 +137,51 @@ def lm_bytes_tpu_pod() -> TrainConfig:
     return _lm_bytes_large(MeshConfig(data=-1, fsdp=4), DistributedConfig(auto=True))
 
 
+POD_VOCAB = 200_064
+"""The o200k vocabulary (200,019 ids) padded to a multiple of 64, so that the embedding rows
+divide every ``fsdp`` size up to 64 (flash-stu-2 pads it the same way)."""
+
+
+def lm_tokens_tpu_pod() -> TrainConfig:
+    seq_len = 8192
+    model = ModelConfig(
+        d_model=1024,
+        num_layers=12,
+        max_len=seq_len,
+        vocab_size=POD_VOCAB,
+        tie_embeddings=True,
+        layer_pattern="SA",
+        num_filters=24,
+        stu_projection="tensordot",
+        num_heads=16,
+        window=1024,
+        dtype="bfloat16",
+        remat="full",
+    )
+    optim = OptimConfig(learning_rate=3e-4, warmup_steps=1000, decay_steps=20_000)
+    return TrainConfig(
+        # Set task.path to your prepare-data (or flash-stu-2) shard directory and, for a
+        # directory without one, task.tokenizer to its tokenizer.json.
+        task=TokenShardLM(path="data/pod_shards", seq_len=seq_len, document_mask=True),
+        model=model,
+        optim=optim,
+        steps=20_000,
+        global_batch=64,  # 64 x 8192 = 524,288 tokens per step
+        microbatches=2,
+        mesh=MeshConfig(data=-1, fsdp=4),
+        distributed=DistributedConfig(auto=True),
+        log_every=50,
+        eval_every=1000,
+    )
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "lds_small": lds_small,
     "lm_bytes_small": lm_bytes_small,
     "lm_tokens_small": lm_tokens_small,
     "lm_bytes_gpu8": lm_bytes_gpu8,
     "lm_bytes_tpu_pod": lm_bytes_tpu_pod,
+    "lm_tokens_tpu_pod": lm_tokens_tpu_pod,
 }
 
 

@@ -4,10 +4,14 @@ One code path for 1 CPU, simulated CPU devices, a GPU node and a TPU pod slice:
 
 - ``make_mesh`` builds a 2-D mesh with axes ``("data", "fsdp")`` over all devices of
   all processes (``jax.make_mesh``).
-- Parameters and optimizer state are sharded FSDP-style: each array is split along
-  its largest dimension divisible by the ``fsdp`` axis size and replicated over
-  ``data``; arrays with no such dimension (scalars, small vectors) are replicated.
-  XLA inserts the all-gathers and reduce-scatters.
+- Parameters and optimizer state are sharded FSDP-style by their *logical axis names*:
+  every parameter is created with ``logical_axes`` metadata (e.g. ``("embed", "mlp")``
+  for an MLP matrix, ``("time", "filters")`` for the fixed spectral filters), and the one
+  rule table ``LOGICAL_AXIS_RULES`` maps those names to mesh axes (``logical_partition_spec``).
+  Arrays are replicated over ``data``; XLA inserts the all-gathers and reduce-scatters.
+  The names live in our own ``logical_axes`` metadata, not in flax's ``out_sharding``: flax
+  0.12 shards a variable with ``out_sharding`` eagerly where it is created (which needs a mesh
+  in the layer code), while the layers here stay mesh-free and the loop places the state.
 - Batches are split along their leading dimension over both axes, so every device
   sees different rows. Each process generates only the rows its own devices hold
   (``process_rows``) and ``place_batch`` assembles the global array from those
@@ -19,15 +23,41 @@ One code path for 1 CPU, simulated CPU devices, a GPU node and a TPU pod slice:
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from spectral_jax.validation import positive_int
 
 DATA = "data"
 FSDP = "fsdp"
 BATCH_AXES = (DATA, FSDP)
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("vocab", FSDP),  # embedding rows / LM-head columns
+    ("mlp", FSDP),  # SwiGLU hidden width
+    ("qkv", FSDP),  # fused q, k, v output width (3 * heads * head_dim)
+    ("heads", FSDP),  # attention output projection's input (heads * head_dim)
+    ("embed", FSDP),  # model width: the fallback axis of every matrix that has one
+    ("filters", None),  # K spectral filters: small, replicated
+    ("time", None),  # the filters' time axis: never sharded (each position needs all of it)
+    ("lag", None),  # autoregressive lags k_u, k_y
+    ("input", None),  # regression input width
+    ("norm", None),  # norm scales: vectors, replicated
+)
+"""The one table from logical axis names to mesh axes, in priority order.
+
+For each array, the rules are taken in this order; a rule shards the first dimension of the
+array that carries its name, if that mesh axis is not used yet by this array and divides the
+dimension. So ``[embed, mlp]`` shards ``mlp``; ``[vocab, embed]`` shards ``vocab`` when the
+vocabulary divides the ``fsdp`` size and falls back to ``embed`` when it does not. A dimension
+named ``None`` is replicated; a name missing from the table is an error.
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +68,9 @@ class MeshConfig:
     fsdp: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.data, int) or (self.data <= 0 and self.data != -1):
-            raise ValueError(f"data must be a positive int or -1 (all devices), got {self.data!r}")
-        if not isinstance(self.fsdp, int) or self.fsdp <= 0:
-            raise ValueError(f"fsdp must be a positive int, got {self.fsdp!r}")
+        if self.data != -1:
+            positive_int("MeshConfig", "data (or -1: all devices)", self.data)
+        positive_int("MeshConfig", "fsdp", self.fsdp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +99,8 @@ class DistributedConfig:
                 "coordinator_address, num_processes and process_id must be given together, "
                 f"got {explicit}"
             )
-        if self.num_processes is not None and self.num_processes <= 0:
-            raise ValueError(f"num_processes must be positive, got {self.num_processes}")
+        if self.num_processes is not None:
+            positive_int("DistributedConfig", "num_processes", self.num_processes)
         if self.process_id is not None and not 0 <= self.process_id < self.num_processes:
             raise ValueError(
                 f"process_id must be in [0, {self.num_processes}), got {self.process_id}"
@@ -115,27 +144,80 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     )
 
 
-def fsdp_partition_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
-    """Shard the largest dimension divisible by ``fsdp_size`` over ``fsdp``.
+def logical_partition_spec(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh_shape: Mapping[str, int],
+    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+) -> P:
+    """The ``PartitionSpec`` of an array with logical axis ``names`` (see ``LOGICAL_AXIS_RULES``).
 
-    Ties go to the earlier dimension. Replicated (``P()``) when ``fsdp_size == 1``
-    or no dimension divides.
+    names, shape: one entry per dimension; mesh_shape: mesh axis name -> size. A mesh axis of
+    size 1 shards nothing, so every array is replicated on a mesh without ``fsdp``.
     """
-    if fsdp_size == 1:
-        return P()
-    candidates = [(size, -axis) for axis, size in enumerate(shape) if size % fsdp_size == 0]
-    if not candidates:
-        return P()
-    axis = -max(candidates)[1]
-    return P(*([None] * axis + [FSDP]))
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {tuple(names)} do not match the array shape {tuple(shape)}")
+    table = dict(rules)
+    unknown = sorted({n for n in names if n is not None and n not in table})
+    if unknown:
+        raise ValueError(
+            f"logical axis names {unknown} are not in the rule table; known: {sorted(table)}"
+        )
+    spec: list[str | None] = [None] * len(shape)
+    used: set[str] = set()
+    for name, mesh_axis in rules:
+        if mesh_axis is None or mesh_axis in used or mesh_shape.get(mesh_axis, 1) == 1:
+            continue
+        for dim, (dim_name, size) in enumerate(zip(names, shape, strict=True)):
+            if dim_name == name and spec[dim] is None and size % mesh_shape[mesh_axis] == 0:
+                spec[dim] = mesh_axis
+                used.add(mesh_axis)
+                break
+    while spec and spec[-1] is None:  # P("fsdp") rather than P("fsdp", None)
+        spec.pop()
+    return P(*spec)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The ``logical_axes`` metadata of a parameter or state variable (``None`` if absent)."""
+    return variable.get_metadata().get("logical_axes")
 
 
 def state_shardings(tree, mesh: Mesh):
-    """NamedShardings for a pytree of arrays (or ``jax.ShapeDtypeStruct``), FSDP rule."""
-    fsdp_size = mesh.shape[FSDP]
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, fsdp_partition_spec(tuple(x.shape), fsdp_size)), tree
-    )
+    """``NamedSharding``s for an ``nnx.State`` (concrete or abstract), by the rule table.
+
+    Each variable is sharded by its ``logical_axes``; an unnamed array (a custom
+    ``model_fn`` whose layers do not name their axes, a scalar step count) is replicated, since
+    nothing says which of its axes may be split. When a sharded mesh axis divides none of
+    a parameter's named dimensions, that parameter is replicated and a warning names it.
+    """
+    mesh_shape, table = dict(mesh.shape), dict(LOGICAL_AXIS_RULES)
+    replicated_params = []
+
+    def sharding(path, x):
+        if not _is_variable(x):
+            return NamedSharding(mesh, P())
+        names = logical_axes(x)
+        if names is None:
+            return x.replace(NamedSharding(mesh, P()))
+        spec = logical_partition_spec(names, tuple(x.shape), mesh_shape)
+        shardable = any(mesh_shape.get(table.get(n) or "", 1) > 1 for n in names if n)
+        if shardable and spec == P() and isinstance(x, nnx.Param):
+            replicated_params.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {names}")
+        return x.replace(NamedSharding(mesh, spec))
+
+    out = jax.tree_util.tree_map_with_path(sharding, tree, is_leaf=_is_variable)
+    if replicated_params:
+        warnings.warn(
+            f"replicated (no named axis divisible by the mesh {mesh_shape}): "
+            + "; ".join(replicated_params),
+            stacklevel=2,
+        )
+    return out
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -147,13 +229,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_global_batch(global_batch: int, mesh: Mesh) -> None:
-    """Raise ValueError unless ``global_batch`` splits evenly over the batch axes."""
+def check_global_batch(global_batch: int, mesh: Mesh, microbatches: int = 1) -> None:
+    """Raise ValueError unless every one of ``microbatches`` slices of ``global_batch`` splits
+    evenly over the batch axes."""
     shards = mesh.shape[DATA] * mesh.shape[FSDP]
-    if not isinstance(global_batch, int) or global_batch <= 0 or global_batch % shards:
+    positive_int("TrainConfig", "microbatches", microbatches)
+    if (
+        not isinstance(global_batch, int)
+        or global_batch <= 0
+        or global_batch % (shards * microbatches)
+    ):
+        per = f" x microbatches {microbatches}" if microbatches > 1 else ""
         raise ValueError(
             f"global_batch={global_batch!r} must be a positive multiple of the number of "
-            f"batch shards {shards} (mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]})"
+            f"batch shards {shards}{per} (mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]})"
         )
 
 

@@ -34,18 +34,72 @@ def masked_mean(values, mask):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def split_microbatches(batch: Batch, microbatches: int) -> Batch:
+    """``[B, ...] -> [m, B / m, ...]``: microbatch ``j`` holds rows ``j, m + j, 2m + j, ...``.
+
+    Interleaved rows keep every microbatch spread over all batch shards: each device holds a
+    contiguous block of rows, and takes its share of every microbatch from it.
+    """
+    rows = batch.inputs.shape[0]
+    if rows % microbatches:
+        raise ValueError(f"a batch of {rows} rows does not split into {microbatches} microbatches")
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(rows // microbatches, microbatches, *x.shape[1:]), 0, 1),
+        batch,
+    )
+
+
+def loss_and_grads(model: nnx.Module, batch: Batch, kind: str, microbatches: int = 1):
+    """The masked-mean loss of ``batch`` and its gradient in the model's ``nnx.Param``s.
+
+    Gradients are accumulated over ``microbatches`` slices (``split_microbatches``) by a
+    ``lax.scan``, so only one microbatch's activations are alive at a time. Every slice's
+    summed loss is divided by the weight ``sum(mask)`` of the *whole* batch, so the sum over
+    slices is the full-batch masked mean and its gradient, up to round-off, whatever the
+    number of counted positions per slice. Non-parameter state that the model's call updates
+    (counters, RNG streams) is threaded through the slices and written back to ``model``.
+    Returns ``(loss, grads)`` with ``grads`` an ``nnx.State`` like ``nnx.state(model,
+    nnx.Param)``.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    weight = jnp.maximum(jnp.sum(batch.mask), 1.0)
+
+    def slice_loss(params, rest, micro: Batch):
+        module = nnx.merge(graphdef, params, rest, copy=True)
+        outputs = module(micro.inputs)
+        loss = jnp.sum(per_position_loss(outputs, micro.targets, kind) * micro.mask) / weight
+        return loss, nnx.state(module, nnx.Not(nnx.Param))  # state the call updated
+
+    def accumulate(carry, micro: Batch):
+        loss, grads, rest = carry
+        (micro_loss, rest), micro_grads = jax.value_and_grad(slice_loss, has_aux=True)(
+            params, rest, micro
+        )
+        return (loss + micro_loss, jax.tree.map(jnp.add, grads, micro_grads), rest), None
+
+    zeros = (jnp.zeros((), weight.dtype), jax.tree.map(jnp.zeros_like, params), rest)
+    (loss, grads, rest), _ = jax.lax.scan(
+        accumulate, zeros, split_microbatches(batch, microbatches)
+    )
+    nnx.update(model, rest)
+    return loss, grads
+
+
 def make_train_step(
     model_graphdef,
     optimizer_graphdef,
     kind: str,
     schedule: optax.Schedule,
     shardings: tuple,
+    microbatches: int = 1,
 ):
     """``step(model_state, opt_state, batch) -> (model_state, opt_state, metrics)``.
 
-    ``shardings = (model, optimizer, batch, replicated)``. Metrics (replicated scalars):
-    ``loss`` (before the update), ``grad_norm`` (before clipping), ``learning_rate``
-    (used by this update), ``params_finite`` (the updated parameters are all finite).
+    ``shardings = (model, optimizer, batch, replicated)``. The gradient of the whole batch is
+    accumulated over ``microbatches`` slices (``loss_and_grads``), then applied in one
+    optimizer update. Metrics (replicated scalars): ``loss`` (before the update),
+    ``grad_norm`` (before clipping), ``learning_rate`` (used by this update),
+    ``params_finite`` (the updated parameters are all finite).
     """
     model_sharding, opt_sharding, batch_sharding, replicated = shardings
 
@@ -53,12 +107,7 @@ def make_train_step(
         model = nnx.merge(model_graphdef, model_state)
         optimizer = nnx.merge(optimizer_graphdef, opt_state)
         model.train()
-
-        def loss_fn(model):
-            outputs = model(batch.inputs)
-            return masked_mean(per_position_loss(outputs, batch.targets, kind), batch.mask)
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        loss, grads = loss_and_grads(model, batch, kind, microbatches)
         learning_rate = schedule(optimizer.step[...])
         grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
@@ -80,19 +129,31 @@ def make_train_step(
     )
 
 
-def make_eval_step(model_graphdef, kind: str, shardings: tuple):
-    """``step(model_state, batch) -> sums``: loss, weight (and correct tokens) summed."""
+def make_eval_step(model_graphdef, kind: str, shardings: tuple, microbatches: int = 1):
+    """``step(model_state, batch) -> sums``: loss, weight (and correct tokens) summed.
+
+    The batch runs in ``microbatches`` slices (``split_microbatches``), like the train step,
+    so evaluation needs no more activation memory than training.
+    """
     model_sharding, batch_sharding, replicated = shardings
 
     def eval_step(model_state, batch: Batch):
         model = nnx.merge(model_graphdef, model_state)
         model.eval()
-        outputs = model(batch.inputs)
-        losses = per_position_loss(outputs, batch.targets, kind)
-        sums = {"loss": jnp.sum(losses * batch.mask), "weight": jnp.sum(batch.mask)}
-        if kind == "tokens":
-            correct = jnp.argmax(outputs, axis=-1) == batch.targets
-            sums["correct"] = jnp.sum(correct * batch.mask)
+        graphdef, state = nnx.split(model)
+
+        def add_slice(sums, micro: Batch):
+            outputs = nnx.merge(graphdef, state, copy=True)(micro.inputs)
+            losses = per_position_loss(outputs, micro.targets, kind)
+            new = {"loss": jnp.sum(losses * micro.mask), "weight": jnp.sum(micro.mask)}
+            if kind == "tokens":
+                correct = jnp.argmax(outputs, axis=-1) == micro.targets
+                new["correct"] = jnp.sum(correct * micro.mask)
+            return jax.tree.map(jnp.add, sums, new), None
+
+        names = ("loss", "weight", "correct") if kind == "tokens" else ("loss", "weight")
+        zeros = {name: jnp.zeros((), batch.mask.dtype) for name in names}
+        sums, _ = jax.lax.scan(add_slice, zeros, split_microbatches(batch, microbatches))
         return sums
 
     return jax.jit(
