@@ -185,20 +185,15 @@ def solve_coefficients(signed_decays: jax.Array, phi: jax.Array, ridge: float):
 def _check_fit_args(L, K, variant, num_states, ridge, x_range, arithmetic) -> None:
     one_of("fit_lds_bank", "arithmetic", arithmetic, ARITHMETICS)
     one_of("fit_lds_bank", "variant", variant, VARIANTS)
-    positive_int("fit_lds_bank", "L", int(L) if isinstance(L, np.integer) else L, minimum=2)
+    L, K, num_states = (int(v) if isinstance(v, np.integer) else v for v in (L, K, num_states))
+    positive_int("fit_lds_bank", "L", L, minimum=2)
     limit = min(max_num_filters(L, variant), L - 1)
-    if isinstance(K, bool) or not isinstance(K, int | np.integer) or not 1 <= K <= limit:
-        raise ValueError(f"K must be an integer in [1, {limit}] (K < L) for L={L}, got {K!r}")
-    if (
-        isinstance(num_states, bool)
-        or not isinstance(num_states, int | np.integer)
-        or num_states < 4
-        or num_states % 2
-        or num_states > L
-    ):
+    if positive_int("fit_lds_bank", "K", K) > limit:
+        raise ValueError(f"fit_lds_bank.K must be in [1, {limit}] (K < L) for L={L}, got {K!r}")
+    if positive_int("fit_lds_bank", "num_states", num_states, minimum=4) % 2 or num_states > L:
         raise ValueError(
-            f"num_states must be an even integer in [4, L={L}] (both signs counted), "
-            f"got {num_states!r}"
+            f"fit_lds_bank.num_states must be an even integer in [4, L={L}] (both signs "
+            f"counted), got {num_states!r}"
         )
     if not (isinstance(ridge, float | int) and np.isfinite(ridge) and 0 <= ridge < 1):
         raise ValueError(f"ridge must be a finite number in [0, 1), got {ridge!r}")
