@@ -7,18 +7,19 @@ JAX compilation):
 * coverage: L in {1024, 65536}, K in {8, 16, 32}, Hankel-L.
 
 Columns: ``rel_err_f64`` is the relative Frobenius error of the float64 bank over all filters
-(2K for standard). ``rel_err_f32_layer`` is the float32 fidelity of the distilled layer: an STU
-with random projections (full mode, d_in = d_out = 8, default init) is run in float64, its
-distilled LDS layer entirely in float32 (recurrence, readout and projection; compensated
-arithmetic, the layer's default) on the same random input (B=1, length L), and the relative
-Frobenius error of the outputs is reported; ``rel_err_f32_layer_plain`` is the same with the
-textbook float32 recurrence and readout (and a bank whose grid was chosen for plain arithmetic,
-``rel_err_f64_plain_bank``), and ``rel_err_f32_stu`` the float32 FFT STU against the
-float64 one (the floor any float32 path faces).
+(2K for standard). ``rel_err_f32_layer_plain`` is the float32 fidelity of the distilled layer at
+its default arithmetic: an STU with random projections (full mode, d_in = d_out = 8, default
+init) is run in float64, its distilled LDS layer entirely in float32 as the recurrence that
+decoding runs (parallel scan, plain float32 readout and projection; a bank whose grid was chosen
+for plain arithmetic, ``rel_err_f64_plain_bank``) on the same random input (B=1, length L), and
+the relative Frobenius error of the outputs is reported; ``rel_err_f32_layer`` is the same with
+the compensated arithmetic (float32 pairs, the exact mode); ``rel_err_f32_layer_fft`` the plain
+layer's FFT prefill (kernels formed in float64), and ``rel_err_f32_stu`` the float32 FFT STU
+against the float64 one (the floor any float32 path faces).
 
 A speed section times, in the same run, the jitted float32 STU and distilled layer (plain and
-compensated) on the fidelity problem (B=1, d=8, L=8192), and one decode step of each LDS layer;
-it reports the compensated/plain cost ratios.
+compensated; FFT forward, and the parallel scan it replaced) on the fidelity problem (B=1, d=8,
+L=8192), and one decode step of each LDS layer; it reports the compensated/plain cost ratios.
 
 ``--levers`` (implied without ``--quick``) adds, at L=8192, K=24, the float32 error of the bank's
 impulse responses under alternative design choices (decays rounded after the fit, ridge,
@@ -85,12 +86,13 @@ def layer_errors(
         ("plain", "rel_err_f32_layer_plain", plain_bank),
     ):
         layer = LDSLayer.from_stu(stu, b, arithmetic=arithmetic)
-        out[key] = relative(layer(x), reference)
+        out[key] = relative(layer(x, scan="parallel"), reference)
+    out["rel_err_f32_layer_fft"] = relative(layer(x), reference)  # plain (the last one)
     return out
 
 
 def row(L: int, K: int, variant: str, states: int) -> dict:
-    bank, report, seconds = fit_cold(L, K, variant, states)
+    bank, report, seconds = fit_cold(L, K, variant, states, arithmetic="compensated")
     plain_bank, plain_report, _ = fit_cold(L, K, variant, states, arithmetic="plain")
     return {
         "L": L,
@@ -140,7 +142,7 @@ def levers(states: int, L: int = 8192, K: int = 24) -> list[dict]:
     """Float32 impulse-response error of the bank under alternative choices (one at a time)."""
     targets = distill.target_filters(L, K, "standard")
     phi = targets[:, :K]
-    bank, report, _ = fit_cold(L, K, "standard", states)
+    bank, report, _ = fit_cold(L, K, "standard", states, arithmetic="compensated")
     x_min, x_max = bank.metadata["x_min"], bank.metadata["x_max"]
     base = dict(bank=bank, decays=bank.branch_decays(), coeffs=bank.coeffs)
     results = []
@@ -218,15 +220,17 @@ def median_seconds(fn, *args, repeats: int = 5) -> float:
 
 def speed(L: int = 8192, K: int = 24, states: int = 120) -> dict[str, float]:
     """Seconds per forward pass (B=1, d=8) and per decode step, all jitted, float32."""
-    bank, _, _ = fit_cold(L, K, "standard", states)
+    bank, _, _ = fit_cold(L, K, "standard", states, arithmetic="compensated")
     stu = STU(STUConfig(D, D, L, K), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (1, L, D), jnp.float32)
     forward = nnx.jit(lambda layer, x: layer(x))
+    scanned = nnx.jit(lambda layer, x: layer(x, scan="parallel"))
     step = nnx.jit(lambda layer, cache, x_t: layer.step(cache, x_t)[1])
     out = {"forward_stu_fft": median_seconds(forward, stu, x)}
     for arithmetic in ("plain", "compensated"):
         layer = LDSLayer.from_stu(stu, bank, arithmetic=arithmetic)
         out[f"forward_lds_{arithmetic}"] = median_seconds(forward, layer, x)
+        out[f"forward_lds_{arithmetic}_parallel_scan"] = median_seconds(scanned, layer, x)
         cache = layer.init_cache(1, L)
         out[f"step_lds_{arithmetic}"] = median_seconds(step, layer, cache, x[:, 0], repeats=50)
     return out
@@ -247,7 +251,7 @@ def main() -> None:
         specs += [(8192, k, "standard", 120) for k in (8, 16, 32)]
         specs += [(8192, 24, "hankel_l", 120), (65536, 32, "standard", 160)]
     rows = []
-    names = ("f64 fit", "f32 layer", "f32 plain", "f32 STU")
+    names = ("f64 fit", "f32 comp", "f32 plain", "plain fft", "f32 STU")
     header = f"{'L':>6} {'K':>3} {'variant':>9} {'states':>6} " + " ".join(f"{n:>9}" for n in names)
     header += f" {'fit s':>6}"
     print(header)
@@ -257,6 +261,7 @@ def main() -> None:
         print(
             f"{r['L']:>6} {r['K']:>3} {r['variant']:>9} {r['states']:>6} {r['rel_err_f64']:>9.2e} "
             f"{r['rel_err_f32_layer']:>9.2e} {r['rel_err_f32_layer_plain']:>9.2e} "
+            f"{r['rel_err_f32_layer_fft']:>9.2e} "
             f"{r['rel_err_f32_stu']:>9.2e} {r['fit_seconds']:>6.1f}",
             flush=True,
         )

@@ -1,10 +1,11 @@
 """Distill a byte-level language model and compare it with the STU model it came from.
 
 Loads the ``lm_bytes_small`` checkpoint in ``--checkpoint`` (training it there first if the
-directory holds none), distills every STU layer with both float32 LDS arithmetics
-(``compensated``: float32 pairs; ``plain``: one float32 per state), and reports:
+directory holds none), distills every STU layer in each float32 LDS arithmetic of
+``--arithmetic`` (default ``plain``, one float32 per state; add ``compensated``, float32 pairs,
+to compare the exact mode), and reports:
 
-* validation bits/byte of the STU model and both distilled models on the same held-out bytes;
+* validation bits/byte of the STU model and the distilled models on the same held-out bytes;
 * greedy generations (``--new-tokens`` bytes) from 5 fixed prompts, compared token by token:
   STU with the naive and FutureFill decode caches, and the distilled models;
 * decode tokens/s per strategy (prompts batched, jitted prefill + one ``lax.scan``).
@@ -12,6 +13,7 @@ directory holds none), distills every STU layer with both float32 LDS arithmetic
 Writes ``results.json`` and ``results.md`` to ``--out``.
 
 Usage: python experiments/distill_lm.py [--checkpoint DIR] [--out DIR] [--eval-batches N]
+       [--arithmetic plain [compensated]]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, 
 from spectral_jax.train.config import task_from_record
 from spectral_jax.train.presets import lm_bytes_small
 from spectral_jax.train.step import masked_mean, per_position_loss
+from spectral_jax.validation import ARITHMETICS
 
 PROMPT_BYTES = 40
 PROMPTS = [
@@ -90,6 +93,9 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=16, help="8 sequences each")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--num-states", type=int, default=120)
+    parser.add_argument(
+        "--arithmetic", nargs="+", choices=ARITHMETICS, default=["plain"], help="LDS arithmetics"
+    )
     args = parser.parse_args()
 
     ensure_checkpoint(args.checkpoint)
@@ -97,7 +103,7 @@ def main() -> None:
     task = task_from_record(meta["run"])
     models = {"stu": model}
     reports = {}
-    for arithmetic in ("compensated", "plain"):
+    for arithmetic in args.arithmetic:
         models[f"lds_{arithmetic}"], reports[arithmetic] = distill_with_report(
             model, meta["run"], num_states=args.num_states, arithmetic=arithmetic
         )
@@ -107,8 +113,7 @@ def main() -> None:
     runs = {
         "stu_naive": (model, "naive"),
         "stu_futurefill": (model, "futurefill"),
-        "lds_compensated": (models["lds_compensated"], None),
-        "lds_plain": (models["lds_plain"], None),
+        **{f"lds_{a}": (models[f"lds_{a}"], None) for a in args.arithmetic},
     }
     tokens, speed = {}, {}
     for name, (m, strategy) in runs.items():

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\n== 2. distilling the STU layers into LDS layers ({args.num_states} states) ==")
     distilled, report = distill_with_report(
-        result.model, run_record(config), num_states=args.num_states, arithmetic="compensated"
+        result.model, run_record(config), num_states=args.num_states, arithmetic="plain"
     )
     print(format_distill_report(report))
 

@@ -47,7 +47,8 @@ import numpy as np
 from spectral_jax import distill_report
 from spectral_jax.ops import lds
 from spectral_jax.ops.disk_cache import cached_arrays, load_npz, save_npz_atomic
-from spectral_jax.ops.filters import VARIANTS, max_num_filters, spectral_filters
+from spectral_jax.ops.filters import max_num_filters, spectral_filters
+from spectral_jax.validation import ARITHMETICS, VARIANTS, Arithmetic, Variant, one_of, positive_int
 
 # Bump when the fit changes so stale cache files are never read.
 ALGORITHM_VERSION = 2
@@ -78,14 +79,13 @@ class LDSBank:
     decays: np.ndarray
     coeffs: np.ndarray
     seq_len: int
-    variant: str
+    variant: Variant
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         decays = np.asarray(self.decays, np.float64)
         coeffs = np.asarray(self.coeffs, np.float64)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"LDSBank.variant must be one of {VARIANTS}, got {self.variant!r}")
+        one_of("LDSBank", "variant", self.variant, VARIANTS)
         if decays.ndim != 1 or coeffs.ndim != 2 or coeffs.shape[0] != decays.size:
             raise ValueError(
                 f"LDSBank needs decays [n] and coeffs [n, K]; got {decays.shape}, {coeffs.shape}"
@@ -95,8 +95,7 @@ class LDSBank:
             raise ValueError("LDSBank.coeffs contain NaN or infinite values")
         if np.any(decays.astype(np.float32).astype(np.float64) != decays):
             raise ValueError("LDSBank.decays must be exactly representable in float32")
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
-            raise ValueError(f"LDSBank.seq_len must be an integer >= 2, got {self.seq_len!r}")
+        positive_int("LDSBank", "seq_len", self.seq_len, minimum=2)
         object.__setattr__(self, "decays", decays)
         object.__setattr__(self, "coeffs", coeffs)
 
@@ -119,13 +118,16 @@ class LDSBank:
             return np.stack([self.decays, -self.decays])
         return self.decays[None]
 
-    def filters(self, length: int | None = None) -> np.ndarray:
-        """The bank's filters ``[length, S * K]`` in float64 (plus branch, then minus branch)."""
+    def responses(self, length: int | None = None) -> np.ndarray:
+        """Impulse responses ``a^t`` of every state, ``[length, S, n]`` in float64."""
         length = self.seq_len if length is None else length
         with jax.enable_x64(True):
-            responses = lds.impulse_response(jnp.asarray(self.branch_decays()), length)
-            out = jnp.einsum("tsn,nk->tsk", responses, jnp.asarray(self.coeffs))
-            return np.asarray(out).reshape(length, -1)
+            return np.asarray(lds.impulse_response(jnp.asarray(self.branch_decays()), length))
+
+    def filters(self, length: int | None = None) -> np.ndarray:
+        """The bank's filters ``[length, S * K]`` in float64 (plus branch, then minus branch)."""
+        out = np.einsum("tsn,nk->tsk", self.responses(length), self.coeffs)
+        return out.reshape(out.shape[0], -1)
 
 
 def target_filters(L: int, K: int, variant: str) -> np.ndarray:
@@ -181,27 +183,17 @@ def solve_coefficients(signed_decays: jax.Array, phi: jax.Array, ridge: float):
 
 
 def _check_fit_args(L, K, variant, num_states, ridge, x_range, arithmetic) -> None:
-    if arithmetic not in ROUNDOFF_BY_ARITHMETIC:
-        raise ValueError(
-            f"arithmetic must be one of {tuple(ROUNDOFF_BY_ARITHMETIC)}, got {arithmetic!r}"
-        )
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if isinstance(L, bool) or not isinstance(L, int | np.integer) or L < 2:
-        raise ValueError(f"L must be an integer >= 2, got {L!r}")
+    one_of("fit_lds_bank", "arithmetic", arithmetic, ARITHMETICS)
+    one_of("fit_lds_bank", "variant", variant, VARIANTS)
+    L, K, num_states = (int(v) if isinstance(v, np.integer) else v for v in (L, K, num_states))
+    positive_int("fit_lds_bank", "L", L, minimum=2)
     limit = min(max_num_filters(L, variant), L - 1)
-    if isinstance(K, bool) or not isinstance(K, int | np.integer) or not 1 <= K <= limit:
-        raise ValueError(f"K must be an integer in [1, {limit}] (K < L) for L={L}, got {K!r}")
-    if (
-        isinstance(num_states, bool)
-        or not isinstance(num_states, int | np.integer)
-        or num_states < 4
-        or num_states % 2
-        or num_states > L
-    ):
+    if positive_int("fit_lds_bank", "K", K) > limit:
+        raise ValueError(f"fit_lds_bank.K must be in [1, {limit}] (K < L) for L={L}, got {K!r}")
+    if positive_int("fit_lds_bank", "num_states", num_states, minimum=4) % 2 or num_states > L:
         raise ValueError(
-            f"num_states must be an even integer in [4, L={L}] (both signs counted), "
-            f"got {num_states!r}"
+            f"fit_lds_bank.num_states must be an even integer in [4, L={L}] (both signs "
+            f"counted), got {num_states!r}"
         )
     if not (isinstance(ridge, float | int) and np.isfinite(ridge) and 0 <= ridge < 1):
         raise ValueError(f"ridge must be a finite number in [0, 1), got {ridge!r}")
@@ -269,7 +261,7 @@ def fit_lds_bank(
     *,
     ridge: float = DEFAULT_RIDGE,
     x_range: tuple[float, float] | None = None,
-    arithmetic: str = "compensated",
+    arithmetic: Arithmetic = "plain",
 ) -> tuple[LDSBank, dict[str, Any]]:
     """Fit an LDS bank to the ``L``-tap spectral filters (cached on disk; runs on the host CPU).
 
@@ -280,8 +272,8 @@ def fit_lds_bank(
       ridge: Tikhonov weight relative to the largest singular value of the unit-norm basis.
       x_range: fixed grid ``(x_min, x_max)`` in ``x = log(-log a)``; default: the best of
         :data:`X_MIN_OFFSETS` x :data:`X_MAX_CANDIDATES` by predicted error (module docstring).
-      arithmetic: the arithmetic the bank is meant to run in, ``"compensated"`` or ``"plain"``
-        float32: it only weighs the candidate grids.
+      arithmetic: the arithmetic the bank is meant to run in, ``"plain"`` (default) or
+        ``"compensated"`` float32: it only weighs the candidate grids.
 
     Returns:
       ``(bank, report)``; the report (a dict, see :func:`spectral_jax.distill_report.bank_report`)

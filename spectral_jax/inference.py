@@ -17,46 +17,34 @@ from etils import epath
 from flax import nnx
 
 from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
-from spectral_jax.distill import fit_lds_bank
-from spectral_jax.nn.lds_layer import distill_model
+from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.model import SpectralModel
-from spectral_jax.nn.stu import STU
 from spectral_jax.train import CheckpointConfig, Checkpointer, load_model
 from spectral_jax.train.config import model_config_from_record, task_from_record
-
-
-def _stu_layers(model: nnx.Module) -> list[STU]:
-    return [m for _, m in nnx.iter_modules(model) if isinstance(m, STU)]
+from spectral_jax.validation import Arithmetic
 
 
 def distill_with_report(
-    model: nnx.Module, record: dict[str, Any], *, num_states: int, arithmetic: str
+    model: nnx.Module, record: dict[str, Any], *, num_states: int, arithmetic: Arithmetic
 ) -> tuple[nnx.Module, dict[str, Any]]:
-    """Distill every STU of ``model`` and measure the result.
+    """Distill every STU of ``model`` (:func:`~spectral_jax.nn.distillation.distill_model`) and
+    measure the result.
 
-    The report holds, per distinct filter bank, the fit's own report (float64 and float32 filter
+    The report holds the per-bank reports of ``distill_model`` (float64 and float32 filter
     errors, coefficient norms), and end to end on one batch of the run's eval split:
     ``rel_err`` (``||y_lds - y_stu|| / ||y_stu||`` of the model outputs) and, for token models,
     ``argmax_agreement`` (fraction of positions whose most likely next token is the same).
     """
-    stus = _stu_layers(model)
-    banks = {}
-    for stu in stus:
-        cfg = stu.config
-        spec = (cfg.max_len, cfg.num_filters, cfg.variant)
-        if spec not in banks:
-            _, bank_report = fit_lds_bank(*spec, num_states, arithmetic=arithmetic)
-            banks[spec] = {"L": spec[0], "K": spec[1], "variant": spec[2], **bank_report}
-    distilled = distill_model(model, num_states=num_states, arithmetic=arithmetic)
+    distilled, banks = distill_model(model, num_states=num_states, arithmetic=arithmetic)
 
     task = task_from_record(record)
     inputs = jnp.asarray(task.batch(seed=0, step=0, rows=range(4), split="eval").inputs)
     y_stu = np.asarray(nnx.jit(lambda m, x: m(x))(model, inputs), np.float64)
     y_lds = np.asarray(nnx.jit(lambda m, x: m(x))(distilled, inputs), np.float64)
     report: dict[str, Any] = {
-        "stu_layers": len(stus),
+        "stu_layers": sum(bank["layers"] for bank in banks),
         "arithmetic": arithmetic,
-        "banks": list(banks.values()),
+        "banks": banks,
         "rel_err": float(np.linalg.norm(y_lds - y_stu) / np.linalg.norm(y_stu)),
     }
     if task.kind == "tokens":
@@ -90,7 +78,9 @@ def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Mod
     model = SpectralModel(model_config_from_record(record), rngs=nnx.Rngs(0))
     if distill is None:
         return model
-    return distill_model(model, num_states=distill["num_states"], arithmetic=distill["arithmetic"])
+    return distill_model(
+        model, num_states=distill["num_states"], arithmetic=distill["arithmetic"]
+    ).model
 
 
 def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
@@ -126,7 +116,7 @@ def checkpoint_tokenizer(directory: str, meta: dict[str, Any]) -> Tokenizer:
 
 
 def distill_checkpoint(
-    source: str, out: str, *, num_states: int = 120, arithmetic: str = "compensated"
+    source: str, out: str, *, num_states: int = 120, arithmetic: Arithmetic = "plain"
 ) -> dict[str, Any]:
     """Distill every STU layer of the model in ``source`` into a new checkpoint in ``out``.
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from spectral_jax.generate import Sampling, decode, generate, prefill, sample_tokens
-from spectral_jax.nn.lds_layer import distill_model
+from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU
 
@@ -84,7 +84,7 @@ def test_distilled_model_decodes_like_the_stu_model_and_greedy_tokens_match():
     call is tested in test_lds_layer.py.) Measured: 72/72 tokens agree, decoded logits differ
     from the STU forward by ~3e-7 of their scale, smallest top-1/top-2 logit gap ~9e-3."""
     model = make_model(dataclasses.replace(HYBRID, k_u=2, k_y=2), seed=3)
-    distilled = distill_model(model, num_states=40)  # 40 = max_len: the most states allowed
+    distilled = distill_model(model, num_states=40).model  # 40 = max_len: the most states allowed
     assert not any(isinstance(m, STU) for _, m in nnx.iter_modules(distilled))
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, 11, (3, 8)), jnp.int32)
     stu_tokens = generate(model, prompt, 24, strategy="futurefill")

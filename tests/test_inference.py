@@ -38,6 +38,8 @@ def test_distilled_checkpoint_round_trip(trained, tmp_path):
     distilled, meta = load_for_inference(out)
     assert isinstance(distilled.blocks[0].mixer, LDSLayer)
     assert meta["distill"]["source"] == trained
+    # plain float32 is the default arithmetic, recorded in the checkpoint
+    assert meta["distill"]["arithmetic"] == report["arithmetic"] == "plain"
     task = task_from_record(meta["run"])
     x = jnp.asarray(task.batch(seed=1, step=0, rows=range(2), split="eval").inputs)
     y_stu, y_lds = np.asarray(source(x)), np.asarray(distilled(x))

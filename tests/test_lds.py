@@ -195,3 +195,37 @@ def test_compensated_rejects_float64_and_bad_shapes():
     states = lc.split_float64(np.zeros((2, 5)))
     with pytest.raises(ValueError, match="last axis"):
         lc.readout(states, lc.split_float64(np.zeros((4, 3))))
+
+
+@pytest.mark.parametrize("chunk", [16, 4096])
+def test_driven_final_state_matches_the_scan_x64(monkeypatch, chunk):
+    """The decay-power matmul (chunked at ``chunk``: 50 = 3 x 16 + 2 pads at the front) gives
+    the scan's last state; float64, so only round-off of ~50 terms separates them."""
+    monkeypatch.setattr(lds, "FINAL_STATE_CHUNK", chunk)
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        decays = jnp.asarray(np.stack([np.linspace(0.1, 0.999, 5), -np.linspace(0.2, 0.9, 5)]))
+        drive = jnp.asarray(rng.standard_normal((2, 50, 3)))
+        u = jnp.broadcast_to(drive[..., None, None], (2, 50, 3, 2, 5))
+        expected = np.asarray(lds.scan(jnp.broadcast_to(decays, (3, 2, 5)), u)[:, -1])
+        got = np.asarray(lds.driven_final_state(decays, drive))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-13 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="drive"):
+        lds.driven_final_state(np.float32([0.5]), jnp.zeros((1, 4, 2), jnp.int32))
+
+
+def test_pairwise_sum_is_twice_as_precise():
+    """Large cancelling float32 terms (odd count, so the tree pads): ``s + c`` (added in float64)
+    is within ``2 depth u^2 sum |terms|`` of the exact sum (Sum2's bound, ``u = 2^-24``), where a
+    plain float32 sum loses ~``u sum |terms|``."""
+    rng = np.random.default_rng(7)
+    terms = rng.standard_normal((2, 41, 3)).astype(np.float32) * 1e3
+    terms[:, 20:40] = -terms[:, :20] * np.float32(1 + 2**-20)
+    exact = terms.astype(np.float64).sum(axis=1)
+    s, c = jax.jit(lc.pairwise_sum)(jnp.asarray(terms))
+    got = np.float64(s) + np.float64(c)
+    scale = np.abs(terms.astype(np.float64)).sum(axis=1)
+    depth = 6  # ceil(log2(41)) levels of the tree
+    assert np.all(np.abs(got - exact) <= 2 * depth * EPS32**2 * scale)
+    plain = np.float64(jnp.sum(jnp.asarray(terms), axis=1))
+    assert np.abs(plain - exact).max() > 1e3 * 2 * depth * EPS32**2 * scale.max()

@@ -8,13 +8,22 @@ the bank's LDS (:mod:`spectral_jax.distill`): constant time and memory per gener
   which the STU's own ``M_plus``/``M_minus`` project, exactly as in the STU;
 * tensordot mode: the inputs are projected by ``M_in`` first, and each of the ``d_out`` channels
   reads its states out with its own folded coefficients ``readout[o] = coeffs @ M_filt[:, o]``;
-* AR terms are the STU's (:func:`spectral_jax.ops.stu_ops.input_ar` / ``output_ar``).
+* AR terms are the STU's (:mod:`spectral_jax.ops.stu_ops`).
 
-``arithmetic="compensated"`` (default) carries the states as float32 pairs and accumulates the
-readout without rounding (:mod:`spectral_jax.ops.lds_compensated`): the cancelling coefficients then
-cost no accuracy, and a float32 layer matches the float64 STU to ~1e-7 relative.
-``arithmetic="plain"`` is the textbook float32 recurrence (~1e-5 for K=24; fastest), and runs in
-float64 when ``param_dtype`` is float64 (references under ``jax.enable_x64``).
+Prefill is a convolution, decoding a recurrence. Over a prompt (``scan="fft"``, the default) the
+outputs are a causal FFT convolution with the bank's own impulse responses, exactly as the STU
+computes its outputs (:mod:`spectral_jax.ops.conv`); those kernels are formed once, on the host in
+float64 (the bank's coefficients cancel, so forming them in float32 would lose digits), and
+kept as a fixed variable of the bank's length ``max_len``. The state after the prompt is one
+more pass, a matmul against decay powers (:func:`spectral_jax.ops.lds.driven_final_state`).
+Positions past ``max_len`` continue from that state by the parallel scan, so a prompt may have
+any length. ``scan="parallel"`` / ``"sequential"`` compute every state by a scan instead (the
+tested alternatives). :meth:`LDSLayer.step` advances the recurrence by one token.
+
+The arithmetic of the recurrence and its readout is one object of
+:mod:`spectral_jax.ops.lds_arithmetic`: ``"plain"`` float32 (default, ~2e-5 relative to the
+float64 STU at L=8192, K=24, 120 states; float64 under ``jax.enable_x64`` for references) or
+``"compensated"`` float32 pairs (~1e-7, the opt-in exact mode; float32 only).
 """
 
 from __future__ import annotations
@@ -28,73 +37,107 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.distill import LDSBank, fit_lds_bank, stu_to_lds
-from spectral_jax.nn.stu import STU, STU_PARAM_AXES
-from spectral_jax.ops import lds, stu_ops
-from spectral_jax.ops import lds_compensated as lc
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
+from spectral_jax.nn.stu import STU, STU_PARAM_AXES, STUConfig
+from spectral_jax.ops import stu_ops
+from spectral_jax.ops.conv import causal_conv, causal_conv_project
+from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME, LDSArithmetic
+from spectral_jax.validation import (
+    ARITHMETICS,
+    SCAN_KINDS,
+    STATE_DTYPES,
+    Arithmetic,
+    ScanKind,
+    float_dtype,
+    one_of,
+    positive_int,
+)
 
-ARITHMETICS = ("compensated", "plain")
-PARAM_DTYPES = ("float32", "float64")
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
 class LDSConfig:
-    """Shape and arithmetic of an :class:`LDSLayer`.
+    """An :class:`LDSLayer`: the STU it was distilled from, and the arithmetic it runs in.
 
     Attributes:
-      d_in, d_out, max_len, projection, k_u, k_y, dtype: as in
-        :class:`spectral_jax.nn.stu.STUConfig` (``max_len`` is the filter length the bank was
-        fitted to: the longest parallel input).
-      arithmetic: ``"compensated"`` (float32 pairs, needs float32 parameters) or ``"plain"``.
-      param_dtype: float32, or float64 for references under ``jax.enable_x64`` (plain only).
+      stu: the source layer's :class:`~spectral_jax.nn.stu.STUConfig` (shapes, projection, AR
+        lags, dtypes; ``stu.max_len`` is the length the bank was fitted to). Its
+        ``param_dtype`` is the dtype of the LDS parameters and states: float32, or float64 for
+        references under ``jax.enable_x64`` (plain arithmetic only).
+      arithmetic: ``"plain"`` (default) or ``"compensated"`` (float32 pairs; float32 only).
     """
 
-    d_in: int
-    d_out: int
-    max_len: int
-    projection: str = "full"
-    k_u: int = 0
-    k_y: int = 0
-    arithmetic: str = "compensated"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    stu: STUConfig
+    arithmetic: Arithmetic = "plain"
 
     def __post_init__(self):
-        for name, minimum in (("d_in", 1), ("d_out", 1), ("max_len", 2), ("k_u", 0), ("k_y", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"LDSConfig.{name} must be an integer >= {minimum}, got {value!r}")
-        if self.projection not in ("full", "tensordot"):
-            raise ValueError(
-                f"LDSConfig.projection must be 'full' or 'tensordot', got {self.projection!r}"
-            )
-        if self.arithmetic not in ARITHMETICS:
-            raise ValueError(
-                f"LDSConfig.arithmetic must be one of {ARITHMETICS}, got {self.arithmetic!r}"
-            )
-        if jnp.dtype(self.param_dtype).name not in PARAM_DTYPES:
-            raise ValueError(
-                f"LDSConfig.param_dtype must be one of {PARAM_DTYPES}, got {self.param_dtype!r}"
-            )
-        if self.arithmetic == "compensated" and jnp.dtype(self.param_dtype) != jnp.float32:
-            raise ValueError(
-                "LDSConfig.arithmetic='compensated' is float32 arithmetic; got param_dtype "
-                f"{jnp.dtype(self.param_dtype).name} (use arithmetic='plain')"
-            )
+        if not isinstance(self.stu, STUConfig):
+            raise ValueError(f"LDSConfig.stu must be an STUConfig, got {type(self.stu).__name__}")
+        one_of("LDSConfig", "arithmetic", self.arithmetic, ARITHMETICS)
+        float_dtype("LDSConfig", "stu.param_dtype", self.stu.param_dtype, STATE_DTYPES)
+        float_dtype(
+            f"LDSConfig(arithmetic={self.arithmetic!r})",
+            "stu.param_dtype",
+            self.stu.param_dtype,
+            self.lds_arithmetic.param_dtypes,
+        )
+
+    @classmethod
+    def for_stu(cls, stu: STUConfig, arithmetic: Arithmetic = "plain") -> LDSConfig:
+        """The config of ``stu`` distilled in ``arithmetic``; parameters become float32 where the
+        arithmetic needs it (compensated), else keep the STU's ``param_dtype``."""
+        one_of("LDSConfig", "arithmetic", arithmetic, ARITHMETICS)
+        allowed = ARITHMETICS_BY_NAME[arithmetic].param_dtypes
+        if jnp.dtype(stu.param_dtype).name not in allowed:
+            stu = dataclasses.replace(stu, param_dtype=jnp.dtype(allowed[0]))
+        return cls(stu, arithmetic)
+
+    @property
+    def lds_arithmetic(self) -> LDSArithmetic:
+        return ARITHMETICS_BY_NAME[self.arithmetic]
 
     @property
     def channels(self) -> int:
         """Channels that drive an LDS: ``d_in`` (full) or ``d_out`` (tensordot)."""
-        return self.d_out if self.projection == "tensordot" else self.d_in
+        return self.stu.d_out if self.stu.tensordot else self.stu.d_in
+
+    def param_shapes(self, num_filters: int) -> dict[str, tuple[int, ...]]:
+        """The learned parameters a layer of this config has, by name."""
+        cfg = self.stu
+        K, d_in, d_out = num_filters, cfg.d_in, cfg.d_out
+        if cfg.tensordot:
+            shapes = {"M_in": (d_in, d_out)}
+        else:
+            names = ("M_plus", "M_minus") if cfg.two_branch else ("M_plus",)
+            shapes = {name: (K, d_in, d_out) for name in names}
+        if cfg.k_u:
+            shapes["M_u"] = (cfg.k_u, d_in, d_out)
+        if cfg.k_y:
+            shapes["M_y"] = (cfg.k_y, d_out, d_out)
+        return shapes
+
+
+def check_bank(bank: LDSBank, stu: STUConfig) -> None:
+    """Raise ``ValueError`` unless ``bank`` was fitted to ``stu``'s filters."""
+    if (bank.seq_len, bank.num_filters, bank.variant) != (
+        stu.max_len,
+        stu.num_filters,
+        stu.variant,
+    ):
+        raise ValueError(
+            f"bank (L={bank.seq_len}, K={bank.num_filters}, {bank.variant}) does not match "
+            f"the STU (max_len={stu.max_len}, K={stu.num_filters}, {stu.variant})"
+        )
 
 
 class LDSCache(NamedTuple):
-    """Decode state: LDS states ``hi + lo`` ``[B, C, S, n]`` (``lo`` is zero in plain mode),
-    the last ``k_u - 1`` inputs ``[B, k_u - 1, d_in]`` and the last ``k_y`` outputs
+    """Decode state: the LDS ``state`` ``[B, C, S, n]`` in the layer's arithmetic (one array for
+    plain, a :class:`~spectral_jax.ops.lds_compensated.DoubleFloat` pair for compensated), the
+    last ``k_u - 1`` inputs ``[B, k_u - 1, d_in]`` and the last ``k_y`` outputs
     ``[B, k_y, d_out]`` (most recent first)."""
 
-    state_hi: jax.Array
-    state_lo: jax.Array
+    state: Any
     inputs: jax.Array
     outputs: jax.Array
 
@@ -104,7 +147,11 @@ class LDSDecays(nnx.Variable):
 
 
 class LDSReadout(nnx.Variable):
-    """Fixed readout coefficients, split as float32 ``hi`` + ``lo`` (or float64 ``hi``, 0)."""
+    """Fixed readout coefficients as stored words ``[words, ...]`` of the arithmetic."""
+
+
+class LDSKernels(nnx.Variable):
+    """Fixed convolution kernels of the prefill, ``[max_len, F]``, computed in float64."""
 
 
 class LDSLayer(nnx.Module):
@@ -113,33 +160,26 @@ class LDSLayer(nnx.Module):
     def __init__(self, config: LDSConfig, bank: LDSBank, params: dict[str, Any]):
         """``params``: LDS-layer parameters from :func:`spectral_jax.distill.stu_to_lds`."""
         self.config = config
-        if bank.seq_len != config.max_len:
-            raise ValueError(f"bank fitted to L={bank.seq_len}, config.max_len={config.max_len}")
-        pdt = jnp.dtype(config.param_dtype)
+        cfg = config.stu
+        check_bank(bank, cfg)
+        pdt = jnp.dtype(cfg.param_dtype)
+        arithmetic = config.lds_arithmetic
         self.decays = LDSDecays(jnp.asarray(bank.branch_decays(), pdt), logical_axes=(None, None))
-        if config.projection == "tensordot":
-            weights = np.asarray(params["readout"], np.float64)  # [d_out, S, n]
-            expected = (config.d_out, *bank.branch_decays().shape)
-            if weights.shape != expected:
-                raise ValueError(f"readout must have shape {expected}, got {weights.shape}")
-            weights = weights.reshape(config.d_out, -1, 1)  # [C, S * n, 1]
+        if cfg.tensordot:
+            readout = np.asarray(params["readout"], np.float64)  # [d_out, S, n]
+            expected = (cfg.d_out, *bank.branch_decays().shape)
+            if readout.shape != expected:
+                raise ValueError(f"readout must have shape {expected}, got {readout.shape}")
+            weights = readout.reshape(cfg.d_out, -1, 1)  # [C, S * n, 1]
+            kernels = np.einsum("tsn,osn->to", bank.responses(), readout)  # [L, d_out]
         else:
             weights = bank.coeffs  # [n, K]
-        hi, lo = _split(weights, pdt)
-        readout_axes = (None,) * hi.ndim  # fixed and small: replicated
-        self.readout_hi = LDSReadout(hi, logical_axes=readout_axes)
-        self.readout_lo = LDSReadout(lo, logical_axes=readout_axes)
-        K, d_in, d_out = bank.num_filters, config.d_in, config.d_out
-        shapes = {"M_in": (d_in, d_out)} if config.projection == "tensordot" else {}
-        if config.projection == "full":
-            shapes.update({name: (K, d_in, d_out) for name in ("M_plus", "M_minus")})
-            if bank.num_branches == 1:
-                del shapes["M_minus"]
-        if config.k_u:
-            shapes["M_u"] = (config.k_u, d_in, d_out)
-        if config.k_y:
-            shapes["M_y"] = (config.k_y, d_out, d_out)
-        for name, shape in shapes.items():
+            kernels = bank.filters()  # [L, S * K]
+        # fixed arrays, replicated (the kernels are never split along time)
+        readout = jnp.asarray(arithmetic.pack(weights, pdt))
+        self.readout = LDSReadout(readout, logical_axes=(None,) * readout.ndim)
+        self.kernels = LDSKernels(jnp.asarray(kernels, pdt), logical_axes=("time", None))
+        for name, shape in config.param_shapes(bank.num_filters).items():
             if name not in params:
                 raise ValueError(f"LDSLayer parameters lack {name}")
             if tuple(np.shape(params[name])) != shape:
@@ -154,7 +194,7 @@ class LDSLayer(nnx.Module):
         bank: LDSBank | None = None,
         *,
         num_states: int = 120,
-        arithmetic: str = "compensated",
+        arithmetic: Arithmetic = "plain",
     ) -> LDSLayer:
         """Distill ``stu``: fit (or take) a bank for its filters and convert its parameters."""
         cfg = stu.config
@@ -162,194 +202,153 @@ class LDSLayer(nnx.Module):
             bank, _ = fit_lds_bank(
                 cfg.max_len, cfg.num_filters, cfg.variant, num_states, arithmetic=arithmetic
             )
-        if (bank.seq_len, bank.num_filters, bank.variant) != (
-            cfg.max_len,
-            cfg.num_filters,
-            cfg.variant,
-        ):
-            raise ValueError(
-                f"bank (L={bank.seq_len}, K={bank.num_filters}, {bank.variant}) does not match "
-                f"the STU (max_len={cfg.max_len}, K={cfg.num_filters}, {cfg.variant})"
-            )
+        check_bank(bank, cfg)
         params = stu_to_lds(stu.params(), bank, tensordot=cfg.tensordot)
-        config = LDSConfig(
-            d_in=cfg.d_in,
-            d_out=cfg.d_out,
-            max_len=cfg.max_len,
-            projection=cfg.projection,
-            k_u=cfg.k_u,
-            k_y=cfg.k_y,
-            arithmetic=arithmetic,
-            dtype=cfg.dtype,
-            param_dtype=jnp.float32 if arithmetic == "compensated" else cfg.param_dtype,
-        )
-        return cls(config, bank, params)
+        return cls(LDSConfig.for_stu(cfg, arithmetic), bank, params)
+
+    @property
+    def length_limit(self) -> None:
+        """None: a recurrence has no length limit (prompts and decoding run to any length)."""
+        return None
 
     # ---- shared pieces -------------------------------------------------------------------
 
     def _check_input(self, x: jax.Array, step: bool) -> None:
-        cfg = self.config
-        expected = f"[batch, {cfg.d_in}]" if step else f"[batch, length, {cfg.d_in}]"
-        if x.ndim != (2 if step else 3) or x.shape[-1] != cfg.d_in:
+        d_in = self.config.stu.d_in
+        expected = f"[batch, {d_in}]" if step else f"[batch, length, {d_in}]"
+        if x.ndim != (2 if step else 3) or x.shape[-1] != d_in or (not step and x.shape[1] < 1):
             raise ValueError(f"LDSLayer expects input {expected}, got shape {x.shape}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"LDSLayer expects a floating-point input, got {x.dtype}")
-        if not step and not 1 <= x.shape[1] <= cfg.max_len:
-            raise ValueError(f"input length {x.shape[1]} is outside [1, max_len={cfg.max_len}]")
+
+    def _lags(self) -> tuple[jax.Array | None, jax.Array | None]:
+        """``(M_u, M_y)``, None where the config has no such lags."""
+        cfg = self.config.stu
+        return (self.M_u[...] if cfg.k_u else None), (self.M_y[...] if cfg.k_y else None)
+
+    def _spectral_weights(self) -> jax.Array:
+        """Full mode: the STU projections ``[S * K, d_in, d_out]`` after the filter outputs."""
+        cfg = self.config.stu
+        names = ("M_plus", "M_minus") if cfg.two_branch else ("M_plus",)
+        return stu_ops.spectral_weights(
+            {name: getattr(self, name)[...] for name in names}, cfg.two_branch
+        )
 
     def _drive(self, x: jax.Array) -> jax.Array:
         """LDS inputs ``[..., C]`` from layer inputs ``[..., d_in]``."""
-        if self.config.projection == "tensordot":
+        if self.config.stu.tensordot:
             return jnp.matmul(x, self.M_in[...], precision=HIGHEST)
         return x
 
-    def _read(self, states: lc.DoubleFloat) -> jax.Array:
-        """Layer output before AR terms: ``states [..., C, S, n] -> [..., d_out]`` (plain
-        arithmetic reads ``states.hi`` only; its ``lo`` may be None)."""
-        cfg = self.config
-        weights = lc.DoubleFloat(self.readout_hi[...], self.readout_lo[...])
-        lead = states.hi.shape[:-3]
-        if cfg.projection == "tensordot":
-            flat = lc.DoubleFloat(
-                *(None if s is None else s.reshape(*lead, cfg.d_out, -1) for s in states)
-            )
-            return self._contract(flat, weights)[..., 0]
-        features = self._contract(states, weights)  # [..., C, S, K]
-        features = features.reshape(*lead, cfg.d_in, -1)
-        m = stu_ops.spectral_weights(
-            {
-                name: getattr(self, name)[...]
-                for name in ("M_plus", "M_minus")
-                if hasattr(self, name)
-            },
-            two_branch=hasattr(self, "M_minus"),
-        )  # [S * K, d_in, d_out]
-        return jnp.einsum("...cf,fco->...o", features, m, precision=HIGHEST)
-
-    def _contract(self, states: lc.DoubleFloat, weights: lc.DoubleFloat) -> jax.Array:
-        if self.config.arithmetic == "compensated":
-            return lc.readout(states, weights)
-        return jnp.matmul(states.hi[..., None, :], weights.hi, precision=HIGHEST)[..., 0, :]
-
-    def _states(self, drive: jax.Array) -> lc.DoubleFloat:
-        """Parallel scan: ``drive [B, L, C] -> states [B, L, C, S, n]`` (``lo`` None if plain)."""
+    def _expand(self, drive: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Every state's input ``[..., C, S, n]`` and decays ``[C, S, n]``, from ``[..., C]``."""
         decays = self.decays[...]
         u = jnp.broadcast_to(drive[..., None, None], drive.shape + decays.shape)
-        decays = jnp.broadcast_to(decays, u.shape[2:])
-        if self.config.arithmetic == "compensated":
-            return lc.parallel_scan(decays, u)
-        states = lds.parallel_scan(decays, u)
-        return lc.DoubleFloat(states, None)
+        return u, jnp.broadcast_to(decays, (drive.shape[-1], *decays.shape))
+
+    def _read(self, states: Any) -> jax.Array:
+        """Layer output before AR terms: ``states [..., C, S, n] -> [..., d_out]``."""
+        cfg, arithmetic = self.config.stu, self.config.lds_arithmetic
+        weights = arithmetic.weights(self.readout[...])
+        lead = jax.tree.leaves(states)[0].shape[:-3]
+        if cfg.tensordot:
+            flat = jax.tree.map(lambda s: s.reshape(*lead, cfg.d_out, -1), states)
+            return arithmetic.readout(flat, weights)[..., 0]
+        features = arithmetic.readout(states, weights)  # [..., C, S, K]
+        features = features.reshape(*lead, cfg.d_in, -1)
+        return jnp.einsum("...cf,fco->...o", features, self._spectral_weights(), precision=HIGHEST)
+
+    def _convolve(self, x: jax.Array) -> jax.Array:
+        """Outputs before AR terms by FFT with the bank's kernels: ``x [B, T <= max_len, d_in]``."""
+        kernels = self.kernels[: x.shape[1]]
+        if self.config.stu.tensordot:
+            return causal_conv(self._drive(x), kernels)
+        return causal_conv_project(x, kernels, self._spectral_weights())
+
+    def _sequence(self, x: jax.Array, scan: ScanKind) -> tuple[jax.Array, Any]:
+        """The one place the scan kind is chosen: ``x [B, T, d_in]`` -> (outputs before AR terms
+        ``[B, T, d_out]``, state after position ``T - 1``)."""
+        arithmetic = self.config.lds_arithmetic
+        if scan == "fft":
+            head = x[:, : self.config.stu.max_len]
+            y = self._convolve(head)
+            state = arithmetic.final_state(self.decays[...], self._drive(head))
+            if x.shape[1] == head.shape[1]:
+                return y, state
+            # Past the kernels' length: continue from the state (the scan is exact there too).
+            u, decays = self._expand(self._drive(x[:, head.shape[1] :]))
+            states = arithmetic.scan("parallel", decays, u, state)
+            tail = self._read(states)
+            return jnp.concatenate([y, tail], axis=1), jax.tree.map(lambda s: s[:, -1], states)
+        u, decays = self._expand(self._drive(x))
+        states = arithmetic.scan(scan, decays, u)
+        return self._read(states), jax.tree.map(lambda s: s[:, -1], states)
 
     # ---- the four entry points -----------------------------------------------------------
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Parallel path: ``x [B, L, d_in] -> [B, L, d_out]`` in ``config.dtype``."""
-        return self.prefill(x)[0]
+    def __call__(self, x: jax.Array, *, scan: ScanKind = "fft") -> jax.Array:
+        """Parallel path: ``x [B, L, d_in] -> [B, L, d_out]`` in ``config.stu.dtype``, any
+        ``L >= 1``; ``scan`` as in :meth:`prefill`."""
+        return self.prefill(x, scan=scan)[0]
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> LDSCache:
+    def init_cache(
+        self,
+        batch: int,
+        max_len: int,
+        dtype: Any = None,
+        options: DecodeOptions = DEFAULT_DECODE,
+    ) -> LDSCache:
         """Empty cache for ``batch`` sequences. The LDS state does not grow with ``max_len``
-        (accepted for the common decode API; must be a positive integer)."""
-        del dtype  # states live in param_dtype; outputs are cast on return
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
-        cfg, pdt = self.config, jnp.dtype(self.config.param_dtype)
-        zeros = jnp.zeros((batch, cfg.channels, *self.decays.shape), pdt)
+        (accepted for the common decode API; must be a positive integer); ``dtype`` and
+        ``options`` do not concern the recurrence (states live in the parameter dtype)."""
+        del dtype, options
+        positive_int("LDSLayer.init_cache", "batch", batch)
+        positive_int("LDSLayer.init_cache", "max_len", max_len)
+        cfg, pdt = self.config.stu, jnp.dtype(self.config.stu.param_dtype)
+        shape = (batch, self.config.channels, *self.decays.shape)
         return LDSCache(
-            zeros,
-            zeros,
+            self.config.lds_arithmetic.zeros(shape, pdt),
             jnp.zeros((batch, max(cfg.k_u - 1, 0), cfg.d_in), pdt),
             jnp.zeros((batch, cfg.k_y, cfg.d_out), pdt),
         )
 
-    def prefill(self, x: jax.Array) -> tuple[jax.Array, LDSCache]:
-        """Parallel path that also returns the decode cache after the last position."""
+    def prefill(
+        self, x: jax.Array, options: DecodeOptions = DEFAULT_DECODE, *, scan: ScanKind = "fft"
+    ) -> tuple[jax.Array, LDSCache]:
+        """Parallel path over a prompt ``x [B, L, d_in]`` (any ``L >= 1``) that also returns the
+        decode cache after its last position.
+
+        ``scan``: ``"fft"`` (default: FFT convolution plus a decay-power matmul for the state),
+        ``"parallel"`` or ``"sequential"`` (every state by a scan; slower alternatives).
+        ``options`` do not concern the recurrence.
+        """
+        del options
         self._check_input(x, step=False)
-        cfg = self.config
+        one_of("LDSLayer.prefill", "scan", scan, SCAN_KINDS)
+        cfg = self.config.stu
         x = x.astype(cfg.param_dtype)
-        states = self._states(self._drive(x))
-        y = self._read(states)
-        if cfg.k_u:
-            y = y + stu_ops.input_ar(self.M_u[...], x)
-        if cfg.k_y:
-            y = stu_ops.output_ar(self.M_y[...], y)
-        cache = self.init_cache(x.shape[0], cfg.max_len)
+        y, state = self._sequence(x, scan)
+        m_u, m_y = self._lags()
+        if m_u is not None:
+            y = y + stu_ops.input_ar(m_u, x)
+        if m_y is not None:
+            y = stu_ops.output_ar(m_y, y)
+        empty = self.init_cache(x.shape[0], 1)
         cache = LDSCache(
-            states.hi[:, -1],
-            cache.state_lo if states.lo is None else states.lo[:, -1],
-            _recent(x, cache.inputs),
-            _recent(y, cache.outputs),
+            state,
+            stu_ops.most_recent_first(x, empty.inputs),
+            stu_ops.most_recent_first(y, empty.outputs),
         )
         return y.astype(cfg.dtype), cache
 
     def step(self, cache: LDSCache, x_t: jax.Array) -> tuple[LDSCache, jax.Array]:
         """One token: ``x_t [B, d_in] -> y_t [B, d_out]``, O(1) time and memory in the position."""
         self._check_input(x_t, step=True)
-        cfg = self.config
+        cfg = self.config.stu
         x_t = x_t.astype(cfg.param_dtype)
-        drive = self._drive(x_t)
-        decays = self.decays[...]
-        u = jnp.broadcast_to(drive[..., None, None], drive.shape + decays.shape)
-        decays = jnp.broadcast_to(decays, u.shape[1:])
-        if cfg.arithmetic == "compensated":
-            state = lc.step(decays, lc.DoubleFloat(cache.state_hi, cache.state_lo), u)
-        else:
-            state = lc.DoubleFloat(lds.step(decays, cache.state_hi, u), cache.state_lo)
-        y = self._read(state)
-        if cfg.k_u:
-            lagged = jnp.concatenate([x_t[:, None], cache.inputs], axis=1)  # [B, k_u, d_in]
-            y = y + jnp.einsum("bid,ido->bo", lagged, self.M_u[...], precision=HIGHEST)
-        if cfg.k_y:
-            y = y + jnp.einsum("bio,ioz->bz", cache.outputs, self.M_y[...], precision=HIGHEST)
-        cache = LDSCache(
-            state.hi,
-            state.lo,
-            _recent(x_t[:, None], cache.inputs),
-            _recent(y[:, None], cache.outputs),
+        u, decays = self._expand(self._drive(x_t))
+        state = self.config.lds_arithmetic.step(decays, cache.state, u)
+        y, inputs, outputs = stu_ops.ar_step(
+            *self._lags(), x_t, self._read(state), cache.inputs, cache.outputs
         )
-        return cache, y.astype(cfg.dtype)
-
-
-def _split(weights: np.ndarray, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    if dtype == jnp.float32:
-        return tuple(lc.split_float64(weights))
-    return jnp.asarray(weights, dtype), jnp.zeros(weights.shape, dtype)
-
-
-def _recent(sequence: jax.Array, history: jax.Array) -> jax.Array:
-    """The last ``history.shape[1]`` entries of ``history`` followed by ``sequence [B, T, D]``,
-    most recent first."""
-    keep = history.shape[1]
-    if keep == 0:
-        return history
-    combined = jnp.concatenate([sequence[:, ::-1], history], axis=1)
-    return combined[:, :keep]
-
-
-def distill_model(
-    model: nnx.Module, *, num_states: int = 120, arithmetic: str = "compensated"
-) -> nnx.Module:
-    """A copy of ``model`` in which every :class:`STU` is replaced by its :class:`LDSLayer`.
-
-    Everything else (embeddings, norms, MLPs, attention layers, the input model) is unchanged;
-    STUs with the same ``(max_len, num_filters, variant)`` share one fitted bank.
-    """
-    distilled = nnx.clone(model)
-    targets = [
-        (parent, key, child)
-        for _, parent in nnx.iter_modules(distilled)
-        for key, child in nnx.iter_children(parent)
-        if isinstance(child, STU)
-    ]
-    if not targets:
-        raise ValueError(f"{type(model).__name__} contains no STU layer to distill")
-    banks: dict[tuple[int, int, str], LDSBank] = {}
-    for parent, key, stu in targets:
-        cfg = stu.config
-        spec = (cfg.max_len, cfg.num_filters, cfg.variant)
-        if spec not in banks:
-            banks[spec] = fit_lds_bank(*spec, num_states, arithmetic=arithmetic)[0]
-        setattr(parent, str(key), LDSLayer.from_stu(stu, banks[spec], arithmetic=arithmetic))
-    return distilled
+        return LDSCache(state, inputs, outputs), y.astype(cfg.dtype)

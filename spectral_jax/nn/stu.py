@@ -118,12 +118,6 @@ class STUCache:
     outputs: jax.Array
 
 
-def _most_recent_first(seq: jax.Array, count: int) -> jax.Array:
-    """``seq: [B, L, D] -> [B, count, D]``: the last ``count`` rows reversed, zeros before t=0."""
-    last = jnp.flip(seq[:, max(seq.shape[1] - count, 0) :], axis=1)
-    return jnp.pad(last, ((0, 0), (0, count - last.shape[1]), (0, 0)))
-
-
 STU_PARAM_AXES: dict[str, tuple[str, ...]] = {
     "M_in": ("embed", "embed"),
     "M_filt_plus": ("filters", "embed"),
@@ -300,8 +294,8 @@ class STU(nnx.Module):
         conv = conv_decode.prefill(cache.conv, self._conv_input(u), self._conv_weights())
         return y, STUCache(
             conv=conv,
-            inputs=_most_recent_first(u, cache.inputs.shape[1]),
-            outputs=_most_recent_first(y, cfg.k_y),
+            inputs=stu_ops.most_recent_first(u, cache.inputs),
+            outputs=stu_ops.most_recent_first(y, cache.outputs),
         )
 
     def step(self, cache: STUCache, x_t: jax.Array) -> tuple[STUCache, jax.Array]:
@@ -323,12 +317,7 @@ class STU(nnx.Module):
         h_t = self._conv_input(u).astype(dtype)
         conv, y = conv_decode.step(cache.conv, h_t, self._conv_weights())
         y = y.astype(cfg.dtype)
-        inputs, outputs = cache.inputs, cache.outputs
-        if cfg.k_u:
-            lagged = jnp.concatenate([u[:, None], inputs], axis=1)  # u_t, u_{t-1}, ...
-            y = y + jnp.einsum("bid,ido->bo", lagged, self.M_u[...].astype(u.dtype))
-            inputs = lagged[:, : inputs.shape[1]]
-        if cfg.k_y:
-            y = y + jnp.einsum("bio,ioz->bz", outputs, self.M_y[...].astype(y.dtype))
-            outputs = jnp.concatenate([y[:, None], outputs[:, :-1]], axis=1)
+        m_u = self.M_u[...] if cfg.k_u else None
+        m_y = self.M_y[...] if cfg.k_y else None
+        y, inputs, outputs = stu_ops.ar_step(m_u, m_y, u, y, cache.inputs, cache.outputs)
         return STUCache(conv=conv, inputs=inputs, outputs=outputs), y

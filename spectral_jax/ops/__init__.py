@@ -6,5 +6,7 @@
 * :mod:`~spectral_jax.ops.stu_ops` -- the STU formula.
 * :mod:`~spectral_jax.ops.lds`, :mod:`~spectral_jax.ops.lds_compensated` -- diagonal LDS scans
   and steps, plain and in float32 pairs.
+* :mod:`~spectral_jax.ops.lds_arithmetic` -- the two LDS arithmetics (plain, compensated) as
+  one object each, which distilled layers look up.
 * :mod:`~spectral_jax.ops.conv_decode` -- naive and FutureFill decode caches of convolutions.
 """

@@ -121,6 +121,57 @@ def output_ar(m_y: jax.Array, drive: jax.Array) -> jax.Array:
     return jnp.swapaxes(ys, 0, 1)
 
 
+def most_recent_first(sequence: jax.Array, history: jax.Array) -> jax.Array:
+    """The newest ``history.shape[1]`` rows of ``history`` followed by ``sequence``, most recent
+    first: the lag buffer of the AR terms after feeding ``sequence``.
+
+    Args:
+      sequence: ``[B, T, D]`` new rows, oldest first.
+      history: ``[B, H, D]`` previous rows, most recent first (zeros before the sequence start).
+    Returns:
+      ``[B, H, D]`` in ``history``'s dtype.
+    """
+    keep = history.shape[1]
+    if keep == 0:
+        return history
+    combined = jnp.concatenate([sequence[:, ::-1].astype(history.dtype), history], axis=1)
+    return combined[:, :keep]
+
+
+def ar_step(
+    m_u: jax.Array | None,
+    m_y: jax.Array | None,
+    u_t: jax.Array,
+    y_t: jax.Array,
+    inputs: jax.Array,
+    outputs: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One position of the AR terms: ``y_t + sum_{i<k_u} M_u[i] u_{t-i} +
+    sum_{1<=i<=k_y} M_y[i-1] y_{t-i}``, and the lag buffers advanced by one.
+
+    Args:
+      m_u: ``[k_u, d_in, d_out]``, or None without input lags.
+      m_y: ``[k_y, d_out, d_out]``, or None without output lags.
+      u_t: ``[B, d_in]`` this position's input; y_t: ``[B, d_out]`` its spectral output.
+      inputs: ``[B, k_u - 1, d_in]`` previous inputs; outputs: ``[B, k_y, d_out]`` previous
+        outputs (both most recent first, as kept by :func:`most_recent_first`).
+    Returns:
+      ``(y_t [B, d_out], inputs, outputs)`` with the buffers now ending at position ``t``.
+    """
+    if m_u is not None:
+        lagged = jnp.concatenate([u_t[:, None], inputs], axis=1)  # u_t, u_{t-1}, ...
+        y_t = y_t + jnp.einsum(
+            "bid,ido->bo", lagged, m_u.astype(u_t.dtype), precision=jax.lax.Precision.HIGHEST
+        )
+        inputs = lagged[:, : inputs.shape[1]]
+    if m_y is not None:
+        y_t = y_t + jnp.einsum(
+            "bio,ioz->bz", outputs, m_y.astype(y_t.dtype), precision=jax.lax.Precision.HIGHEST
+        )
+        outputs = most_recent_first(y_t[:, None], outputs)
+    return y_t, inputs, outputs
+
+
 def stu_apply(
     params: Mapping[str, jax.Array],
     filters: jax.Array,

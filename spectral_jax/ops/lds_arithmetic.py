@@ -1,0 +1,115 @@
+"""The float arithmetics of a distilled LDS: each one small object over one state type.
+
+A distilled layer runs its diagonal LDS (:mod:`spectral_jax.ops.lds`) in one of two arithmetics
+(:data:`spectral_jax.validation.Arithmetic`):
+
+* ``plain`` (the default): one float32 (or float64, for references under ``jax.enable_x64``)
+  array per state; the readout is a matmul. Its error against the float64 system is the float32
+  round-off of the states amplified by the bank's cancelling coefficients (about 2e-5 relative
+  for L=8192, K=24, 120 states).
+* ``compensated``: every state is a :class:`~spectral_jax.ops.lds_compensated.DoubleFloat` pair
+  and the readout is error-free (:mod:`spectral_jax.ops.lds_compensated`), ~1e-7 relative, the
+  exact mode for verification. It needs float32 parameters and costs more per step.
+
+The layer looks its arithmetic up in :data:`ARITHMETICS_BY_NAME` and calls the same methods
+whichever it is; no layer code branches on the arithmetic.
+
+Shapes: decays ``[*S]``, sequences ``u: [B, L, *S]``, single states ``[B, *S]``. Readout weights
+are stored as one array ``[words, ...]`` (``words`` float32 words per coefficient) and unpacked by
+:meth:`weights`; states read out as ``states [..., N]`` x ``weights [..., N, R] -> [..., R]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_jax.ops import lds
+from spectral_jax.ops import lds_compensated as lc
+from spectral_jax.validation import Arithmetic
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainArithmetic:
+    """Textbook recurrence ``x_t = a x_{t-1} + u_t`` and readout ``x @ W`` in one float dtype."""
+
+    name: Arithmetic = "plain"
+    words: int = 1
+    param_dtypes: tuple[str, ...] = ("float32", "float64")
+
+    def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
+        """Host-side: float64 coefficients ``[...]`` -> stored words ``[1, ...]`` in ``dtype``."""
+        return np.asarray(values, np.float64).astype(dtype)[None]
+
+    def weights(self, stored: jax.Array) -> jax.Array:
+        """Stored words ``[1, ...]`` -> readout weights ``[...]``."""
+        return stored[0]
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        return jnp.zeros(shape, dtype)
+
+    def scan(self, kind: str, decays: jax.Array, u: jax.Array, x0=None):
+        """All states ``[B, L, *S]`` by the ``"parallel"`` or the ``"sequential"`` scan."""
+        return _PLAIN_SCANS[kind](decays, u, x0)
+
+    def final_state(self, decays: jax.Array, drive: jax.Array) -> jax.Array:
+        """State ``[B, C, *S]`` after a prompt ``drive: [B, T, C]`` that drives every state of its
+        channel (``decays: [*S]``), by matmuls against decay powers."""
+        return lds.driven_final_state(decays, drive)
+
+    def step(self, decays: jax.Array, state: jax.Array, u_t: jax.Array) -> jax.Array:
+        return lds.step(decays, state, u_t)
+
+    def readout(self, states: jax.Array, weights: jax.Array) -> jax.Array:
+        return jnp.matmul(states[..., None, :], weights, precision=lds.HIGHEST)[..., 0, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompensatedArithmetic:
+    """States as float32 pairs ``hi + lo``; error-free readout (see :mod:`.lds_compensated`)."""
+
+    name: Arithmetic = "compensated"
+    words: int = 2
+    param_dtypes: tuple[str, ...] = ("float32",)
+
+    def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
+        """Host-side: float64 coefficients ``[...]`` -> float32 ``hi, lo`` words ``[2, ...]``."""
+        del dtype  # always float32
+        return np.stack([np.asarray(w) for w in lc.split_float64(values)])
+
+    def weights(self, stored: jax.Array) -> lc.DoubleFloat:
+        return lc.DoubleFloat(stored[0], stored[1])
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> lc.DoubleFloat:
+        zeros = jnp.zeros(shape, jnp.float32)
+        return lc.DoubleFloat(zeros, zeros)
+
+    def scan(self, kind: str, decays: jax.Array, u: jax.Array, x0=None):
+        return _COMPENSATED_SCANS[kind](decays, u, x0)
+
+    def final_state(self, decays: jax.Array, drive: jax.Array) -> lc.DoubleFloat:
+        """As :meth:`PlainArithmetic.final_state`, to pair accuracy: the last of the two-scan
+        parallel states (so it costs a parallel scan over ``[B, T, C, *S]``)."""
+        expanded = drive.reshape(*drive.shape, *(1,) * decays.ndim)
+        u = jnp.broadcast_to(expanded, (*drive.shape, *decays.shape))
+        states = lc.parallel_scan(jnp.broadcast_to(decays, u.shape[2:]), u)
+        return jax.tree.map(lambda s: s[:, -1], states)
+
+    def step(self, decays: jax.Array, state: lc.DoubleFloat, u_t: jax.Array) -> lc.DoubleFloat:
+        return lc.step(decays, state, u_t)
+
+    def readout(self, states: lc.DoubleFloat, weights: lc.DoubleFloat) -> jax.Array:
+        return lc.readout(states, weights)
+
+
+_PLAIN_SCANS = {"parallel": lds.parallel_scan, "sequential": lds.scan}
+_COMPENSATED_SCANS = {"parallel": lc.parallel_scan, "sequential": lc.scan}
+
+LDSArithmetic = PlainArithmetic | CompensatedArithmetic
+ARITHMETICS_BY_NAME: dict[str, LDSArithmetic] = {
+    a.name: a for a in (PlainArithmetic(), CompensatedArithmetic())
+}
