@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.distill import LDSBank, fit_lds_bank, stu_to_lds
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU
 from spectral_jax.ops import lds, stu_ops
 from spectral_jax.ops import lds_compensated as lc
@@ -244,10 +245,18 @@ class LDSLayer(nnx.Module):
         """Parallel path: ``x [B, L, d_in] -> [B, L, d_out]`` in ``config.dtype``."""
         return self.prefill(x)[0]
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> LDSCache:
+    @property
+    def length_limit(self) -> None:
+        """None: the recurrence decodes any number of tokens with a constant-size state."""
+        return None
+
+    def init_cache(
+        self, batch: int, max_len: int, dtype: Any = None, options: DecodeOptions = DEFAULT_DECODE
+    ) -> LDSCache:
         """Empty cache for ``batch`` sequences. The LDS state does not grow with ``max_len``
-        (accepted for the common decode API; must be a positive integer)."""
-        del dtype  # states live in param_dtype; outputs are cast on return
+        (accepted for the common decode API; must be a positive integer); the recurrence has
+        no decode options."""
+        del dtype, options  # states live in param_dtype; outputs are cast on return
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch must be a positive integer, got {batch!r}")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -261,8 +270,17 @@ class LDSLayer(nnx.Module):
             jnp.zeros((batch, cfg.k_y, cfg.d_out), pdt),
         )
 
-    def prefill(self, x: jax.Array) -> tuple[jax.Array, LDSCache]:
-        """Parallel path that also returns the decode cache after the last position."""
+    def prefill(
+        self,
+        x: jax.Array,
+        options: DecodeOptions = DEFAULT_DECODE,
+        pad: jax.Array | None = None,
+    ) -> tuple[jax.Array, LDSCache]:
+        """Parallel path that also returns the decode cache after the last position.
+
+        ``pad`` (left-pad positions per row) needs no handling: the recurrence is causal and
+        time-invariant and the block feeds it zeros there, which leave its state at zero."""
+        del options, pad
         self._check_input(x, step=False)
         cfg = self.config
         x = x.astype(cfg.param_dtype)
