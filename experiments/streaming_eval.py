@@ -146,7 +146,9 @@ def main() -> None:
         "bytes_per_stream": streams.shape[1] - 1,
         "device": jax.devices()[0].device_kind,
         "command": "python experiments/streaming_eval.py"
-        + (f" --steps {args.steps}" if args.steps else ""),
+        + (f" --steps {args.steps}" if args.steps else "")
+        + f" --stu-checkpoint {args.stu_checkpoint}"
+        + f" --attention-checkpoint {args.attention_checkpoint} --streams {args.streams}",
         "models": {},
     }
     for name, (model, m) in runs.items():
