@@ -1,22 +1,28 @@
-"""Decode-speed benchmark: naive vs FutureFill vs distilled LDS, in one run.
+"""Decode-speed benchmark: naive vs FutureFill vs distilled LDS, layers and models, in one run.
 
-Layer mode (default), the SpectraLDS paper's layer-speed setup: one convolution-only STU layer
+Layer mode, the SpectraLDS paper's layer-speed setup: one convolution-only STU layer
 (d_in = d_out = 128, K = 24, standard variant, tensordot, no AR terms), batch 1, float32, on the
 local CPU. For N = 2^10 .. 2^20 it generates N tokens one at a time, feeding each output back
-(``x_{t+1} = tanh(y_t)``), the whole loop one compiled ``lax.scan``; it reports total seconds
-and microseconds per token per strategy. A strategy stops at the first N whose predicted time
-(last time x last growth ratio) exceeds ``--budget`` seconds (default 60). Compilation and
-cache construction are not timed; the LDS distillation is timed separately.
+(``x_{t+1} = tanh(y_t)``), the whole loop one compiled ``lax.scan``. The LDS layer uses the
+default arithmetic of :meth:`LDSLayer.from_stu` unless ``--lds-arithmetic`` says otherwise.
 
-Model mode (``--model``): a 4-layer STU model (d_model 128, K = 24, tensordot, vocab 256);
-for contexts of 1k, 8k and 32k tokens it prefills a random prompt, then decodes ``--new``
-tokens greedily with each strategy (``lds`` = :func:`distill_model`); tokens/s of the decode
-loop (median of ``--repeats`` runs after a warm-up) and the prefill time. The default ``--new``
-(3072; 512 with --quick) spans several FutureFill epochs, so the timing includes FFT refreshes
-(prefill computes the first epoch's block: a window within one epoch would time no FFT at all).
+Model mode: 4-layer models (d_model 128, K = 24, vocab 256), STU-only (``S``) and hybrid
+(``SA``, attention window 128), tensordot and full projections, batch 1 and 16. For each
+context (1k, 8k, 32k, 128k; 2^20 for LDS only, whose layers have no length limit) it prefills a
+random prompt, then decodes ``--new`` tokens greedily with each strategy (``lds`` =
+:func:`distill_model`). Per row: decode tokens/s (all rows of the batch counted; median of
+``--repeats`` runs), prefill seconds (second call), compile seconds of the decode loop (first
+call minus a timed one) and cache bytes per sequence. The headline, listed first, is the 4-layer
+STU-only tensordot model at batch 1. A (model, batch, strategy) stops at the first context whose
+predicted time (last time x max(growth, 2)) exceeds ``--budget`` seconds, or when it cannot run
+the context (``skipped`` in the log).
 
-Usage: python experiments/bench_decode.py [--quick] [--model] [--json PATH] [--budget S]
-JSON: {"rows": [{"strategy", "tokens", "seconds", ...}], "meta": {...}}.
+Writes JSON (``--json``) with ``{"rows": [{"mode", "strategy", "context", "tokens", "seconds",
+"tokens_per_second", "prefill_seconds", "compile_seconds", "cache_bytes", "model", "batch"}],
+"meta": {...}}`` and a PNG of tokens/s against context (``--plot``, default next to the JSON).
+
+Usage: python experiments/bench_decode.py [--quick] [--json PATH] [--plot PATH] [--budget S]
+       [--modes layer model] [--strategies ...]
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from flax import nnx
 from spectral_jax import generate as gen
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.lds_layer import LDSLayer
+from spectral_jax.nn.mixer import DecodeOptions
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU, STUConfig
 from spectral_jax.ops.conv_decode import default_block_len
@@ -52,10 +59,9 @@ def load() -> str:
 
 def time_layer_decode(layer, n: int, strategy: str) -> float:
     """Seconds to generate ``n`` tokens one at a time with ``layer`` (compiled ahead of time)."""
-    if strategy == "lds":
-        cache = layer.init_cache(1, n, jnp.float32)
-    else:
-        cache = layer.init_cache(1, n, jnp.float32, strategy=strategy)
+    # the LDS layer has no decode options: it steps its recurrence whatever they say
+    options = DecodeOptions("futurefill" if strategy == "lds" else strategy)
+    cache = layer.init_cache(1, n, jnp.float32, options)
     graphdef, state = nnx.split(layer)
     x0 = jnp.full((1, D), 0.1, jnp.float32)
 
@@ -80,14 +86,22 @@ def time_layer_decode(layer, n: int, strategy: str) -> float:
     return seconds
 
 
+def predicted_seconds(past: list[float]) -> float:
+    """The next run's predicted seconds from the previous ones (at least doubling)."""
+    if len(past) >= 2:
+        return past[-1] * max(past[-1] / past[-2], 2.0)
+    return past[-1] * 4.0 if past else 0.0
+
+
 def bench_layer(
-    exponents: range, budget: float, arithmetic: str, strategies: tuple[str, ...]
+    exponents: range, budget: float, arithmetic: str | None, strategies: tuple[str, ...]
 ) -> tuple[list[dict], dict]:
     max_len = 2 ** exponents[-1]
     cfg = STUConfig(d_in=D, d_out=D, max_len=max_len, num_filters=K, projection="tensordot")
     stu = STU(cfg, rngs=nnx.Rngs(0))
     start = time.perf_counter()
-    lds_layer = LDSLayer.from_stu(stu, arithmetic=arithmetic) if "lds" in strategies else None
+    kwargs = {} if arithmetic is None else {"arithmetic": arithmetic}
+    lds_layer = LDSLayer.from_stu(stu, **kwargs) if "lds" in strategies else None
     distill_s = time.perf_counter() - start
     layers = {"naive": stu, "futurefill": stu, "lds": lds_layer}
     rows, history = [], {s: [] for s in strategies}
@@ -97,10 +111,7 @@ def bench_layer(
             past = history[strategy]
             if past is None:
                 continue
-            if len(past) >= 2:
-                predicted = past[-1] * max(past[-1] / past[-2], 2.0)
-            else:
-                predicted = past[-1] * 4.0 if past else 0.0
+            predicted = predicted_seconds(past)
             if predicted > budget:
                 print(f"  {strategy:>10}  N=2^{e}: skipped (predicted {predicted:.0f} s)")
                 history[strategy] = None
@@ -108,19 +119,25 @@ def bench_layer(
             seconds = time_layer_decode(layers[strategy], n, strategy)
             past.append(seconds)
             row = {
+                "mode": "layer",
                 "strategy": strategy,
+                "context": n,
                 "tokens": n,
                 "seconds": seconds,
-                "us_per_token": 1e6 * seconds / n,
+                "tokens_per_second": n / seconds,
+                "prefill_seconds": None,
+                "compile_seconds": None,
+                "cache_bytes": None,
+                "model": None,
+                "batch": 1,
             }
             rows.append(row)
             print(
-                f"  {strategy:>10}  N=2^{e:<2}  {seconds:9.3f} s  {row['us_per_token']:9.1f} us/tok"
+                f"  {strategy:>10}  N=2^{e:<2}  {seconds:9.3f} s  {1e6 * seconds / n:9.1f} us/tok"
             )
     meta = {
-        "mode": "layer",
         "layer": f"STU d_in=d_out={D} K={K} standard tensordot, no AR; batch 1 float32",
-        "lds": f"LDSLayer.from_stu, {arithmetic} arithmetic, default number of states",
+        "lds": f"LDSLayer.from_stu, {arithmetic or 'default'} arithmetic, default states",
         "lds_distill_seconds": distill_s,
         "budget_seconds": budget,
     }
@@ -128,7 +145,8 @@ def bench_layer(
 
 
 def summarize_layer(rows: list[dict]) -> None:
-    by = {(r["strategy"], r["tokens"]): r for r in rows}
+    by = {(r["strategy"], r["tokens"]): dict(r, us_per_token=1e6 / r["tokens_per_second"])
+          for r in rows}  # fmt: skip
     print("\nN        " + "".join(f"{s:>14}" for s in STRATEGIES) + "   naive/lds  ff/lds")
     for n in sorted({r["tokens"] for r in rows}):
         cells = [by.get((s, n)) for s in STRATEGIES]
@@ -156,55 +174,102 @@ def summarize_layer(rows: list[dict]) -> None:
         print(f"naive / lds at 2^15: {ratio:.1f}x (goal >= 20x)")
 
 
+MODELS = {  # name: (layer pattern, projection); the headline first
+    "stu_tensordot": ("S", "tensordot"),
+    "stu_full": ("S", "full"),
+    "hybrid_tensordot": ("SA", "tensordot"),
+    "hybrid_full": ("SA", "full"),
+}
+
+
+def cache_bytes_per_sequence(cache, batch: int) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) // batch
+
+
+def time_model(model, prompt, new_tokens, repeats, options) -> dict:
+    """Prefill ``prompt [B, L]`` and decode ``new_tokens``: timings and cache size."""
+    logits, cache = jax.block_until_ready(gen.prefill(model, prompt, options))  # compiles
+    start = time.perf_counter()
+    jax.block_until_ready(gen.prefill(model, prompt, options))
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(gen.decode(model, cache, logits, new_tokens))  # compiles
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(gen.decode(model, cache, logits, new_tokens))
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {
+        "seconds": seconds,
+        "tokens_per_second": prompt.shape[0] * new_tokens / seconds,
+        "prefill_seconds": prefill_s,
+        "compile_seconds": max(first - seconds, 0.0),
+        "cache_bytes": cache_bytes_per_sequence(cache, prompt.shape[0]),
+    }
+
+
 def bench_model(
+    models: list[str],
+    batches: list[int],
     contexts: list[int],
+    lds_contexts: list[int],
     new_tokens: int,
     repeats: int,
-    arithmetic: str,
+    budget: float,
+    arithmetic: str | None,
     strategies: tuple[str, ...],
 ) -> tuple[list[dict], dict]:
-    config = ModelConfig(
-        d_model=D, num_layers=4, max_len=max(contexts) + new_tokens, vocab_size=256,
-        num_filters=K, stu_projection="tensordot",
-    )  # fmt: skip
-    model = SpectralModel(config, rngs=nnx.Rngs(0))
-    epoch = default_block_len("futurefill", config.max_len)
+    max_len = max(contexts) + new_tokens  # the STU filters' length; LDS layers have no limit
+    epoch = default_block_len("futurefill", max_len)
     if new_tokens <= epoch:
         print(f"note: {new_tokens} new tokens fit in one FutureFill epoch ({epoch}): no FFT timed")
-    start = time.perf_counter()
-    distilled = distill_model(model, arithmetic=arithmetic).model if "lds" in strategies else None
-    distill_s = time.perf_counter() - start
-    rows = []
-    for context in contexts:
-        prompt = jax.random.randint(jax.random.key(context), (1, context), 0, 256, jnp.int32)
-        for strategy in strategies:
-            m, kind = (distilled, None) if strategy == "lds" else (model, strategy)
-            logits, cache = jax.block_until_ready(gen.prefill(m, prompt, strategy=kind))
-            start = time.perf_counter()
-            jax.block_until_ready(gen.prefill(m, prompt, strategy=kind))
-            prefill_s = time.perf_counter() - start
-            jax.block_until_ready(gen.decode(m, cache, logits, new_tokens))  # compile
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(gen.decode(m, cache, logits, new_tokens))
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
-            row = {
-                "strategy": strategy,
-                "tokens": new_tokens,
-                "seconds": seconds,
-                "context": context,
-                "tokens_per_second": new_tokens / seconds,
-                "prefill_seconds": prefill_s,
-            }
-            rows.append(row)
-            print(f"  ctx {context:>6}  {strategy:>10}  {row['tokens_per_second']:9.1f} tok/s  "
-                  f"(prefill {prefill_s:.3f} s)")  # fmt: skip
+    kwargs = {} if arithmetic is None else {"arithmetic": arithmetic}
+    rows, distill_s = [], {}
+    for name in models:
+        pattern, projection = MODELS[name]
+        config = ModelConfig(
+            d_model=D, num_layers=4, max_len=max_len, vocab_size=256, num_filters=K,
+            layer_pattern=pattern, stu_projection=projection,
+        )  # fmt: skip
+        model = SpectralModel(config, rngs=nnx.Rngs(0))
+        start = time.perf_counter()
+        distilled = distill_model(model, **kwargs).model if "lds" in strategies else None
+        distill_s[name] = time.perf_counter() - start
+        for batch in batches:
+            for strategy in strategies:
+                m = distilled if strategy == "lds" else model
+                options = DecodeOptions("futurefill" if strategy == "lds" else strategy)
+                past: list[float] = []
+                for context in contexts + (lds_contexts if strategy == "lds" else []):
+                    tag = f"  {name:>16} B={batch:<3} ctx {context:>8}  {strategy:>10}"
+                    if predicted_seconds(past) > budget:  # all calls at this context
+                        print(f"{tag}  skipped (predicted over the {budget:.0f} s budget)")
+                        break
+                    key = jax.random.key(context)
+                    prompt = jax.random.randint(key, (batch, context), 0, 256, jnp.int32)
+                    start = time.perf_counter()
+                    try:
+                        timing = time_model(m, prompt, new_tokens, repeats, options)
+                    except ValueError as err:  # a layer that cannot run this context
+                        print(f"{tag}  skipped: {err}")
+                        break
+                    past.append(time.perf_counter() - start)
+                    row = {"mode": "model", "strategy": strategy, "context": context,
+                           "tokens": new_tokens, **timing, "model": name,
+                           "batch": batch}  # fmt: skip
+                    rows.append(row)
+                    print(f"{tag}  {row['tokens_per_second']:10.1f} tok/s  prefill "
+                          f"{row['prefill_seconds']:.3f} s  compile {row['compile_seconds']:.2f} s"
+                          f"  cache {row['cache_bytes'] / 2**20:.2f} MiB/seq")  # fmt: skip
     meta = {
-        "mode": "model",
-        "model": "SpectralModel 4 x STU (d_model 128, K 24, tensordot), vocab 256, batch 1",
-        "lds": f"distill_model(model), {arithmetic} arithmetic, default number of states",
+        "models": {
+            n: f"4 x {MODELS[n][0]} layers, d_model {D}, K {K}, {MODELS[n][1]}, vocab 256"
+            for n in models
+        },
+        "model_max_len": max_len,
+        "lds_model": f"distill_model(model), {arithmetic or 'default'} arithmetic",
         "lds_distill_seconds": distill_s,
         "new_tokens": new_tokens,
         "repeats": repeats,
@@ -213,39 +278,90 @@ def bench_model(
     return rows, meta
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """tokens/s against context: layer mode, and the headline model at batch 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [
+        (axes[0], "layer", None, "one layer (d=128, K=24, tensordot), batch 1"),
+        (axes[1], "model", next(iter(MODELS)), "4-layer STU-only tensordot model, batch 1"),
+    ]
+    for ax, mode, model, title in panels:
+        for strategy in STRATEGIES:
+            pts = sorted(
+                (r["context"], r["tokens_per_second"])
+                for r in rows
+                if r["mode"] == mode and r["strategy"] == strategy and r["model"] == model
+                and r["batch"] == 1
+            )  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=strategy)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="tokens/s")
+        ax.set_xscale("log", base=2)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (a minute or two)")
-    parser.add_argument("--model", action="store_true", help="end-to-end 4-layer model")
+    parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    parser.add_argument(
+        "--modes", nargs="+", choices=("layer", "model"), default=["layer", "model"]
+    )
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--plot", type=Path, help="PNG of tokens/s (default: beside --json)")
     parser.add_argument("--budget", type=float, default=60.0, help="max seconds per run")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     parser.add_argument("--new", type=int, default=None, help="model mode: tokens to decode")
     parser.add_argument("--repeats", type=int, default=3, help="model mode: timed runs")
     parser.add_argument(
-        "--lds-arithmetic", choices=ARITHMETICS, default="plain", help="LDS layer arithmetic"
+        "--lds-arithmetic", choices=ARITHMETICS, default=None, help="default: the layer's"
     )
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor() or ''}")
     print(f"load before: {load()}")
-    if args.model:
-        contexts = [256, 1024] if args.quick else [1024, 8192, 32768]
-        new = args.new or (512 if args.quick else 3072)
-        rows, meta = bench_model(
-            contexts, new, args.repeats, args.lds_arithmetic, tuple(args.strategies)
+    strategies = tuple(args.strategies)
+    rows, meta = [], {"quick": args.quick}
+    if "model" in args.modes:  # the headline model rows come first
+        if args.quick:  # one small model, one context: checks the path, `make bench` runs it
+            models, batches, contexts, lds_contexts = ["stu_tensordot"], [1], [256], []
+        else:
+            models, batches = list(MODELS), [1, 16]
+            contexts, lds_contexts = [1024, 8192, 32768, 131072], [2**20]
+        new = args.new or (64 if args.quick else 3072)
+        model_rows, meta["model"] = bench_model(
+            models, batches, contexts, lds_contexts, new, args.repeats, args.budget,
+            args.lds_arithmetic, strategies,
+        )  # fmt: skip
+        rows += model_rows
+    if "layer" in args.modes:
+        exponents = range(10, 12) if args.quick else range(10, 21)
+        layer_rows, meta["layer"] = bench_layer(
+            exponents, args.budget, args.lds_arithmetic, strategies
         )
-    else:
-        exponents = range(10, 14) if args.quick else range(10, 21)
-        rows, meta = bench_layer(
-            exponents, args.budget, args.lds_arithmetic, tuple(args.strategies)
-        )
-        summarize_layer(rows)
+        summarize_layer(layer_rows)
+        rows += layer_rows
     meta.update(jax=jax.__version__, device=str(jax.devices()[0]), load_after=load())
     print(f"load after: {meta['load_after']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
+        tmp = args.json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
+        os.replace(tmp, args.json)
         print(f"wrote {args.json}")
+    png = args.plot or (args.json.with_suffix(".png") if args.json else None)
+    if png:
+        plot(rows, png)
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from spectral_jax.data.prepare import SHARD_DTYPES, prepare_data
 from spectral_jax.data.tokenizer import StreamDecoder, encode
 from spectral_jax.generate import Sampling, decode_chunks, prefill
 from spectral_jax.nn.distillation import distill_model
+from spectral_jax.nn.mixer import DecodeOptions
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
-from spectral_jax.validation import ARITHMETICS
+from spectral_jax.validation import ARITHMETICS, positive_int
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +110,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         help="STU decoding: input-history convolution, FutureFill, or the distilled LDS "
         "(distills on the fly unless the checkpoint is already distilled)",
     )
-    parser.add_argument("--max-new-tokens", type=int, help="default: up to the model's max_len")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="default: up to the model's max_len; a distilled model (no STU layer) takes any "
+        "number, past the length it was trained at",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
@@ -127,21 +133,29 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"[distilling the STU layers ({args.num_states} states)]", file=sys.stderr)
         model = distill_model(model, num_states=args.num_states).model
     prompt = encode(tokenizer, args.prompt)
-    if prompt and max(prompt) >= model.config.vocab_size:
+    if not prompt:
+        raise ValueError("--prompt must not be empty")
+    if max(prompt) >= model.config.vocab_size:
         raise ValueError(
             f"the prompt encodes to id {max(prompt)}, outside the model's vocabulary "
             f"{model.config.vocab_size}: the checkpoint's tokenizer does not fit its model"
         )
-    room = model.config.max_len - len(prompt)
-    new_tokens = room if args.max_new_tokens is None else args.max_new_tokens
-    if not prompt or room < 1 or not 1 <= new_tokens <= room:
-        raise ValueError(
-            f"prompt of {len(prompt)} tokens plus {new_tokens} new tokens must fit "
-            f"in max_len={model.config.max_len} (and both be >= 1)"
-        )
+    if args.max_new_tokens is None:
+        new_tokens = model.config.max_len - len(prompt)
+        if new_tokens < 1:
+            raise ValueError(
+                f"the prompt's {len(prompt)} tokens fill max_len={model.config.max_len}: "
+                "pass --max-new-tokens"
+            )
+    else:
+        new_tokens = positive_int("", "--max-new-tokens", args.max_new_tokens)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k)
-    strategy = None if args.strategy == "lds" else args.strategy
-    logits, cache = prefill(model, [prompt], strategy=strategy)
+    # lds: the LDS layers ignore the strategy; a distilled model has no STU layer left
+    options = DecodeOptions("futurefill" if args.strategy == "lds" else args.strategy)
+    model.check_length(
+        len(prompt) + new_tokens, f"prompt of {len(prompt)} tokens + {new_tokens} new tokens"
+    )
+    logits, cache = prefill(model, [prompt], options)
     text = StreamDecoder(tokenizer)
     sys.stdout.write(args.prompt)
     for tokens in decode_chunks(

@@ -16,6 +16,7 @@ import jax
 
 from spectral_jax.generate import Sampling, generate
 from spectral_jax.inference import distill_with_report, format_distill_report
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.train import train
 from spectral_jax.train.config import run_record
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small
@@ -53,10 +54,10 @@ def demo_config(steps: int, seed: int):
     )
 
 
-def timed_generate(model, prompt, new_tokens, strategy):
+def timed_generate(model, prompt, new_tokens, options):
     """Sampled bytes and decode seconds (of the second run; the first compiles)."""
     run = lambda: jax.block_until_ready(  # noqa: E731
-        generate(model, [prompt], new_tokens, SAMPLING, jax.random.key(0), strategy=strategy)
+        generate(model, [prompt], new_tokens, SAMPLING, jax.random.key(0), options=options)
     )
     run()
     start = time.perf_counter()
@@ -84,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n== 3. sampling {args.new_tokens} bytes with each decoding strategy (same key) ==")
     prompt = list(PROMPT.encode())
     runs = {
-        "naive": (result.model, "naive"),
-        "futurefill": (result.model, "futurefill"),
-        "lds": (distilled, None),
+        "naive": (result.model, DecodeOptions("naive")),
+        "futurefill": (result.model, DecodeOptions("futurefill")),
+        "lds": (distilled, DEFAULT_DECODE),  # LDS layers step their recurrence: no options
     }
     outputs = {name: timed_generate(m, prompt, args.new_tokens, s) for name, (m, s) in runs.items()}
     print(PROMPT + outputs["naive"][0].decode("utf-8", "replace"))

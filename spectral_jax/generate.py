@@ -1,14 +1,22 @@
 """Autoregressive generation from a token model: a jitted prefill, then a jitted decode loop.
 
 The decode loop runs entirely inside ``lax.scan`` (one compiled program for all new tokens; no
-Python work per token). Each layer keeps its own explicit cache; STU layers decode with the
-``naive`` or ``futurefill`` strategy (:mod:`spectral_jax.ops.conv_decode`), chosen per call through
-``nnx.view`` (parameters are shared, not copied); a distilled model's LDS layers decode in
-``O(1)`` per token whatever the strategy.
+Python work per token). Each layer keeps its own explicit cache, built once by the prefill from
+the :class:`~spectral_jax.nn.mixer.DecodeOptions` given here: STU layers decode with the
+``naive`` or ``futurefill`` strategy (:mod:`spectral_jax.ops.conv_decode`); a distilled model's
+LDS layers decode in ``O(1)`` per token whatever the strategy.
 
-The model is any module with ``config.vocab_size`` / ``config.max_len``, ``prefill(tokens
-[B, L]) -> (logits [B, L, V], caches)`` and ``step(caches, tokens [B]) -> (caches, logits
-[B, V])``, e.g. :class:`spectral_jax.nn.model.SpectralModel`.
+Length limits belong to the layers (``model.length_limit``): a model with STU layers stops at
+their ``max_len``; a distilled or attention-only model decodes any number of tokens with
+constant-size caches, past the length it was trained at.
+
+Prompts of different lengths share one batch: they are left-padded, and the model zeroes the
+residual stream at pad positions and masks them in attention, so that each row generates what it
+would generate alone.
+
+The model is any module with ``config.vocab_size``, ``check_length(n, what)``, ``prefill(tokens
+[B, L], options, pad) -> (logits [B, L, V], cache)`` with ``cache.pos`` and ``step(cache, tokens
+[B]) -> (cache, logits [B, V])``, e.g. :class:`spectral_jax.nn.model.SpectralModel`.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from spectral_jax.validation import DECODE_STRATEGIES as STRATEGIES
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
+from spectral_jax.validation import positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,29 +78,40 @@ def sample_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-def _prompt_array(prompt_tokens: Any) -> jax.Array:
-    """Equal-length prompts ``[B, L]`` as int32; ragged lists raise."""
+def prompt_batch(prompt_tokens: Any) -> tuple[jax.Array, jax.Array | None]:
+    """Prompts as one left-padded batch: ``(tokens [B, L] int32, pad [B] int32 or None)``.
+
+    ``prompt_tokens``: an int array ``[B, L]``, or a list of ``B`` token lists of any lengths
+    ``>= 1``; shorter rows are left-padded with token 0 to the longest, and ``pad[b]`` counts
+    row ``b``'s pad positions (None when every row has the same length).
+    """
     if isinstance(prompt_tokens, list | tuple) and prompt_tokens:
-        lengths = {len(p) if hasattr(p, "__len__") else None for p in prompt_tokens}
-        if len(lengths) > 1:
+        rows = [np.asarray(p) for p in prompt_tokens]
+        if any(r.ndim != 1 or r.size < 1 or not np.issubdtype(r.dtype, np.integer) for r in rows):
             raise ValueError(
-                f"prompts must all have the same length (got lengths {sorted(lengths, key=str)}); "
-                "batch prompts of equal length, or generate them one at a time"
+                "prompt_tokens must be int [B, L], or a list of non-empty lists of int tokens"
             )
+        lengths = np.asarray([r.size for r in rows])
+        longest = int(lengths.max())
+        if np.all(lengths == longest):
+            return jnp.asarray(np.stack(rows), jnp.int32), None
+        tokens = np.zeros((len(rows), longest), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, longest - r.size :] = r
+        return jnp.asarray(tokens), jnp.asarray(longest - lengths, jnp.int32)
     prompt = jnp.asarray(prompt_tokens)
-    if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt_tokens must be int [B, L], got {prompt.dtype} {prompt.shape}")
-    return prompt.astype(jnp.int32)
+    return prompt.astype(jnp.int32), None
 
 
 def _check_num_tokens(num_tokens: Any) -> None:
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-        raise ValueError(f"number of new tokens must be an integer >= 1, got {num_tokens!r}")
+    positive_int("", "number of new tokens", num_tokens)
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _prefill(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array):
-    logits, cache = nnx.merge(graphdef, state).prefill(prompt)
+@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
+def _prefill(graphdef, state, prompt, pad, options: DecodeOptions):
+    logits, cache = nnx.merge(graphdef, state).prefill(prompt, options, pad)
     return logits[:, -1], cache
 
 
@@ -117,24 +138,21 @@ def _feed(graphdef, state, cache, tokens):
     return nnx.merge(graphdef, state).step(cache, tokens)
 
 
-def prefill(model: nnx.Module, prompt_tokens: Any, *, strategy: str | None = None):
-    """Run the prompts ``[B, L]`` through ``model`` in one jitted call.
+def prefill(model: nnx.Module, prompt_tokens: Any, options: DecodeOptions = DEFAULT_DECODE):
+    """Run the prompts (``[B, L]``, or a ragged list: see :func:`prompt_batch`) through
+    ``model`` in one jitted call, building every layer's decode cache as ``options`` say.
 
-    Returns ``(logits of the last position [B, V], per-layer caches)``. ``strategy`` (``"naive"``
-    or ``"futurefill"``) overrides the STU layers' configured decode strategy.
+    Returns ``(logits of the last position [B, V], the model's cache)``. Raises ValueError if a
+    layer cannot run a prompt this long (an STU layer past its ``max_len``).
     """
-    prompt = _prompt_array(prompt_tokens)
-    cfg = model.config
-    if getattr(cfg, "vocab_size", None) is None:
+    prompt, pad = prompt_batch(prompt_tokens)
+    if getattr(model.config, "vocab_size", None) is None:
         raise ValueError("generate needs a token model (config.vocab_size set)")
-    if not 1 <= prompt.shape[1] <= cfg.max_len:
-        raise ValueError(f"prompt length {prompt.shape[1]} must be in [1, max_len={cfg.max_len}]")
-    if strategy is not None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES} or None, got {strategy!r}")
-        model = nnx.view(model, decode_strategy=strategy, raise_if_not_found=False)
+    if not isinstance(options, DecodeOptions):
+        raise ValueError(f"options must be a DecodeOptions, got {type(options).__name__}")
+    model.check_length(prompt.shape[1], f"prompt length {prompt.shape[1]}")
     graphdef, state = nnx.split(model)
-    return _prefill(graphdef, state, prompt)
+    return _prefill(graphdef, state, prompt, pad, options)
 
 
 def decode_chunks(
@@ -151,9 +169,13 @@ def decode_chunks(
     (``[B, <= chunk]`` int32; default: all at once). Each chunk is one jitted ``lax.scan``.
 
     ``cache`` and ``last_logits [B, V]`` come from :func:`prefill`; the cache's strategy is the
-    one chosen there. Stepping past the caches' ``max_len`` raises at run time.
+    one chosen there. Raises ValueError, before decoding anything, if a layer cannot run
+    ``cache.pos + num_tokens`` positions (an STU layer past its ``max_len``); distilled and
+    attention layers have no limit.
     """
     _check_num_tokens(num_tokens)
+    start = int(cache.pos)
+    model.check_length(start + num_tokens, f"position {start} + {num_tokens} new tokens")
     chunk = num_tokens if chunk is None else chunk
     _check_num_tokens(chunk)
     if not isinstance(sampling, Sampling):
@@ -194,21 +216,22 @@ def generate(
     sampling: Sampling = GREEDY,
     key: jax.Array | None = None,
     *,
-    strategy: str | None = None,
+    options: DecodeOptions = DEFAULT_DECODE,
 ) -> jax.Array:
-    """Continue each of the equal-length prompts ``[B, L]`` by ``max_new_tokens`` tokens.
+    """Continue each prompt by ``max_new_tokens`` tokens: ``[B, max_new_tokens]`` int32.
 
-    Returns the new tokens ``[B, max_new_tokens]`` int32. ``L + max_new_tokens`` must not
-    exceed ``model.config.max_len``. ``key`` is required unless sampling is greedy; the same
-    key gives the same tokens. ``strategy`` selects the STU decode cache (see :func:`prefill`).
+    ``prompt_tokens``: int ``[B, L]`` or a list of token lists of different lengths (left-padded
+    and masked: each row gets the tokens it would get alone). ``L + max_new_tokens`` may exceed
+    ``model.config.max_len`` when no layer has a length limit (distilled or attention-only
+    models); otherwise it raises ValueError naming the limiting layer. ``key`` is required
+    unless sampling is greedy; the same key gives the same tokens. ``options`` choose how STU
+    layers decode (see :func:`prefill`).
     """
-    prompt = _prompt_array(prompt_tokens)
+    prompt, _ = prompt_batch(prompt_tokens)
     _check_num_tokens(max_new_tokens)
-    max_len = model.config.max_len
-    if prompt.shape[1] + max_new_tokens > max_len:
-        raise ValueError(
-            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
-            f"max_len={max_len}"
-        )
-    logits, cache = prefill(model, prompt, strategy=strategy)
+    model.check_length(
+        prompt.shape[1] + max_new_tokens,
+        f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens}",
+    )
+    logits, cache = prefill(model, prompt_tokens, options)
     return decode(model, cache, logits, max_new_tokens, sampling, key)

@@ -38,7 +38,7 @@ def test_rms_norm_keeps_bfloat16():
 
 def make_block(dtype=jnp.float32):
     attn = SlidingWindowAttention(
-        AttentionConfig(d_model=16, num_heads=2, window=5, max_len=24, dtype=dtype),
+        AttentionConfig(d_model=16, num_heads=2, window=5, dtype=dtype),
         rngs=nnx.Rngs(0),
     )
     return ResidualBlock(attn, BlockConfig(d_model=16, d_hidden=24), rngs=nnx.Rngs(1))
@@ -69,6 +69,7 @@ def test_block_prefill_then_step_matches_call_float64():
 
 def test_block_init_cache_is_mixer_cache_and_params_are_counted():
     block = make_block()
+    assert block.length_limit is None  # the mixer's
     cache = block.init_cache(3, 10, jnp.float32)
     ref = block.mixer.init_cache(3, 10, jnp.float32)
     assert jax.tree.structure(cache) == jax.tree.structure(ref)
@@ -78,7 +79,7 @@ def test_block_init_cache_is_mixer_cache_and_params_are_counted():
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError, match="d_hidden=0"):
+    with pytest.raises(ValueError, match=r"BlockConfig\.d_hidden must be an integer >= 1, got 0"):
         BlockConfig(d_model=8, d_hidden=0)
     with pytest.raises(ValueError, match=r"norm_eps=0\.0"):
         BlockConfig(d_model=8, d_hidden=8, norm_eps=0.0)

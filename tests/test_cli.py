@@ -2,13 +2,16 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from spectral_jax.cli import main
-from spectral_jax.generate import decode, decode_chunks, prefill
+from spectral_jax.generate import decode, decode_chunks, generate, prefill
 from spectral_jax.inference import load_for_inference
 from spectral_jax.train import CheckpointConfig, train
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small, lm_tokens_small
@@ -69,7 +72,11 @@ def test_generate_streams_the_same_greedy_text_with_every_strategy(byte_checkpoi
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["--max-new-tokens", "100"], "must fit in max_len=64"),
+        (
+            ["--max-new-tokens", "100"],
+            "prompt of 2 tokens + 100 new tokens needs 102 positions, but block 0 (STU) can run "
+            "at most max_len=64; distill the model",
+        ),
         (["--top-k", "3"], "needs temperature > 0"),
     ],
 )
@@ -77,6 +84,24 @@ def test_generate_bad_input_is_one_clear_line(byte_checkpoint, capsys, extra, ma
     assert main(["generate", byte_checkpoint, "--prompt", "ab", *extra]) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+def test_generate_from_a_distilled_checkpoint_runs_past_max_len(byte_checkpoint, tmp_path):
+    """The distilled model has no length limit: 4 x max_len new bytes, from the command line."""
+    distilled = str(tmp_path / "distilled")
+    assert main(["distill", byte_checkpoint, distilled, "--num-states", "40"]) == 0
+    new = 4 * 64  # the checkpoint's max_len is 64
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "spectral_jax.cli", "generate", distilled, "--prompt", "def ",
+         "--strategy", "lds", "--max-new-tokens", str(new), "--chunk", "64"],
+        capture_output=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    model, _ = load_for_inference(distilled)
+    tokens = np.asarray(generate(model, [list(b"def ")], new))[0]  # greedy, like the CLI default
+    expected = "def " + bytes(tokens.tolist()).decode("utf-8", errors="replace") + "\n"
+    assert done.stdout.decode("utf-8") == expected
 
 
 def test_demo_runs_end_to_end(capsys):

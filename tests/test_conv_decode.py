@@ -129,3 +129,16 @@ def test_errors():
     for args, match in bad_calls:
         with pytest.raises(ValueError, match=match):
             conv_decode.init_cache(*args)
+
+
+def test_check_room_under_vmap_only_raises_for_a_full_cache():
+    # vmap turns the guarding cond into a select, so the host check runs for every call
+    @jax.jit
+    @jax.vmap
+    def advance(pos):
+        conv_decode.check_room(pos, 5)
+        return pos + 1
+
+    np.testing.assert_array_equal(advance(jnp.array([0, 2, 4])), [1, 3, 5])
+    with pytest.raises(Exception, match="position 7 >= max_len=5"):
+        jax.block_until_ready(advance(jnp.array([1, 7, 3])))

@@ -1,6 +1,7 @@
 """Model decoding and generation: prefill + steps == forward for STU-only and hybrid models with
-each STU strategy; greedy tokens agree across strategies and with teacher forcing; sampling;
-errors."""
+each STU strategy; greedy tokens agree across strategies and with teacher forcing; distilled and
+hybrid LDS + attention models decode past max_len like a direct float64 evaluation; ragged
+batches equal per-row generation; sampling; errors."""
 
 import dataclasses
 
@@ -10,8 +11,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectral_jax.generate import Sampling, decode, generate, prefill, sample_tokens
+from spectral_jax.generate import (
+    Sampling,
+    decode_chunks,
+    generate,
+    prefill,
+    sample_tokens,
+)
 from spectral_jax.nn.distillation import distill_model
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU
 
@@ -41,10 +49,10 @@ def make_model(config, seed=0):
 forward = nnx.jit(lambda m, x: m(x))
 
 
-@nnx.jit(static_argnums=2)
-def teacher_forced(model, tokens, prompt_len):
+@nnx.jit(static_argnums=(2, 3))
+def teacher_forced(model, tokens, prompt_len, options=DEFAULT_DECODE):
     """Prefill ``tokens[:, :prompt_len]``, then step through the rest: [B, L, vocab]."""
-    y0, cache = model.prefill(tokens[:, :prompt_len])
+    y0, cache = model.prefill(tokens[:, :prompt_len], options)
     _, ys = jax.lax.scan(model.step, cache, tokens[:, prompt_len:].T)
     return jnp.concatenate([y0, ys.swapaxes(0, 1)], axis=1)
 
@@ -57,8 +65,7 @@ def test_prefill_and_steps_match_forward_float64(config):
         full = forward(model, tokens)
         assert full.dtype == jnp.float64
         for strategy in ("naive", "futurefill"):
-            view = nnx.view(model, decode_strategy=strategy, decode_block_len=4)
-            got = teacher_forced(view, tokens, 7)
+            got = teacher_forced(model, tokens, 7, DecodeOptions(strategy, 4))
             err = float(jnp.max(jnp.abs(got - full)) / jnp.max(jnp.abs(full)))
             assert err <= TOL64, (strategy, err)
 
@@ -66,8 +73,8 @@ def test_prefill_and_steps_match_forward_float64(config):
 def test_greedy_tokens_agree_across_strategies_and_with_teacher_forcing():
     model = make_model(dataclasses.replace(HYBRID, k_u=2, k_y=2), seed=3)
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, 11, (3, 8)), jnp.int32)
-    naive = generate(model, prompt, 24, strategy="naive")
-    ff = generate(model, prompt, 24, strategy="futurefill")
+    naive = generate(model, prompt, 24, options=DecodeOptions("naive"))
+    ff = generate(model, prompt, 24, options=DecodeOptions("futurefill"))
     assert naive.shape == (3, 24) and naive.dtype == jnp.int32
     np.testing.assert_array_equal(naive, ff)
     # each token is the argmax of the full forward pass over the generated sequence
@@ -87,7 +94,7 @@ def test_distilled_model_decodes_like_the_stu_model_and_greedy_tokens_match():
     distilled = distill_model(model, num_states=40).model  # 40 = max_len: the most states allowed
     assert not any(isinstance(m, STU) for _, m in nnx.iter_modules(distilled))
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, 11, (3, 8)), jnp.int32)
-    stu_tokens = generate(model, prompt, 24, strategy="futurefill")
+    stu_tokens = generate(model, prompt, 24)
     lds_tokens = generate(distilled, prompt, 24)
     np.testing.assert_array_equal(lds_tokens, stu_tokens)
     sequence = jnp.concatenate([prompt, lds_tokens], axis=1)
@@ -127,23 +134,24 @@ def test_sampling_is_reproducible_and_respects_top_k():
 
 def test_bad_inputs_raise():
     model = make_model(dataclasses.replace(STU_ONLY, max_len=8, num_layers=1))
-    with pytest.raises(ValueError, match="same length"):
-        generate(model, [[1, 2, 3], [4, 5]], 2)
-    with pytest.raises(ValueError, match=r"prompt length 9 must be in \[1, max_len=8\]"):
+    limit = r"needs 9 positions, but block 0 \(STU\) can run at most max_len=8; distill the model"
+    with pytest.raises(ValueError, match=r"prompt length 9 " + limit):
         prefill(model, jnp.zeros((1, 9), jnp.int32))
-    with pytest.raises(ValueError, match="prompt length 5 \\+ max_new_tokens 4 exceeds"):
+    with pytest.raises(ValueError, match=r"prompt length 5 \+ max_new_tokens 4 " + limit):
         generate(model, jnp.zeros((1, 5), jnp.int32), 4)
     with pytest.raises(ValueError, match=r"int \[B, L\]"):
         generate(model, jnp.zeros((1, 5)), 2)
-    with pytest.raises(ValueError, match="strategy must be one of"):
-        generate(model, jnp.zeros((1, 5), jnp.int32), 2, strategy="lds")
+    with pytest.raises(ValueError, match="non-empty lists of int tokens"):
+        generate(model, [[1, 2], []], 2)
+    with pytest.raises(ValueError, match=r"DecodeOptions\.strategy must be one of"):
+        generate(model, jnp.zeros((1, 5), jnp.int32), 2, options=DecodeOptions("lds"))
     with pytest.raises(ValueError, match="pass a PRNG key"):
         generate(model, jnp.zeros((1, 5), jnp.int32), 2, Sampling(temperature=1.0))
     with pytest.raises(ValueError, match="integer >= 1"):
         generate(model, jnp.zeros((1, 5), jnp.int32), 0)
-    logits, cache = prefill(model, jnp.zeros((1, 6), jnp.int32), strategy="naive")
-    with pytest.raises(Exception, match="cache is full"):  # runtime error inside the scan
-        jax.block_until_ready(decode(model, cache, logits, 4))
+    logits, cache = prefill(model, jnp.zeros((1, 6), jnp.int32), DecodeOptions("naive"))
+    with pytest.raises(ValueError, match=r"position 6 \+ 3 new tokens " + limit):
+        next(decode_chunks(model, cache, logits, 3))  # checked before anything is decoded
     regression = SpectralModel(
         dataclasses.replace(STU_ONLY, vocab_size=None, d_input=3, d_output=2), rngs=nnx.Rngs(0)
     )

@@ -271,6 +271,9 @@ class NibbleTask:
     def eval_metrics(self, mean_loss):
         return {"bits_per_nibble": mean_loss / math.log(2) / 2}
 
+    def text_tokenizer(self):
+        return None  # not a text task: nothing to save with the checkpoint
+
 
 def test_any_task_following_the_protocol_trains_with_its_own_eval_metrics(tmp_path):
     assert isinstance(ByteCorpusLM(), Task) and isinstance(NibbleTask(), Task)

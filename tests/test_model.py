@@ -138,9 +138,9 @@ def test_bfloat16_activations_float32_params_and_outputs():
         ({"d_output": 2, "tie_embeddings": True}, "tie_embeddings=True needs"),
         ({"layer_pattern": "SX"}, "layer_pattern='SX'"),
         ({"layer_pattern": ""}, "layer_pattern=''"),
-        ({"dtype": "int8"}, "dtype='int8'"),
-        ({"num_layers": 0}, "num_layers=0"),
-        ({"d_hidden": -4}, "d_hidden=-4"),
+        ({"dtype": "int8"}, "ModelConfig.dtype must be one of .* got 'int8'"),
+        ({"num_layers": 0}, "ModelConfig.num_layers must be an integer >= 1, got 0"),
+        ({"d_hidden": -4}, "ModelConfig.d_hidden must be an integer >= 1, got -4"),
         ({"num_heads": 3}, "num_heads=3"),  # validated by the attention config
     ],
 )
@@ -155,13 +155,17 @@ def test_bad_inputs_raise():
     tokens = jnp.zeros((2, 8), jnp.int32)
     with pytest.raises(ValueError, match="tokens must be int"):
         model(tokens.astype(jnp.float32))
-    with pytest.raises(ValueError, match="length 9"):
-        model(jnp.zeros((2, 9), jnp.int32))
+    assert model.length_limit is None  # attention only: any length, past max_len
+    assert model(jnp.zeros((2, 9), jnp.int32)).shape == (2, 9, 11)
     _, cache = prefill(model, tokens)
-    with pytest.raises(ValueError, match="cache is full"):
-        model.step(cache, tokens[:, 0])
-    with pytest.raises(ValueError, match="tuple of 2 layer caches"):
-        model.step(cache[:1], tokens[:, 0])
+    cache, _ = model.step(cache, tokens[:, 0])  # position 8 = max_len: no limit either
+    assert int(cache.pos) == 9
+    hybrid = SpectralModel(dataclasses.replace(config, attention_only=False), rngs=nnx.Rngs(5))
+    assert hybrid.length_limit == 8  # its STU layers' max_len
+    with pytest.raises(ValueError, match=r"length 9 needs 9 positions, but block 0 \(STU\)"):
+        hybrid(jnp.zeros((2, 9), jnp.int32))
+    with pytest.raises(ValueError, match="ModelCache of 2 layer caches"):
+        model.step(cache.layers[:1], tokens[:, 0])
     with pytest.raises(ValueError, match=r"tokens must be int \[B\]"):
         model.step(model.init_cache(2), tokens[:, :2])
     regression = SpectralModel(

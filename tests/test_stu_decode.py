@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from spectral_jax.nn.mixer import DecodeOptions
 from spectral_jax.nn.stu import STU, STUCache, STUConfig
 from spectral_jax.ops.conv_decode import FutureFillCache, NaiveCache
 
@@ -18,11 +19,10 @@ TOL64 = 1e-12  # float64: FFT vs direct summation order only
 TOL32 = 1e-5
 
 
-def make_layer(variant, projection, dtype, max_len=40, block_len=4):
+def make_layer(variant, projection, dtype, max_len=40):
     cfg = STUConfig(
         d_in=3, d_out=2, max_len=max_len, num_filters=5, variant=variant,
         projection=projection, k_u=2, k_y=2, dtype=dtype, param_dtype=dtype,
-        decode_block_len=block_len,
     )  # fmt: skip
     layer = STU(cfg, rngs=nnx.Rngs(0))
     # M_y is zero at init; small random values exercise the output recursion
@@ -30,16 +30,17 @@ def make_layer(variant, projection, dtype, max_len=40, block_len=4):
     return layer
 
 
-@nnx.jit(static_argnums=2)
-def decode_all(layer, x, prompt_len):
+@nnx.jit(static_argnums=(2, 3))
+def decode_all(layer, x, prompt_len, block_len=4):
     """Forward pass, and for each strategy: prefill ``prompt_len`` then scan the steps, and
     scan the steps from an empty cache. Returns (full, {name: [B, L', d_out]})."""
     outs = {}
     for strategy in ("naive", "futurefill"):
-        y0, cache = layer.prefill(x[:, :prompt_len], strategy=strategy)
+        options = DecodeOptions(strategy, block_len)
+        y0, cache = layer.prefill(x[:, :prompt_len], options)
         _, ys = jax.lax.scan(layer.step, cache, x[:, prompt_len:].swapaxes(0, 1))
         outs[f"{strategy}_prefill"] = jnp.concatenate([y0, ys.swapaxes(0, 1)], axis=1)
-        empty = layer.init_cache(x.shape[0], x.shape[1], x.dtype, strategy=strategy)
+        empty = layer.init_cache(x.shape[0], x.shape[1], x.dtype, options)
         _, ys = jax.lax.scan(layer.step, empty, x.swapaxes(0, 1))
         outs[f"{strategy}_empty"] = ys.swapaxes(0, 1)
     return layer(x), outs
@@ -65,38 +66,35 @@ def test_prefill_and_steps_match_forward_float64(variant, projection):
 
 @pytest.mark.parametrize("projection", ["full", "tensordot"])
 def test_prefill_and_steps_match_forward_float32_default_blocks(projection):
-    layer = make_layer("standard", projection, jnp.float32, max_len=64, block_len=None)
+    layer = make_layer("standard", projection, jnp.float32, max_len=64)
     x = jax.random.normal(jax.random.key(3), (2, 64, 3), jnp.float32)
-    full, outs = decode_all(layer, x, 20)
+    full, outs = decode_all(layer, x, 20, None)
     for name, got in outs.items():
         assert got.dtype == jnp.float32, name
         err = float(jnp.linalg.norm(got - full) / jnp.linalg.norm(full))
         assert err <= TOL32, (name, err)
 
 
-def test_strategy_selection_per_call_config_and_view():
+def test_strategy_is_chosen_where_the_cache_is_built():
     layer = make_layer("standard", "tensordot", jnp.float32)
     x = jnp.ones((1, 5, 3))
-    assert isinstance(layer.prefill(x)[1].conv, FutureFillCache)  # the config default
-    assert isinstance(layer.prefill(x, strategy="naive")[1].conv, NaiveCache)
-    cache = layer.init_cache(1, 16, jnp.float32, strategy="naive", block_len=8)
+    assert isinstance(layer.prefill(x)[1].conv, FutureFillCache)  # DecodeOptions() default
+    assert isinstance(layer.prefill(x, DecodeOptions("naive"))[1].conv, NaiveCache)
+    cache = layer.init_cache(1, 16, jnp.float32, DecodeOptions("naive", 8))
     assert isinstance(cache, STUCache) and cache.conv.history.shape == (16, 1, 2)
     assert cache.inputs.shape == (1, 1, 3) and cache.outputs.shape == (1, 2, 2)
-    view = nnx.view(layer, decode_strategy="naive")
-    assert view.config.decode_strategy == "naive" and layer.config.decode_strategy == "futurefill"
-    assert view.M_in is layer.M_in  # parameters are shared, not copied
-    assert isinstance(view.prefill(x)[1].conv, NaiveCache)
-    with pytest.raises(ValueError, match="decode_strategy must be one of"):
-        nnx.view(layer, decode_strategy="lds")
+    assert layer.length_limit == 40  # the filters end at max_len
+    assert not hasattr(layer.config, "decode_strategy")  # not a config field any more
 
 
 def test_bad_decode_inputs_raise():
-    layer = make_layer("standard", "full", jnp.float32, max_len=8, block_len=2)
+    layer = make_layer("standard", "full", jnp.float32, max_len=8)
     x = jnp.ones((2, 8, 3))
-    _, cache = layer.prefill(x, strategy="naive")
+    naive = DecodeOptions("naive", 2)
+    _, cache = layer.prefill(x, naive)
     with pytest.raises(ValueError, match="cache is full: position 8 >= max_len=8"):
         layer.step(cache, x[:, 0])
-    _, cache = layer.prefill(x[:, :3], strategy="naive")
+    _, cache = layer.prefill(x[:, :3], naive)
     with pytest.raises(ValueError, match=r"x_t must be \[2, 3\]"):
         layer.step(cache, jnp.ones((3, 3)))  # batch mismatch
     with pytest.raises(ValueError, match="dtype bfloat16 does not match cache float32"):
@@ -110,17 +108,16 @@ def test_bad_decode_inputs_raise():
     with pytest.raises(ValueError, match="cache dtype must be one of"):
         layer.init_cache(2, 8, jnp.int32)
     with pytest.raises(ValueError, match="block_len=3 must be in"):
-        layer.init_cache(2, 2, jnp.float32, block_len=3)
+        layer.init_cache(2, 2, jnp.float32, DecodeOptions("futurefill", 3))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"decode_strategy": "lds"}, "decode_strategy must be one of"),
-        ({"decode_block_len": 0}, "decode_block_len must be an integer >= 1"),
-        ({"decode_block_len": 33}, "decode_block_len=33 must be <= max_len=32"),
+        ({"strategy": "lds"}, "DecodeOptions.strategy must be one of"),
+        ({"block_len": 0}, "DecodeOptions.block_len must be an integer >= 1"),
     ],
 )
-def test_bad_decode_config_raises(kwargs, match):
+def test_bad_decode_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        STUConfig(d_in=2, d_out=2, max_len=32, num_filters=4, **kwargs)
+        DecodeOptions(**kwargs)

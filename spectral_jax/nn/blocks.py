@@ -3,7 +3,11 @@
 :class:`ResidualBlock` wraps any sequence mixer with the four entry points of
 :class:`~spectral_jax.nn.mixer.SequenceMixer` (STU, sliding-window attention, a distilled LDS
 layer...) and exposes the same four itself; its decode cache is the mixer's cache, since the norms
-and the MLP act on one position at a time and keep no state.
+and the MLP act on one position at a time and keep no state. Its ``length_limit`` is the mixer's.
+
+Ragged batches: ``prefill(x, options, pad)`` zeroes the residual stream at each row's left-pad
+positions, so that the mixer sees exact zeros there (RMSNorm of 0 is 0) and a causal
+time-invariant mixer's state is what it would be without the padding.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectral_jax.nn.mixer import SequenceMixer
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions, SequenceMixer
+from spectral_jax.validation import positive_int
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -84,11 +89,9 @@ class BlockConfig:
 
     def __post_init__(self) -> None:
         for field in ("d_model", "d_hidden"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive int")
+            positive_int("BlockConfig", field, getattr(self, field))
         if not 0.0 < self.norm_eps < 1.0:
-            raise ValueError(f"norm_eps={self.norm_eps!r} must be in (0, 1)")
+            raise ValueError(f"BlockConfig.norm_eps={self.norm_eps!r} must be in (0, 1)")
 
 
 class ResidualBlock(nnx.Module):
@@ -111,13 +114,32 @@ class ResidualBlock(nnx.Module):
         """x: [B, L, D] -> [B, L, D]."""
         return self._mlp_residual(x + self.mixer(self.mixer_norm(x)).astype(x.dtype))
 
-    def init_cache(self, batch: int, max_len: int, dtype: Any) -> Any:
-        """The mixer's empty cache."""
-        return self.mixer.init_cache(batch, max_len, dtype)
+    @property
+    def length_limit(self) -> int | None:
+        """The mixer's: the longest sequence it can run, None for no limit."""
+        return self.mixer.length_limit
 
-    def prefill(self, x: jax.Array) -> tuple[jax.Array, Any]:
-        """x: [B, L, D] -> (y [B, L, D], the mixer's cache after L tokens)."""
-        y, cache = self.mixer.prefill(self.mixer_norm(x))
+    def init_cache(
+        self, batch: int, max_len: int, dtype: Any, options: DecodeOptions = DEFAULT_DECODE
+    ) -> Any:
+        """The mixer's empty cache."""
+        return self.mixer.init_cache(batch, max_len, dtype, options)
+
+    def prefill(
+        self,
+        x: jax.Array,
+        options: DecodeOptions = DEFAULT_DECODE,
+        pad: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """x: [B, L, D] -> (y [B, L, D], the mixer's cache after L tokens).
+
+        pad: [B] int, left-pad positions per row, or None. The stream is zeroed there first, so
+        the mixer's input is exactly zero at pad positions (its outputs there are garbage that the
+        next block zeroes in turn and no real position reads)."""
+        if pad is not None:
+            real = jnp.arange(x.shape[1])[None, :, None] >= pad[:, None, None]  # [B, L, 1]
+            x = jnp.where(real, x, jnp.zeros_like(x))
+        y, cache = self.mixer.prefill(self.mixer_norm(x), options, pad)
         return self._mlp_residual(x + y.astype(x.dtype)), cache
 
     def step(self, cache: Any, x_t: jax.Array) -> tuple[Any, jax.Array]:

@@ -313,16 +313,23 @@ class LDSLayer(nnx.Module):
         )
 
     def prefill(
-        self, x: jax.Array, options: DecodeOptions = DEFAULT_DECODE, *, scan: ScanKind = "fft"
+        self,
+        x: jax.Array,
+        options: DecodeOptions = DEFAULT_DECODE,
+        pad: jax.Array | None = None,
+        *,
+        scan: ScanKind = "fft",
     ) -> tuple[jax.Array, LDSCache]:
         """Parallel path over a prompt ``x [B, L, d_in]`` (any ``L >= 1``) that also returns the
         decode cache after its last position.
 
         ``scan``: ``"fft"`` (default: FFT convolution plus a decay-power matmul for the state),
         ``"parallel"`` or ``"sequential"`` (every state by a scan; slower alternatives).
-        ``options`` do not concern the recurrence.
+        ``options`` do not concern the recurrence, and ``pad`` (left-pad positions per row) needs
+        no handling: the layer is causal and time-invariant and the block feeds it zeros there,
+        which leave its state at zero.
         """
-        del options
+        del options, pad
         self._check_input(x, step=False)
         one_of("LDSLayer.prefill", "scan", scan, SCAN_KINDS)
         cfg = self.config.stu

@@ -5,8 +5,11 @@ Every mixer (STU, distilled LDS, sliding-window attention) has the same entry po
 
 * ``__call__(x [B, L, D]) -> y [B, L, D]``: the parallel (training) path;
 * ``init_cache(batch, max_len, dtype, options) -> cache``: an empty decode state;
-* ``prefill(x [B, L, D], options) -> (y [B, L, D], cache)``: the parallel path that also
-  returns the decode state after position ``L - 1``;
+* ``prefill(x [B, L, D], options, pad) -> (y [B, L, D], cache)``: the parallel path that also
+  returns the decode state after position ``L - 1``. ``pad: [B]`` int (or None) counts the
+  left-pad positions of each row of a ragged batch; the block has zeroed ``x`` there, which is
+  all a causal time-invariant layer (STU, LDS) needs, so those ignore it; attention masks the
+  pad keys and starts each row's rotary positions at its first real token;
 * ``step(cache, x_t [B, D]) -> (cache, y_t [B, D])``: one position.
 
 ``prefill`` returns ``(y, cache)`` because it is a forward pass that also yields a state, like
@@ -68,7 +71,10 @@ class SequenceMixer(Protocol):
     ) -> Any: ...
 
     def prefill(
-        self, x: jax.Array, options: DecodeOptions = DEFAULT_DECODE
+        self,
+        x: jax.Array,
+        options: DecodeOptions = DEFAULT_DECODE,
+        pad: jax.Array | None = None,
     ) -> tuple[jax.Array, Any]: ...
 
     def step(self, cache: Any, x_t: jax.Array) -> tuple[Any, jax.Array]: ...

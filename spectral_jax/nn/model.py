@@ -7,7 +7,10 @@ embedding) or regression outputs ``[B, L, d_output]``. Outputs are float32 whate
 activation dtype; parameters are always float32.
 
 Decoding delegates to each block: ``init_cache`` / ``prefill`` / ``step`` build and thread a
-tuple with one cache per layer.
+:class:`ModelCache` with one cache per layer and the position. Length limits belong to the
+layers: ``length_limit`` is the smallest of the blocks' (STU: its ``max_len``; distilled LDS and
+sliding-window attention: none), so a distilled or attention-only model runs past
+``config.max_len``, the length it was trained at.
 """
 
 from __future__ import annotations
@@ -18,20 +21,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from spectral_jax.nn.attention import AttentionConfig, SlidingWindowAttention
 from spectral_jax.nn.blocks import BlockConfig, ResidualBlock, RMSNorm
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STUConfig, make_filters
-from spectral_jax.validation import REMATS, Remat, one_of
+from spectral_jax.validation import (
+    REMATS,
+    Projection,
+    Remat,
+    Variant,
+    float_dtype,
+    one_of,
+    positive_int,
+)
 
-ACTIVATION_DTYPES = ("float32", "bfloat16", "float64")
 LAYER_KINDS = {"S": "STU", "A": "sliding-window attention"}
-
-
-def _positive_int(field: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field}={value!r} must be a positive int")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +73,8 @@ class ModelConfig:
     attention_only: bool = False
     d_hidden: int | None = None
     num_filters: int = 24
-    stu_variant: str = "standard"
-    stu_projection: str = "full"
+    stu_variant: Variant = "standard"
+    stu_projection: Projection = "full"
     k_u: int = 0
     k_y: int = 0
     num_heads: int = 4
@@ -80,10 +86,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for field in ("d_model", "num_layers", "max_len"):
-            _positive_int(field, getattr(self, field))
+            positive_int("ModelConfig", field, getattr(self, field))
         for field in ("vocab_size", "d_input", "d_output", "d_hidden"):
             if getattr(self, field) is not None:
-                _positive_int(field, getattr(self, field))
+                positive_int("ModelConfig", field, getattr(self, field))
         if (self.vocab_size is None) == (self.d_input is None):
             raise ValueError(
                 f"exactly one of vocab_size={self.vocab_size!r} (token input) and "
@@ -101,13 +107,7 @@ class ModelConfig:
                 f"layer_pattern={self.layer_pattern!r} must be a non-empty string of "
                 f"{sorted(LAYER_KINDS)} ({LAYER_KINDS})"
             )
-        try:
-            dtype_name = jnp.dtype(self.dtype).name
-        except TypeError:
-            dtype_name = None
-        if dtype_name not in ACTIVATION_DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} must be one of {ACTIVATION_DTYPES}")
-        object.__setattr__(self, "dtype", dtype_name)
+        object.__setattr__(self, "dtype", float_dtype("ModelConfig", "dtype", self.dtype).name)
         one_of("ModelConfig", "remat", self.remat, REMATS)
         BlockConfig(self.d_model, self.hidden_dim, self.norm_eps)
         if "S" in self.layer_kinds:
@@ -155,7 +155,6 @@ class ModelConfig:
             d_model=self.d_model,
             num_heads=self.num_heads,
             window=self.window,
-            max_len=self.max_len,
             rope_base=self.rope_base,
             dtype=self.activation_dtype,
         )
@@ -180,6 +179,18 @@ def block_runner(remat: Remat):
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "save_dots" else None
     )
     return nnx.remat(run, policy=policy)
+
+
+@struct.dataclass
+class ModelCache:
+    """Decode state of a :class:`SpectralModel`.
+
+    layers: one cache per block, in order. pos: int32 scalar, the number of positions consumed
+    (left padding included): the next token's position.
+    """
+
+    layers: tuple[Any, ...]
+    pos: jax.Array
 
 
 class SpectralModel(nnx.Module):
@@ -246,8 +257,10 @@ class SpectralModel(nnx.Module):
             raise ValueError(
                 f"{where}: inputs must be {seq[:-1]}, {c.d_input}], got shape {x.shape}"
             )
-        if time_axis and not 1 <= x.shape[1] <= c.max_len:
-            raise ValueError(f"{where}: length {x.shape[1]} must be in [1, max_len={c.max_len}]")
+        if time_axis:
+            if x.shape[1] < 1:
+                raise ValueError(f"{where}: length must be >= 1, got shape {x.shape}")
+            self.check_length(x.shape[1], f"{where}: length {x.shape[1]}")
         return self.embed(x).astype(c.activation_dtype)
 
     def _head(self, h: jax.Array) -> jax.Array:
@@ -266,33 +279,70 @@ class SpectralModel(nnx.Module):
             h = run(block, h)
         return self._head(h)
 
+    @property
+    def length_limit(self) -> int | None:
+        """The longest sequence (prompt plus generated tokens) every block can run, or None if
+        no block has a limit (distilled LDS and sliding-window attention layers only)."""
+        limits = [b.length_limit for b in self.blocks if b.length_limit is not None]
+        return min(limits) if limits else None
+
+    def check_length(self, length: int, what: str) -> None:
+        """Raise ValueError naming the first block that cannot run ``length`` positions;
+        ``what`` says what needs them (e.g. ``"prompt length 12 + max_new_tokens 2000"``)."""
+        for index, block in enumerate(self.blocks):
+            limit = block.length_limit
+            if limit is not None and length > limit:
+                kind = type(block.mixer).__name__
+                raise ValueError(
+                    f"{what} needs {length} positions, but block {index} ({kind}) can run at most "
+                    f"max_len={limit}; distill the model (spectral-jax distill, or "
+                    "spectral_jax.nn.distillation.distill_model) to replace its STU layers by LDS "
+                    "recurrences, which decode without a length limit"
+                )
+
     def init_cache(
-        self, batch: int, max_len: int | None = None, dtype: Any = None
-    ) -> tuple[Any, ...]:
-        """One empty cache per layer (defaults: config.max_len, the activation dtype)."""
+        self,
+        batch: int,
+        max_len: int | None = None,
+        dtype: Any = None,
+        options: DecodeOptions = DEFAULT_DECODE,
+    ) -> ModelCache:
+        """Empty caches for sequences of at most ``max_len`` tokens (default: config.max_len;
+        layers without a limit keep constant-size caches whatever it is), K/V and conv
+        histories in ``dtype`` (default: the activation dtype); ``options`` choose how STU
+        layers decode."""
         max_len = self.config.max_len if max_len is None else max_len
         dtype = self.config.activation_dtype if dtype is None else dtype
-        return tuple(block.init_cache(batch, max_len, dtype) for block in self.blocks)
+        layers = tuple(block.init_cache(batch, max_len, dtype, options) for block in self.blocks)
+        return ModelCache(layers=layers, pos=jnp.zeros((), jnp.int32))
 
-    def prefill(self, x: jax.Array) -> tuple[jax.Array, tuple[Any, ...]]:
-        """Run a prompt: x as in ``__call__`` -> (outputs [B, L, out_dim], per-layer caches)."""
+    def prefill(
+        self,
+        x: jax.Array,
+        options: DecodeOptions = DEFAULT_DECODE,
+        pad: jax.Array | None = None,
+    ) -> tuple[jax.Array, ModelCache]:
+        """Run a prompt: x as in ``__call__`` -> (outputs [B, L, out_dim], caches).
+
+        options: how STU layers decode from here. pad: [B] int, left-pad positions of each row
+        of a ragged batch (outputs there are meaningless), or None."""
         h = self._embed(x, time_axis=True)
         caches = []
         for block in self.blocks:
-            h, cache = block.prefill(h)
+            h, cache = block.prefill(h, options, pad)
             caches.append(cache)
-        return self._head(h), tuple(caches)
+        return self._head(h), ModelCache(tuple(caches), jnp.asarray(x.shape[1], jnp.int32))
 
-    def step(self, cache: tuple[Any, ...], x_t: jax.Array) -> tuple[tuple[Any, ...], jax.Array]:
+    def step(self, cache: ModelCache, x_t: jax.Array) -> tuple[ModelCache, jax.Array]:
         """One position: x_t tokens [B] or vectors [B, d_input] -> (caches, y_t [B, out_dim])."""
-        if not isinstance(cache, tuple) or len(cache) != len(self.blocks):
+        if not isinstance(cache, ModelCache) or len(cache.layers) != len(self.blocks):
             raise ValueError(
-                f"step: cache must be a tuple of {len(self.blocks)} layer caches "
+                f"step: cache must be a ModelCache of {len(self.blocks)} layer caches "
                 f"(from init_cache or prefill), got {type(cache).__name__}"
             )
         h = self._embed(x_t, time_axis=False)
         new_caches = []
-        for block, layer_cache in zip(self.blocks, cache, strict=True):
+        for block, layer_cache in zip(self.blocks, cache.layers, strict=True):
             layer_cache, h = block.step(layer_cache, h)
             new_caches.append(layer_cache)
-        return tuple(new_caches), self._head(h)
+        return ModelCache(tuple(new_caches), cache.pos + 1), self._head(h)

@@ -9,17 +9,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.ops import conv_decode, stu_ops
-from spectral_jax.ops.filters import VARIANTS, max_num_filters, spectral_filters
-from spectral_jax.validation import DECODE_STRATEGIES
-
-PROJECTIONS = ("full", "tensordot")
-ACTIVATION_DTYPES = ("float32", "bfloat16", "float64")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"STUConfig.{name} must be an integer >= {minimum}, got {value!r}")
+from spectral_jax.ops.filters import max_num_filters, spectral_filters
+from spectral_jax.validation import (
+    PROJECTIONS,
+    STATE_DTYPES,
+    VARIANTS,
+    Projection,
+    Variant,
+    float_dtype,
+    one_of,
+    positive_int,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,8 @@ class STUConfig:
     Attributes:
       d_in, d_out: input and output features.
       max_len: longest input; filters are computed for this length and inputs of length
-        ``L <= max_len`` use their first ``L`` taps.
+        ``L <= max_len`` use their first ``L`` taps. It is the layer's ``length_limit``: decoding
+        stops there too (distill the layer into an LDS to run without a limit).
       num_filters: ``K``, the number of spectral filters per branch.
       variant: ``"standard"`` (plus and alternating-sign branches) or ``"hankel_l"`` (one branch).
       projection: ``"full"`` (``M: [2K, d_in, d_out]``) or ``"tensordot"`` (project inputs, then one
@@ -37,62 +40,38 @@ class STUConfig:
       k_u, k_y: number of autoregressive input / output lags (0 disables them).
       dtype: activation dtype; FFTs always run in at least float32.
       param_dtype: parameter (and filter) dtype: float32, or float64 for references under x64.
-      decode_strategy: default decode cache, ``"futurefill"`` or ``"naive"`` (see
-        :mod:`~spectral_jax.ops.conv_decode`); ``init_cache``/``prefill`` can override it per call
-        and ``nnx.view(model, decode_strategy=...)`` for a whole model.
-      decode_block_len: naive read block / FutureFill epoch length, None for the default
-        (:func:`spectral_jax.ops.conv_decode.default_block_len`); at most ``max_len``.
+
+    How the layer decodes (naive or FutureFill cache, block length) is not part of the config:
+    it is a :class:`~spectral_jax.nn.mixer.DecodeOptions` given to ``init_cache`` / ``prefill``.
     """
 
     d_in: int
     d_out: int
     max_len: int
     num_filters: int = 24
-    variant: str = "standard"
-    projection: str = "full"
+    variant: Variant = "standard"
+    projection: Projection = "full"
     k_u: int = 0
     k_y: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    decode_strategy: str = "futurefill"
-    decode_block_len: int | None = None
 
     def __post_init__(self):
         for name in ("d_in", "d_out", "num_filters"):
-            _positive_int(name, getattr(self, name))
-        _positive_int("max_len", self.max_len, minimum=2)
-        _positive_int("k_u", self.k_u, minimum=0)
-        _positive_int("k_y", self.k_y, minimum=0)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"STUConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.projection not in PROJECTIONS:
-            raise ValueError(
-                f"STUConfig.projection must be one of {PROJECTIONS}, got {self.projection!r}"
-            )
+            positive_int("STUConfig", name, getattr(self, name))
+        positive_int("STUConfig", "max_len", self.max_len, minimum=2)
+        positive_int("STUConfig", "k_u", self.k_u, minimum=0)
+        positive_int("STUConfig", "k_y", self.k_y, minimum=0)
+        one_of("STUConfig", "variant", self.variant, VARIANTS)
+        one_of("STUConfig", "projection", self.projection, PROJECTIONS)
         limit = max_num_filters(self.max_len, self.variant)
         if self.num_filters > limit:
             raise ValueError(
                 f"STUConfig.num_filters={self.num_filters} exceeds {limit}, the most filters "
                 f"available at max_len={self.max_len} ({self.variant})"
             )
-        for name in ("dtype", "param_dtype"):
-            if jnp.dtype(getattr(self, name)).name not in ACTIVATION_DTYPES:
-                value = getattr(self, name)
-                raise ValueError(
-                    f"STUConfig.{name} must be one of {ACTIVATION_DTYPES}, got {value!r}"
-                )
-        if self.decode_strategy not in DECODE_STRATEGIES:
-            raise ValueError(
-                f"STUConfig.decode_strategy must be one of {DECODE_STRATEGIES}, "
-                f"got {self.decode_strategy!r}"
-            )
-        if self.decode_block_len is not None:
-            _positive_int("decode_block_len", self.decode_block_len)
-            if self.decode_block_len > self.max_len:
-                raise ValueError(
-                    f"STUConfig.decode_block_len={self.decode_block_len} must be <= "
-                    f"max_len={self.max_len}"
-                )
+        float_dtype("STUConfig", "dtype", self.dtype)
+        float_dtype("STUConfig", "param_dtype", self.param_dtype, STATE_DTYPES)
 
     @property
     def two_branch(self) -> bool:
@@ -214,14 +193,6 @@ class STU(nnx.Module):
             tensordot=cfg.tensordot,
         )
 
-    def set_view(self, decode_strategy: str | None = None, decode_block_len: int | None = None):
-        """Hook of ``nnx.view``: a view of the layer with another default decode strategy or
-        block length (validated by :class:`STUConfig`); parameters are shared."""
-        changes = {"decode_strategy": decode_strategy, "decode_block_len": decode_block_len}
-        changes = {k: v for k, v in changes.items() if v is not None}
-        if changes:
-            self.config = dataclasses.replace(self.config, **changes)
-
     def _conv_kernels(self) -> jax.Array:
         """Taps ``[max_len, F]`` of the convolution: filter mixtures (tensordot) or filters."""
         cfg = self.config
@@ -242,36 +213,34 @@ class STU(nnx.Module):
             return u @ self.M_in[...].astype(u.dtype)
         return u
 
+    @property
+    def length_limit(self) -> int:
+        """``config.max_len``: the filters, hence prompt plus generated tokens, end there."""
+        return self.config.max_len
+
     def init_cache(
-        self,
-        batch: int,
-        max_len: int,
-        dtype: Any,
-        *,
-        strategy: str | None = None,
-        block_len: int | None = None,
+        self, batch: int, max_len: int, dtype: Any, options: DecodeOptions = DEFAULT_DECODE
     ) -> STUCache:
         """Empty cache for ``batch`` sequences of at most ``max_len <= config.max_len`` tokens,
-        fed inputs of ``dtype``. ``strategy`` / ``block_len`` default to the config's."""
+        fed inputs of ``dtype``; ``options`` choose the convolution's cache and block length."""
         cfg = self.config
-        if isinstance(max_len, bool) or not isinstance(max_len, int):
-            raise ValueError(f"max_len must be an int, got {max_len!r}")
-        if not 1 <= max_len <= cfg.max_len:
-            raise ValueError(f"max_len={max_len} must be in [1, config.max_len={cfg.max_len}]")
-        if jnp.dtype(dtype).name not in ACTIVATION_DTYPES:
-            raise ValueError(f"cache dtype must be one of {ACTIVATION_DTYPES}, got {dtype!r}")
-        strategy = cfg.decode_strategy if strategy is None else strategy
-        block_len = cfg.decode_block_len if block_len is None else block_len
+        positive_int("STU.init_cache", "max_len", max_len)
+        if max_len > cfg.max_len:
+            raise ValueError(
+                f"max_len={max_len} must be in [1, config.max_len={cfg.max_len}]: the STU's "
+                "filters end there (distill the layer to decode without a limit)"
+            )
+        float_dtype("STU.init_cache", "cache dtype", dtype)
         weights = self._conv_weights()
         conv = conv_decode.init_cache(
-            strategy,
+            options.strategy,
             self._conv_kernels(),
             weights,
             batch,
             max_len,
             cfg.d_out if weights is None else cfg.d_in,
             dtype,
-            block_len,
+            options.block_len,
         )
         act = jnp.dtype(cfg.dtype)
         return STUCache(
@@ -281,15 +250,21 @@ class STU(nnx.Module):
         )
 
     def prefill(
-        self, x: jax.Array, *, strategy: str | None = None, block_len: int | None = None
+        self,
+        x: jax.Array,
+        options: DecodeOptions = DEFAULT_DECODE,
+        pad: jax.Array | None = None,
     ) -> tuple[jax.Array, STUCache]:
         """Run a prompt ``x: [B, L, d_in]`` by the parallel path; returns ``(y [B, L, d_out],
-        cache at position L)`` with room for ``config.max_len`` tokens in all, fed ``x.dtype``."""
+        cache at position L)`` with room for ``config.max_len`` tokens in all, fed ``x.dtype``.
+
+        ``pad`` (left-pad positions per row) needs no handling: the layer is causal and
+        time-invariant, and the block feeds it zeros there, so the padding adds nothing.
+        """
+        del pad
         y = self(x)
         cfg = self.config
-        cache = self.init_cache(
-            x.shape[0], cfg.max_len, x.dtype, strategy=strategy, block_len=block_len
-        )
+        cache = self.init_cache(x.shape[0], cfg.max_len, x.dtype, options)
         u = x.astype(cfg.dtype)
         conv = conv_decode.prefill(cache.conv, self._conv_input(u), self._conv_weights())
         return y, STUCache(
