@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
-from spectral_jax.validation import positive_int
+from spectral_jax.validation import finite_float, positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +49,8 @@ class Sampling:
     top_k: int = 0
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t < float("inf"):
-            raise ValueError(f"Sampling.temperature must be a finite float >= 0, got {t!r}")
-        k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"Sampling.top_k must be an integer >= 0, got {k!r}")
+        t = finite_float("Sampling", "temperature", self.temperature)
+        k = positive_int("Sampling", "top_k", self.top_k, minimum=0)
         if k and t == 0.0:
             raise ValueError(f"Sampling.top_k={k} needs temperature > 0 (temperature 0 is greedy)")
 

@@ -55,6 +55,25 @@ def positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def finite_float(
+    owner: str, name: str, value: Any, minimum: float = 0.0, *, strict: bool = False
+) -> float:
+    """``float(value)`` if it is a finite real number (not a ``bool``) ``>= minimum`` (``>`` if
+    ``strict``), else ``ValueError``."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, int | float | np.integer | np.floating)
+        and np.isfinite(value)
+        and (value > minimum if strict else value >= minimum)
+    )
+    if not ok:
+        rule = ">" if strict else ">="
+        raise ValueError(
+            f"{_where(owner, name)} must be a finite float {rule} {minimum:g}, got {value!r}"
+        )
+    return float(value)
+
+
 def int_in_range(owner: str, name: str, value: Any, low: int, high: int, why: str = "") -> int:
     """``int(value)`` if it is an integer in ``[low, high]``, else ``ValueError`` (``why``, if
     given, is appended to the message: what sets the bounds)."""

@@ -25,6 +25,16 @@ def test_int_in_range_names_the_bounds_and_why():
         v.int_in_range("", "K", 9, 1, 8, "for L=8")
 
 
+def test_finite_float():
+    assert v.finite_float("S", "temperature", 0) == 0.0
+    assert v.finite_float("T", "peak", np.float32(2.5), strict=True) == 2.5
+    for bad in (-1.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match=r"^S\.temperature must be a finite float >= 0, got"):
+            v.finite_float("S", "temperature", bad)
+    with pytest.raises(ValueError, match=r"must be a finite float > 0, got 0"):
+        v.finite_float("T", "peak", 0, strict=True)
+
+
 def test_one_of_lists_the_choices():
     assert v.one_of("STUConfig", "variant", "hankel_l", v.VARIANTS) == "hankel_l"
     with pytest.raises(ValueError, match=r"STUConfig\.variant must be one of .*'standard'.*'x'"):

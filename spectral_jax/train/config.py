@@ -22,7 +22,7 @@ from spectral_jax.train.data import (
 )
 from spectral_jax.train.optim import OptimConfig
 from spectral_jax.train.sharding import DistributedConfig, MeshConfig
-from spectral_jax.validation import one_of, positive_int
+from spectral_jax.validation import finite_float, one_of, positive_int
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
 
@@ -80,13 +80,9 @@ class TrainConfig:
                 f"TrainConfig.global_batch={self.global_batch} must be a multiple of "
                 f"microbatches={self.microbatches}"
             )
-        peak = self.peak_flops_per_device
-        if peak is not None and (
-            isinstance(peak, bool) or not isinstance(peak, int | float) or not peak > 0
-        ):
-            raise ValueError(
-                f"TrainConfig.peak_flops_per_device must be a FLOP/s count > 0 or None "
-                f"(look the device up), got {peak!r}"
+        if self.peak_flops_per_device is not None:  # None: looked up by device kind
+            finite_float(
+                "TrainConfig", "peak_flops_per_device", self.peak_flops_per_device, strict=True
             )
         if self.model is not None and not isinstance(self.model, ModelConfig):
             raise ValueError(f"model must be a ModelConfig or None, got {self.model!r}")
