@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from spectral_jax import distill
+from spectral_jax.nn import lds_layer
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.lds_layer import LDSCache, LDSConfig, LDSLayer
 from spectral_jax.nn.model import ModelConfig, SpectralModel
@@ -160,6 +161,26 @@ def test_fft_prefill_equals_scans_and_steps_float32(banks, projection, arithmeti
     }
     for name, y in paths.items():
         assert relative(y, reference) <= budget, f"{name}: {relative(y, reference):.2e}"
+
+
+@pytest.mark.parametrize("arithmetic", ["plain", "compensated"])
+def test_long_prompts_continue_block_by_block(banks, arithmetic, monkeypatch):
+    """Past the kernels, the prompt is scanned in blocks (memory bounded by the block): three
+    whole blocks and a remainder give the sequential scan's outputs and final state, within the
+    budget of :func:`test_fft_prefill_equals_scans_and_steps_float32`."""
+    bank, report = banks["standard"]
+    layer = LDSLayer.from_stu(make_stu("tensordot", "standard"), bank, arithmetic=arithmetic)
+    monkeypatch.setattr(lds_layer, "TAIL_BLOCK", 16)
+    T = L + 3 * 16 + 5
+    x = inputs(T)
+    c = report["amplification"] if arithmetic == "plain" else 1.0
+    budget = 2 * np.sqrt(T) * U32 * c
+    y, cache = layer.prefill(x)  # eager: traced with the small block
+    reference, reference_cache = layer.prefill(x, scan="sequential")
+    assert relative(y, reference) <= budget
+    state = sum(np.asarray(s, np.float64) for s in jax.tree.leaves(cache.state))  # hi (+ lo)
+    want = sum(np.asarray(s, np.float64) for s in jax.tree.leaves(reference_cache.state))
+    assert relative(state, want) <= budget
 
 
 def test_steps_from_init_cache_reproduce_call_float32(banks):

@@ -54,6 +54,9 @@ from spectral_jax.validation import (
 )
 
 HIGHEST = jax.lax.Precision.HIGHEST
+# Positions past the kernels' length are scanned in blocks of this many, so the states held at
+# once stay ``[B, TAIL_BLOCK, C, S, n]`` however long the prompt.
+TAIL_BLOCK = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +268,30 @@ class LDSLayer(nnx.Module):
             return causal_conv(self._drive(x), kernels)
         return causal_conv_project(x, kernels, self._spectral_weights())
 
+    def _continue(self, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
+        """Past the kernels' length: ``x [B, T, d_in]`` continues from ``state`` by the parallel
+        scan (exact there too), in blocks of :data:`TAIL_BLOCK` positions (a ``lax.scan`` over
+        the whole blocks, then the rest) so memory does not grow with ``T``. Returns (outputs
+        before AR terms ``[B, T, d_out]``, the state after the last position)."""
+        arithmetic = self.config.lds_arithmetic
+
+        def block(state, xb):  # xb: [B, block, d_in]
+            u, decays = self._expand(self._drive(xb))
+            states = arithmetic.scan("parallel", decays, u, state)
+            return jax.tree.map(lambda s: s[:, -1], states), self._read(states)
+
+        B, T, d_in = x.shape
+        whole = T // TAIL_BLOCK * TAIL_BLOCK
+        outputs = []
+        if whole:
+            blocks = x[:, :whole].reshape(B, whole // TAIL_BLOCK, TAIL_BLOCK, d_in).swapaxes(0, 1)
+            state, ys = jax.lax.scan(block, state, blocks)  # ys: [count, B, block, d_out]
+            outputs.append(ys.swapaxes(0, 1).reshape(B, whole, -1))
+        if whole < T:
+            state, y = block(state, x[:, whole:])
+            outputs.append(y)
+        return jnp.concatenate(outputs, axis=1), state
+
     def _sequence(self, x: jax.Array, scan: ScanKind) -> tuple[jax.Array, Any]:
         """The one place the scan kind is chosen: ``x [B, T, d_in]`` -> (outputs before AR terms
         ``[B, T, d_out]``, state after position ``T - 1``)."""
@@ -275,11 +302,8 @@ class LDSLayer(nnx.Module):
             state = arithmetic.final_state(self.decays[...], self._drive(head))
             if x.shape[1] == head.shape[1]:
                 return y, state
-            # Past the kernels' length: continue from the state (the scan is exact there too).
-            u, decays = self._expand(self._drive(x[:, head.shape[1] :]))
-            states = arithmetic.scan("parallel", decays, u, state)
-            tail = self._read(states)
-            return jnp.concatenate([y, tail], axis=1), jax.tree.map(lambda s: s[:, -1], states)
+            tail, state = self._continue(x[:, head.shape[1] :], state)
+            return jnp.concatenate([y, tail], axis=1), state
         u, decays = self._expand(self._drive(x))
         states = arithmetic.scan(scan, decays, u)
         return self._read(states), jax.tree.map(lambda s: s[:, -1], states)
