@@ -21,28 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from timing import median_seconds
 
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.model import ModelConfig, SpectralModel
-
-
-def median_seconds(fn, *args, repeats: int) -> float:
-    """Median seconds of ``fn(*args)`` (jitted; the first, compiling call is not timed)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 MODEL_PREFILL = nnx.jit(lambda model, prompt: model.prefill(prompt))
 LAYER_PREFILL = nnx.jit(lambda layer, x, scan: layer.prefill(x, scan=scan), static_argnums=2)

@@ -12,27 +12,15 @@ Usage: python experiments/bench_stu.py [--quick] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from timing import median_seconds
 
 from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.nn.stu import STU, STUConfig
-
-
-def median_seconds(fn, *args, repeats: int) -> float:
-    """Median wall time of ``fn(*args)`` over ``repeats`` runs after one warm-up (compile) run."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def time_layer(mode: str, B: int, L: int, d: int, K: int, repeats: int) -> dict:
