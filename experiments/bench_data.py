@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.data import sources
 from spectral_jax.data.prepare import documents, prepare_data
 from spectral_jax.data.tokenizer import save_tokenizer, train_bpe
@@ -84,7 +84,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['what']:<40}{row['value']:>16,.2f} {row['unit']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        write_json_atomic(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

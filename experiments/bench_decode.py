@@ -28,7 +28,6 @@ Usage: python experiments/bench_decode.py [--quick] [--json PATH] [--plot PATH] 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spectral_jax import generate as gen
+from spectral_jax.atomic_files import write_atomic, write_json_atomic
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.mixer import DecodeOptions
@@ -313,9 +313,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def main() -> None:
@@ -367,10 +365,7 @@ def main() -> None:
     meta.update(jax=jax.__version__, device=str(jax.devices()[0]), load_after=load())
     print(f"load after: {meta['load_after']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": rows, "meta": meta}, indent=2))
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, {"rows": rows, "meta": meta})
         print(f"wrote {args.json}")
     png = args.plot or (args.json.with_suffix(".png") if args.json else None)
     if png:

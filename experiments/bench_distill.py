@@ -31,7 +31,6 @@ Usage: python experiments/bench_distill.py [--quick] [--levers] [--json PATH]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -43,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax import distill
+from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.stu import STU, STUConfig
 from spectral_jax.ops import filters, lds
@@ -287,8 +287,7 @@ def main() -> None:
                     flush=True,
                 )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json_atomic(args.json, results)
 
 
 if __name__ == "__main__":

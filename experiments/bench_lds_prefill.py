@@ -19,7 +19,6 @@ Usage: python experiments/bench_lds_prefill.py [--contexts 8192 32768] [--repeat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from timing import median_seconds
 
+from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 
@@ -102,7 +102,7 @@ def main() -> None:
         print(line, flush=True)
     if args.json:
         out = {"compile_seconds": compile_s, "compile_ratio": ratio, "prefill": rows}
-        args.json.write_text(json.dumps(out, indent=2))
+        write_json_atomic(args.json, out)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
 
+from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.nn.model import ModelConfig
 from spectral_jax.train import ByteCorpusLM, TrainConfig, train
 
@@ -139,8 +139,7 @@ def main() -> None:
         )
     rows += scale_rows
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows}, indent=2))
+        write_json_atomic(args.json, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
 from spectral_jax.generate import generate
 from spectral_jax.inference import distill_with_report
 from spectral_jax.nn.mixer import DecodeOptions
@@ -144,7 +144,7 @@ def main() -> None:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(args.out / "results.json", results)
     lines = [
         f"Checkpoint `{args.checkpoint}` (step {meta['step']}), {results['eval_bytes']} held-out "
         f"bytes, {args.num_states} LDS states per channel, device: {results['device']}.",
@@ -159,7 +159,7 @@ def main() -> None:
             f"| {name} | {bpb[key]:.5f} | {bpb[key] - bpb['stu']:+.2e} | {agreement[name]:.2%} "
             f"| {identical[name]} | {speed[name]:,.0f} |"
         )
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(args.out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

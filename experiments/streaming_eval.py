@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from spectral_jax.atomic_files import write_atomic, write_json_atomic, write_text_atomic
 from spectral_jax.evaluate import bits_per_byte, stream_losses
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
@@ -86,12 +84,6 @@ def summarize(losses: np.ndarray, train_len: int) -> dict[str, dict[str, float]]
     return out
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
-        f.write(data)
-    os.replace(f.name, path)
-
-
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -110,9 +102,7 @@ def plot(results: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
 def main() -> None:
@@ -167,7 +157,7 @@ def main() -> None:
         print(f"{name}: {length} bytes x {args.streams} streams in {seconds:.1f} s")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "results.json", json.dumps(results, indent=2).encode())
+    write_json_atomic(args.out / "results.json", results)
     header = "| model (training step) | " + " | ".join(
         f"{m}x ({m * train_len} B)" for m in MULTIPLES
     )
@@ -188,7 +178,7 @@ def main() -> None:
             for m in MULTIPLES
         ]
         lines.append(f"| {name} ({rows['checkpoint_step']}) | " + " | ".join(cells) + " |")
-    write_atomic(args.out / "results.md", ("\n".join(lines) + "\n").encode())
+    write_text_atomic(args.out / "results.md", "\n".join(lines) + "\n")
     plot(results, args.out / "plot.png")
     print("\n".join(lines))
 

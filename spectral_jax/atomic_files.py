@@ -34,9 +34,14 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Create or replace ``path`` with ``data`` atomically."""
+    return write_atomic(path, lambda f: f.write(data))
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Create or replace the UTF-8 text file ``path`` atomically."""
-    return write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, value: Any) -> Path:

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from spectral_jax.atomic_files import write_bytes_atomic
 from spectral_jax.data import shards as shards_lib
 from spectral_jax.data import sources
 from spectral_jax.data.tokenizer import (
@@ -36,7 +37,6 @@ from spectral_jax.data.tokenizer import (
     load_tokenizer,
     save_tokenizer,
     train_bpe,
-    write_atomic,
 )
 from spectral_jax.validation import one_of, positive_int
 
@@ -98,14 +98,14 @@ def write_unit(
         tokens = np.concatenate(pieces).astype(dtype) if pieces else np.zeros(0, dtype)
         name = f"{split}_{index:05d}.npy"
         if tokens.size:
-            write_atomic(out / name, _npy_bytes(tokens))
+            write_bytes_atomic(out / name, _npy_bytes(tokens))
         counts[split] = {
             "file": name,
             "tokens": int(tokens.size),
             "documents": len(docs),
             "bytes": sum(len(d.encode("utf-8")) for d in docs),
         }
-    write_atomic(out / "parts" / f"{index:05d}.json", json.dumps(counts).encode())
+    write_bytes_atomic(out / "parts" / f"{index:05d}.json", json.dumps(counts).encode())
     return counts
 
 
@@ -138,7 +138,7 @@ def _start(out: pathlib.Path, plan: dict) -> dict | None:
             f"{out} exists and is not an empty directory or a prepare-data run; nothing is "
             "overwritten: choose another --out"
         )
-    write_atomic(plan_file, json.dumps(plan, indent=1).encode())
+    write_bytes_atomic(plan_file, json.dumps(plan, indent=1).encode())
     return None
 
 
@@ -265,5 +265,5 @@ def prepare_data(
         "val_percent": val_percent,
         "splits": totals,
     }
-    write_atomic(out_path / shards_lib.MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_bytes_atomic(out_path / shards_lib.MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest

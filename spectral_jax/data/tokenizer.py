@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from spectral_jax.atomic_files import write_text_atomic
 from spectral_jax.validation import positive_int
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -160,21 +159,6 @@ def load_tokenizer(path: str) -> Tokenizer:
     return tokenizer_from_json(file.read_text(encoding="utf-8"), str(file))
 
 
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_tokenizer(tokenizer: Tokenizer, directory: str) -> None:
     """Write ``directory/tokenizer.json`` (atomically); local path or URL.
 
@@ -196,7 +180,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str) -> None:
     if file.exists():
         _check_same(tokenizer, load_tokenizer(str(file)), str(file))
         return
-    write_atomic(file, text.encode("utf-8"))
+    write_text_atomic(file, text)
 
 
 def _check_same(tokenizer: Tokenizer, existing: Tokenizer, where: str) -> None:
