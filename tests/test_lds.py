@@ -207,11 +207,19 @@ def test_driven_final_state_matches_the_scan_x64(monkeypatch, chunk):
         decays = jnp.asarray(np.stack([np.linspace(0.1, 0.999, 5), -np.linspace(0.2, 0.9, 5)]))
         drive = jnp.asarray(rng.standard_normal((2, 50, 3)))
         u = jnp.broadcast_to(drive[..., None, None], (2, 50, 3, 2, 5))
-        expected = np.asarray(lds.scan(jnp.broadcast_to(decays, (3, 2, 5)), u)[:, -1])
+        x0 = jnp.asarray(rng.standard_normal((2, 3, 2, 5)))
+        full = jnp.broadcast_to(decays, (3, 2, 5))
+        expected = np.asarray(lds.scan(full, u)[:, -1])
+        expected_from_x0 = np.asarray(lds.scan(full, u, x0)[:, -1])
         got = np.asarray(lds.driven_final_state(decays, drive))
+        got_from_x0 = np.asarray(lds.driven_final_state(decays, drive, x0))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-13 * np.abs(expected).max())
+    atol = 1e-13 * np.abs(expected_from_x0).max()
+    np.testing.assert_allclose(got_from_x0, expected_from_x0, rtol=0, atol=atol)
     with pytest.raises(ValueError, match="drive"):
         lds.driven_final_state(np.float32([0.5]), jnp.zeros((1, 4, 2), jnp.int32))
+    with pytest.raises(ValueError, match="initial state"):
+        lds.driven_final_state(np.float32([0.5]), jnp.zeros((1, 4, 2)), jnp.zeros((1, 2)))
 
 
 def test_pairwise_sum_is_twice_as_precise():

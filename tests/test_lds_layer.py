@@ -163,15 +163,26 @@ def test_fft_prefill_equals_scans_and_steps_float32(banks, projection, arithmeti
         assert relative(y, reference) <= budget, f"{name}: {relative(y, reference):.2e}"
 
 
-@pytest.mark.parametrize("arithmetic", ["plain", "compensated"])
-def test_long_prompts_continue_block_by_block(banks, arithmetic, monkeypatch):
-    """Past the kernels, the prompt is scanned in blocks (memory bounded by the block): three
+@pytest.mark.parametrize(
+    ("projection", "arithmetic", "block"),
+    [
+        ("tensordot", "plain", 16),
+        ("full", "plain", 16),
+        ("tensordot", "compensated", 16),
+        ("tensordot", "plain", None),  # blocks of the kernels' length (L < TAIL_BLOCK)
+    ],
+)
+def test_long_prompts_continue_block_by_block(banks, projection, arithmetic, block, monkeypatch):
+    """Past the kernels, the prompt continues in blocks (memory bounded by the block; plain:
+    FFT convolution plus the carried state's free response, compensated: the pair scan). Three
     whole blocks and a remainder give the sequential scan's outputs and final state, within the
     budget of :func:`test_fft_prefill_equals_scans_and_steps_float32`."""
     bank, report = banks["standard"]
-    layer = LDSLayer.from_stu(make_stu("tensordot", "standard"), bank, arithmetic=arithmetic)
-    monkeypatch.setattr(lds_layer, "TAIL_BLOCK", 16)
-    T = L + 3 * 16 + 5
+    layer = LDSLayer.from_stu(make_stu(projection, "standard"), bank, arithmetic=arithmetic)
+    if block is not None:
+        monkeypatch.setattr(lds_layer, "TAIL_BLOCK", block)
+    size = min(lds_layer.TAIL_BLOCK, L)
+    T = L + 3 * size + 5
     x = inputs(T)
     c = report["amplification"] if arithmetic == "plain" else 1.0
     budget = 2 * np.sqrt(T) * U32 * c

@@ -16,9 +16,11 @@ computes its outputs (:mod:`spectral_jax.ops.conv`); those kernels are formed on
 float64 (the bank's coefficients cancel, so forming them in float32 would lose digits), and
 kept as a fixed variable of the bank's length ``max_len``. The state after the prompt is one
 more pass, a matmul against decay powers (:func:`spectral_jax.ops.lds.driven_final_state`).
-Positions past ``max_len`` continue from that state by the parallel scan, so a prompt may have
-any length. ``scan="parallel"`` / ``"sequential"`` compute every state by a scan instead (the
-tested alternatives). :meth:`LDSLayer.step` advances the recurrence by one token.
+Positions past ``max_len`` continue from that state in blocks (plain: FFT convolution plus the
+state's free response, a matmul against decay powers; compensated: the exact pair scan), so a
+prompt may have any length at a cost linear in it. ``scan="parallel"`` / ``"sequential"``
+compute every state by a scan instead (the tested alternatives). :meth:`LDSLayer.step`
+advances the recurrence by one token.
 
 The arithmetic of the recurrence and its readout is one object of
 :mod:`spectral_jax.ops.lds_arithmetic`: ``"plain"`` float32 (default, ~2e-5 relative to the
@@ -39,7 +41,7 @@ from flax import nnx
 from spectral_jax.distill import LDSBank, fit_lds_bank, stu_to_lds
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STU_PARAM_AXES, STUConfig
-from spectral_jax.ops import stu_ops
+from spectral_jax.ops import lds, stu_ops
 from spectral_jax.ops.conv import causal_conv, causal_conv_project
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME, LDSArithmetic
 from spectral_jax.validation import (
@@ -54,8 +56,9 @@ from spectral_jax.validation import (
 )
 
 HIGHEST = jax.lax.Precision.HIGHEST
-# Positions past the kernels' length are scanned in blocks of this many, so the states held at
-# once stay ``[B, TAIL_BLOCK, C, S, n]`` however long the prompt.
+# Positions past the kernels' length continue in blocks of this many, so the memory held at once
+# (at most the compensated scan's states ``[B, TAIL_BLOCK, C, S, n]``) does not grow with the
+# prompt.
 TAIL_BLOCK = 2048
 
 
@@ -268,29 +271,57 @@ class LDSLayer(nnx.Module):
             return causal_conv(self._drive(x), kernels)
         return causal_conv_project(x, kernels, self._spectral_weights())
 
-    def _continue(self, x: jax.Array, state: Any) -> tuple[jax.Array, Any]:
-        """Past the kernels' length: ``x [B, T, d_in]`` continues from ``state`` by the parallel
-        scan (exact there too), in blocks of :data:`TAIL_BLOCK` positions (a ``lax.scan`` over
-        the whole blocks, then the rest) so memory does not grow with ``T``. Returns (outputs
-        before AR terms ``[B, T, d_out]``, the state after the last position)."""
+    def _free_response(self, state: jax.Array, length: int) -> jax.Array:
+        """Outputs before AR terms ``[B, length, d_out]`` of a plain ``state [B, C, S, n]`` with
+        zero inputs: ``y[t] = sum_n w_n a_n^(t+1) x_n``, the readout folded into the state
+        first so that nothing of size ``length x states`` is formed but the decay powers."""
+        cfg = self.config.stu
+        decays = self.decays[...]
+        weights = self.config.lds_arithmetic.weights(self.readout[...])
+        t = jnp.arange(1, length + 1).reshape(length, 1, 1)
+        decay_powers = lds.decay_powers(decays, t)  # [T, S, n]
+        if cfg.tensordot:
+            folded = state * weights.reshape(state.shape[1:])  # [B, d_out, S, n]
+            return jnp.einsum("tsn,bosn->bto", decay_powers, folded, precision=HIGHEST)
+        projections = self._spectral_weights().reshape(decays.shape[0], -1, cfg.d_in, cfg.d_out)
+        folded = jnp.einsum("bcsn,nk,skco->bsno", state, weights, projections, precision=HIGHEST)
+        return jnp.einsum("tsn,bsno->bto", decay_powers, folded, precision=HIGHEST)
+
+    def _convolved_block(self, state: jax.Array, xb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One block ``xb [B, T <= max_len, d_in]`` from a plain ``state``: FFT convolution plus
+        the state's free response; the state after it by decay-power matmuls."""
+        y = self._convolve(xb) + self._free_response(state, xb.shape[1])
         arithmetic = self.config.lds_arithmetic
+        return arithmetic.final_state(self.decays[...], self._drive(xb), state), y
 
-        def block(state, xb):  # xb: [B, block, d_in]
-            u, decays = self._expand(self._drive(xb))
-            states = arithmetic.scan("parallel", decays, u, state)
-            return jax.tree.map(lambda s: s[:, -1], states), self._read(states)
+    def _scanned_block(self, state: Any, xb: jax.Array) -> tuple[Any, jax.Array]:
+        """One block ``xb [B, T, d_in]`` from ``state`` by the arithmetic's parallel scan."""
+        u, decays = self._expand(self._drive(xb))
+        states = self.config.lds_arithmetic.scan("parallel", decays, u, state)
+        return jax.tree.map(lambda s: s[:, -1], states), self._read(states)
 
+    def _continue(self, x: jax.Array, state: Any) -> tuple[Any, jax.Array]:
+        """Past the kernels' length: ``x [B, T, d_in]`` continues from ``state`` in blocks of
+        :data:`TAIL_BLOCK` positions, or of the kernels' length if shorter (a ``lax.scan`` over
+        the whole blocks, then the rest), each
+        the way the arithmetic's ``continuation`` says (:mod:`spectral_jax.ops.lds_arithmetic`),
+        so memory does not grow with ``T``. Returns (the state after the last position, outputs
+        before AR terms ``[B, T, d_out]``)."""
+        block = {"convolution": self._convolved_block, "scan": self._scanned_block}[
+            self.config.lds_arithmetic.continuation
+        ]
         B, T, d_in = x.shape
-        whole = T // TAIL_BLOCK * TAIL_BLOCK
+        size = min(TAIL_BLOCK, self.config.stu.max_len)
+        whole = T // size * size
         outputs = []
         if whole:
-            blocks = x[:, :whole].reshape(B, whole // TAIL_BLOCK, TAIL_BLOCK, d_in).swapaxes(0, 1)
+            blocks = x[:, :whole].reshape(B, whole // size, size, d_in).swapaxes(0, 1)
             state, ys = jax.lax.scan(block, state, blocks)  # ys: [count, B, block, d_out]
             outputs.append(ys.swapaxes(0, 1).reshape(B, whole, -1))
         if whole < T:
             state, y = block(state, x[:, whole:])
             outputs.append(y)
-        return jnp.concatenate(outputs, axis=1), state
+        return state, jnp.concatenate(outputs, axis=1)
 
     def _sequence(self, x: jax.Array, scan: ScanKind) -> tuple[jax.Array, Any]:
         """The one place the scan kind is chosen: ``x [B, T, d_in]`` -> (outputs before AR terms
@@ -302,7 +333,7 @@ class LDSLayer(nnx.Module):
             state = arithmetic.final_state(self.decays[...], self._drive(head))
             if x.shape[1] == head.shape[1]:
                 return y, state
-            tail, state = self._continue(x[:, head.shape[1] :], state)
+            state, tail = self._continue(x[:, head.shape[1] :], state)
             return jnp.concatenate([y, tail], axis=1), state
         u, decays = self._expand(self._drive(x))
         states = arithmetic.scan(scan, decays, u)

@@ -117,9 +117,12 @@ def impulse_response(decays: jax.Array, length: int) -> jax.Array:
     return powers(decays, t)
 
 
-def driven_final_state(decays: jax.Array, drive: jax.Array) -> jax.Array:
+def driven_final_state(
+    decays: jax.Array, drive: jax.Array, x0: jax.Array | None = None
+) -> jax.Array:
     """The state after a prompt when every state of a channel is driven by that channel's input:
-    ``x[b, c, *s] = sum_t a[*s]^(T-1-t) drive[b, t, c]`` (zero initial state).
+    ``x[b, c, *s] = a[*s]^T x0[b, c, *s] + sum_t a[*s]^(T-1-t) drive[b, t, c]`` (``x0`` zeros
+    by default).
 
     Computed without any scan, as two matmuls against decay powers: within chunks of
     :data:`FINAL_STATE_CHUNK` positions, then across chunks (by ``a^chunk`` powers). Each power
@@ -130,6 +133,7 @@ def driven_final_state(decays: jax.Array, drive: jax.Array) -> jax.Array:
     Args:
       decays: ``[*S]``, same dtype as ``drive``.
       drive: ``[B, T, C]``.
+      x0: ``[B, C, *S]`` or None, the state before the prompt.
     Returns:
       ``[B, C, *S]``.
     """
@@ -141,7 +145,17 @@ def driven_final_state(decays: jax.Array, drive: jax.Array) -> jax.Array:
         raise ValueError(f"drive must have shape [B, T, C], got {drive.shape}")
     if decays.dtype != drive.dtype:
         raise ValueError(f"decays have dtype {decays.dtype} but the drive has {drive.dtype}")
-    return _driven_final_state(jnp.asarray(decays), drive, min(FINAL_STATE_CHUNK, drive.shape[1]))
+    decays = jnp.asarray(decays)
+    state = _driven_final_state(decays, drive, min(FINAL_STATE_CHUNK, drive.shape[1]))
+    if x0 is None:
+        return state
+    expected = (drive.shape[0], drive.shape[2], *decays.shape)
+    if x0.shape != expected or x0.dtype != drive.dtype:
+        raise ValueError(
+            f"initial state must have shape {expected} and dtype {drive.dtype}, "
+            f"got {x0.shape} {x0.dtype}"
+        )
+    return state + powers(decays, jnp.asarray(drive.shape[1])) * x0
 
 
 @functools.partial(jax.jit, static_argnames="chunk")

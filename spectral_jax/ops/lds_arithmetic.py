@@ -12,7 +12,14 @@ A distilled layer runs its diagonal LDS (:mod:`spectral_jax.ops.lds`) in one of 
   exact mode for verification. It needs float32 parameters and costs more per step.
 
 The layer looks its arithmetic up in :data:`ARITHMETICS_BY_NAME` and calls the same methods
-whichever it is; no layer code branches on the arithmetic.
+whichever it is; no layer code branches on the arithmetic. Past its kernels' length a layer
+continues a prompt in blocks, the way the arithmetic's ``continuation`` names:
+
+* ``"convolution"`` (plain): each block is an FFT convolution plus the carried state's free
+  response ``sum_n w_n a_n^(t+1) x_n``, a float32 matmul against decay powers whose rounding is
+  that of one plain readout;
+* ``"scan"`` (compensated): each block is the pair scan from the carried state, read out
+  error-free (a float32 matmul would lose the pair accuracy to the cancelling coefficients).
 
 Shapes: decays ``[*S]``, sequences ``u: [B, L, *S]``, single states ``[B, *S]``. Readout weights
 are stored as one array ``[words, ...]`` (``words`` float32 words per coefficient) and unpacked by
@@ -40,6 +47,7 @@ class PlainArithmetic:
     name: Arithmetic = "plain"
     words: int = 1
     param_dtypes: tuple[str, ...] = ("float32", "float64")
+    continuation: str = "convolution"
 
     def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
         """Host-side: float64 coefficients ``[...]`` -> stored words ``[1, ...]`` in ``dtype``."""
@@ -56,10 +64,11 @@ class PlainArithmetic:
         """All states ``[B, L, *S]`` by the ``"parallel"`` or the ``"sequential"`` scan."""
         return _PLAIN_SCANS[kind](decays, u, x0)
 
-    def final_state(self, decays: jax.Array, drive: jax.Array) -> jax.Array:
+    def final_state(self, decays: jax.Array, drive: jax.Array, x0=None) -> jax.Array:
         """State ``[B, C, *S]`` after a prompt ``drive: [B, T, C]`` that drives every state of its
-        channel (``decays: [*S]``), by matmuls against decay powers."""
-        return lds.driven_final_state(decays, drive)
+        channel (``decays: [*S]``) from ``x0 [B, C, *S]`` (zeros if None), by matmuls against
+        decay powers."""
+        return lds.driven_final_state(decays, drive, x0)
 
     def step(self, decays: jax.Array, state: jax.Array, u_t: jax.Array) -> jax.Array:
         return lds.step(decays, state, u_t)
@@ -75,6 +84,7 @@ class CompensatedArithmetic:
     name: Arithmetic = "compensated"
     words: int = 2
     param_dtypes: tuple[str, ...] = ("float32",)
+    continuation: str = "scan"
 
     def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
         """Host-side: float64 coefficients ``[...]`` -> float32 ``hi, lo`` words ``[2, ...]``."""
@@ -91,12 +101,12 @@ class CompensatedArithmetic:
     def scan(self, kind: str, decays: jax.Array, u: jax.Array, x0=None):
         return _COMPENSATED_SCANS[kind](decays, u, x0)
 
-    def final_state(self, decays: jax.Array, drive: jax.Array) -> lc.DoubleFloat:
+    def final_state(self, decays: jax.Array, drive: jax.Array, x0=None) -> lc.DoubleFloat:
         """As :meth:`PlainArithmetic.final_state`, to pair accuracy: the last of the two-scan
         parallel states (so it costs a parallel scan over ``[B, T, C, *S]``)."""
         expanded = drive.reshape(*drive.shape, *(1,) * decays.ndim)
         u = jnp.broadcast_to(expanded, (*drive.shape, *decays.shape))
-        states = lc.parallel_scan(jnp.broadcast_to(decays, u.shape[2:]), u)
+        states = lc.parallel_scan(jnp.broadcast_to(decays, u.shape[2:]), u, x0)
         return jax.tree.map(lambda s: s[:, -1], states)
 
     def step(self, decays: jax.Array, state: lc.DoubleFloat, u_t: jax.Array) -> lc.DoubleFloat:
