@@ -6,17 +6,17 @@ local CPU. For N = 2^10 .. 2^20 it generates N tokens one at a time, feeding eac
 (``x_{t+1} = tanh(y_t)``), the whole loop one compiled ``lax.scan``. The LDS layer uses the
 default arithmetic of :meth:`LDSLayer.from_stu` unless ``--lds-arithmetic`` says otherwise.
 
-Model mode: 4-layer models (d_model 128, K = 24, vocab 256), STU-only (``S``) and hybrid
-(``SA``, attention window 128), tensordot and full projections, batch 1 and 16. For each
-context (1k, 8k, 32k, 128k; 2^20 for LDS only, whose layers have no length limit, for the
-STU-only models at batch 1, which fit in memory) it prefills a random prompt, then decodes
-``--new`` tokens (default 8192: two FutureFill epochs, so its FFT refreshes are timed) greedily
-with each strategy (``lds`` = :func:`distill_model`). Per row: decode tokens/s (all rows of the batch counted; median of
-``--repeats`` runs), prefill seconds (second call), compile seconds of the decode loop (first
-call minus a timed one) and cache bytes per sequence. The headline, listed first, is the 4-layer
+Model mode: 4-layer models (d_model 128, K = 24, vocab 256), STU-only (``S``) and hybrid (``SA``,
+attention window 128), tensordot and full projections, batch 1 and 16. For each context (1k, 8k,
+32k, 128k; 2^20 for LDS only, whose layers have no length limit, for the headline model, which fits
+in memory there) it prefills a random prompt, then decodes ``--new`` tokens (default 8192: two
+FutureFill epochs, so its FFT refreshes are timed) greedily with each strategy (``lds`` =
+:func:`distill_model`). Per row: decode tokens/s (all rows of the batch counted; median of
+``--repeats`` runs), prefill seconds (second call), compile seconds of the decode loop (first call
+minus a timed one) and cache bytes per sequence. The headline, listed first, is the 4-layer
 STU-only tensordot model at batch 1. A (model, batch, strategy) stops at the first context whose
-predicted time (last time x max(growth, 2)) exceeds ``--budget`` seconds, or when it cannot run
-the context (``skipped`` in the log).
+predicted time (last time x max(growth, 2)) exceeds ``--budget`` seconds, or when it cannot run the
+context (``skipped`` in the log).
 
 Writes JSON (``--json``) with ``{"rows": [{"mode", "strategy", "context", "tokens", "seconds",
 "tokens_per_second", "prefill_seconds", "compile_seconds", "cache_bytes", "model", "batch"}],
@@ -33,6 +33,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -102,8 +103,13 @@ def predicted_seconds(past: list[float]) -> float:
 
 
 def bench_layer(
-    exponents: range, budget: float, arithmetic: str | None, strategies: tuple[str, ...]
-) -> tuple[list[dict], dict]:
+    exponents: range,
+    budget: float,
+    arithmetic: str | None,
+    strategies: tuple[str, ...],
+    record: Callable[[dict], None],
+) -> dict:
+    """Layer-mode rows, each passed to ``record`` as it is measured; returns the meta."""
     max_len = 2 ** exponents[-1]
     cfg = STUConfig(d_in=D, d_out=D, max_len=max_len, num_filters=K, projection="tensordot")
     stu = STU(cfg, rngs=nnx.Rngs(0))
@@ -112,7 +118,7 @@ def bench_layer(
     lds_layer = LDSLayer.from_stu(stu, **kwargs) if "lds" in strategies else None
     distill_s = time.perf_counter() - start
     layers = {"naive": stu, "futurefill": stu, "lds": lds_layer}
-    rows, history = [], {s: [] for s in strategies}
+    history = {s: [] for s in strategies}
     for e in exponents:
         n = 2**e
         for strategy in strategies:
@@ -139,7 +145,7 @@ def bench_layer(
                 "model": None,
                 "batch": 1,
             }
-            rows.append(row)
+            record(row)
             print(
                 f"  {strategy:>10}  N=2^{e:<2}  {seconds:9.3f} s  {1e6 * seconds / n:9.1f} us/tok"
             )
@@ -149,7 +155,7 @@ def bench_layer(
         "lds_distill_seconds": distill_s,
         "budget_seconds": budget,
     }
-    return rows, meta
+    return meta
 
 
 def summarize_layer(rows: list[dict]) -> None:
@@ -257,13 +263,15 @@ def bench_model(
     budget: float,
     arithmetic: str | None,
     strategies: tuple[str, ...],
-) -> tuple[list[dict], dict]:
+    record: Callable[[dict], None],
+) -> dict:
+    """Model-mode rows, each passed to ``record`` as it is measured; returns the meta."""
     max_len = max(contexts) + new_tokens  # the STU filters' length; LDS layers have no limit
     epoch = default_block_len("futurefill", max_len)
     if new_tokens < 2 * epoch:
         print(f"note: {new_tokens} new tokens span under two FutureFill epochs of {epoch}")
     kwargs = {} if arithmetic is None else {"arithmetic": arithmetic}
-    rows, distill_s = [], {}
+    distill_s = {}
     for name in models:
         pattern, projection = MODELS[name]
         config = ModelConfig(
@@ -297,7 +305,7 @@ def bench_model(
                     row = {"mode": "model", "strategy": strategy, "context": context,
                            "tokens": new_tokens, **timing, "model": name,
                            "batch": batch}  # fmt: skip
-                    rows.append(row)
+                    record(row)
                     print(f"{tag}  {row['tokens_per_second']:10.1f} tok/s  prefill "
                           f"{row['prefill_seconds']:.3f} s  compile {row['compile_seconds']:.2f} s"
                           f"  cache {row['cache_bytes'] / 2**20:.2f} MiB/seq")  # fmt: skip
@@ -313,7 +321,7 @@ def bench_model(
         "repeats": repeats,
         "futurefill_epoch": epoch,
     }
-    return rows, meta
+    return meta
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -370,35 +378,44 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {platform.processor() or ''}")
     print(f"load before: {load()}")
     strategies = tuple(args.strategies)
-    rows, meta = [], {"quick": args.quick}
+    meta = {"quick": args.quick}
+    layer_rows, model_rows = [], []
+
+    def record(row: dict, final: bool = False) -> None:
+        """Keep ``row`` and rewrite the JSON (headline model rows first), so that a run cut
+        short keeps what it measured (``meta.partial``)."""
+        if row:
+            (model_rows if row["mode"] == "model" else layer_rows).append(row)
+        if args.json:
+            payload = {"rows": model_rows + layer_rows, "meta": {**meta, "partial": not final}}
+            write_json_atomic(args.json, payload)
+
     if "layer" in args.modes:  # run first, on a fresh process: its per-token times are small
         exponents = range(10, 12) if args.quick else range(10, 21)
-        layer_rows, meta["layer"] = bench_layer(
-            exponents, args.budget, args.lds_arithmetic, strategies
-        )
+        meta["layer"] = bench_layer(exponents, args.budget, args.lds_arithmetic, strategies, record)
         summarize_layer(layer_rows)
-        rows += layer_rows
     if "model" in args.modes:
         if args.quick:  # one small model, one context: checks the path, `make bench` runs it
             models, batches, contexts, lds_contexts = ["stu_tensordot"], [1], [256], {}
         else:
             models, batches = args.models, args.batches
             contexts = [1024, 8192, 32768, 131072]
-            # a 2^20 prompt holds [B, 2^20, d_model] activations (and attention scores over its
-            # windows): STU-only models at batch 1 fit in this machine's memory (~12 GiB peak)
-            lds_contexts = {(name, 1): [2**20] for name in models if MODELS[name][0] == "S"}
+            # A 2^20 prompt holds [B, 2^20, d_model] activations (and attention scores over its
+            # windows): the headline model at batch 1 fits in this machine's memory (~12 GiB
+            # peak); a full-projection layer's FFT prefill is ~40x a tensordot one's.
+            lds_contexts = {("stu_tensordot", 1): [2**20]}
         new = args.new or (64 if args.quick else 8192)
-        model_rows, meta["model"] = bench_model(
+        meta["model"] = bench_model(
             models, batches, contexts, lds_contexts, new, args.repeats, args.budget,
-            args.lds_arithmetic, strategies,
+            args.lds_arithmetic, strategies, record,
         )  # fmt: skip
         summarize_model(model_rows)
-        rows = model_rows + rows  # the headline model rows come first
     meta.update(jax=jax.__version__, device=str(jax.devices()[0]), load_after=load())
     print(f"load after: {meta['load_after']}")
+    record({}, final=True)
     if args.json:
-        write_json_atomic(args.json, {"rows": rows, "meta": meta})
         print(f"wrote {args.json}")
+    rows = model_rows + layer_rows
     png = args.plot or (args.json.with_suffix(".png") if args.json else None)
     if png:
         plot(rows, png)
