@@ -302,11 +302,11 @@ class LDSLayer(nnx.Module):
 
     def _continue(self, x: jax.Array, state: Any) -> tuple[Any, jax.Array]:
         """Past the kernels' length: ``x [B, T, d_in]`` continues from ``state`` in blocks of
-        :data:`TAIL_BLOCK` positions, or of the kernels' length if shorter (a ``lax.scan`` over
-        the whole blocks, then the rest), each
-        the way the arithmetic's ``continuation`` says (:mod:`spectral_jax.ops.lds_arithmetic`),
-        so memory does not grow with ``T``. Returns (the state after the last position, outputs
-        before AR terms ``[B, T, d_out]``)."""
+        :data:`TAIL_BLOCK` positions, or of the kernels' length if shorter (a ``lax.scan``
+        over the whole blocks, then the rest), each the way the arithmetic's
+        ``continuation`` says (:mod:`spectral_jax.ops.lds_arithmetic`), so memory does not
+        grow with ``T``. Returns (the state after the last position, outputs before AR terms
+        ``[B, T, d_out]``)."""
         block = {"convolution": self._convolved_block, "scan": self._scanned_block}[
             self.config.lds_arithmetic.continuation
         ]

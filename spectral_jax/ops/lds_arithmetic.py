@@ -29,7 +29,7 @@ are stored as one array ``[words, ...]`` (``words`` float32 words per coefficien
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,9 @@ from spectral_jax.ops import lds
 from spectral_jax.ops import lds_compensated as lc
 from spectral_jax.validation import Arithmetic
 
+Continuation = Literal["convolution", "scan"]
+"""How a layer continues a prompt past its kernels (see the module docstring)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class PlainArithmetic:
@@ -47,7 +50,7 @@ class PlainArithmetic:
     name: Arithmetic = "plain"
     words: int = 1
     param_dtypes: tuple[str, ...] = ("float32", "float64")
-    continuation: str = "convolution"
+    continuation: Continuation = "convolution"
 
     def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
         """Host-side: float64 coefficients ``[...]`` -> stored words ``[1, ...]`` in ``dtype``."""
@@ -84,7 +87,7 @@ class CompensatedArithmetic:
     name: Arithmetic = "compensated"
     words: int = 2
     param_dtypes: tuple[str, ...] = ("float32",)
-    continuation: str = "scan"
+    continuation: Continuation = "scan"
 
     def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
         """Host-side: float64 coefficients ``[...]`` -> float32 ``hi, lo`` words ``[2, ...]``."""
