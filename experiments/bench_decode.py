@@ -301,6 +301,9 @@ def bench_model(
                     except ValueError as err:  # a layer that cannot run this context
                         print(f"{tag}  skipped: {err}")
                         break
+                    except jax.errors.JaxRuntimeError as err:  # e.g. out of memory
+                        print(f"{tag}  skipped: {str(err).splitlines()[0]}")
+                        break
                     past.append(time.perf_counter() - start)
                     row = {"mode": "model", "strategy": strategy, "context": context,
                            "tokens": new_tokens, **timing, "model": name,
@@ -350,7 +353,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
 
