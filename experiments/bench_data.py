@@ -24,9 +24,10 @@ from pathlib import Path
 
 from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.data import sources
+from spectral_jax.data.lm_tasks import TokenShardLM
 from spectral_jax.data.prepare import documents, prepare_data
 from spectral_jax.data.tokenizer import save_tokenizer, train_bpe
-from spectral_jax.train import TokenShardLM, train
+from spectral_jax.train import train
 from spectral_jax.train.presets import apply_overrides, lm_tokens_small
 
 

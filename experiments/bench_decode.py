@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectral_jax import generate as gen
 from spectral_jax.atomic_files import write_atomic, write_json_atomic
+from spectral_jax.decode import generate as gen
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.mixer import DecodeOptions

@@ -41,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax import distill
 from spectral_jax.atomic_files import write_json_atomic
+from spectral_jax.distill.bank import LDSBank
+from spectral_jax.distill.fit import fit_lds_bank, solve_coefficients, target_filters
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.stu import STU, STUConfig
 from spectral_jax.ops import filters, lds
@@ -57,7 +58,7 @@ def fit_cold(L: int, K: int, variant: str, states: int, **kwargs):
         os.environ["SPECTRAL_JAX_CACHE"] = tmp
         filters.clear_memory_cache()
         start = time.perf_counter()
-        bank, report = distill.fit_lds_bank(L, K, variant, states, **kwargs)
+        bank, report = fit_lds_bank(L, K, variant, states, **kwargs)
         return bank, report, time.perf_counter() - start
 
 
@@ -66,9 +67,7 @@ def relative(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def layer_errors(
-    bank: distill.LDSBank, plain_bank: distill.LDSBank, seed: int = 0
-) -> dict[str, float]:
+def layer_errors(bank: LDSBank, plain_bank: LDSBank, seed: int = 0) -> dict[str, float]:
     """Float32 distilled layer (compensated with ``bank``, plain with ``plain_bank``, each fitted
     for its arithmetic) and float32 STU vs the float64 STU."""
     L, K, variant = bank.seq_len, bank.num_filters, bank.variant
@@ -140,7 +139,7 @@ def impulse_error(branch_decays, coeffs, targets, scan: str, scaled: bool = Fals
 
 def levers(states: int, L: int = 8192, K: int = 24) -> list[dict]:
     """Float32 impulse-response error of the bank under alternative choices (one at a time)."""
-    targets = distill.target_filters(L, K, "standard")
+    targets = target_filters(L, K, "standard")
     phi = targets[:, :K]
     bank, report, _ = fit_cold(L, K, "standard", states, arithmetic="compensated")
     x_min, x_max = bank.metadata["x_min"], bank.metadata["x_max"]
@@ -190,7 +189,7 @@ def levers(states: int, L: int = 8192, K: int = 24) -> list[dict]:
     x = np.linspace(x_min, x_max, states // 2)
     exact = np.exp(-np.exp(x))
     with jax.enable_x64(True):
-        coeffs, err, _, _ = distill.solve_coefficients(jnp.asarray(exact), jnp.asarray(phi), 1e-12)
+        coeffs, err, _, _ = solve_coefficients(jnp.asarray(exact), jnp.asarray(phi), 1e-12)
     coeffs = np.asarray(coeffs)
     rounded = exact.astype(np.float32).astype(np.float64)
     add("decays rounded to f32 after the fit", np.stack([rounded, -rounded]), coeffs, float(err))

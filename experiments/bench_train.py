@@ -29,8 +29,9 @@ from pathlib import Path
 import jax
 
 from spectral_jax.atomic_files import write_json_atomic
+from spectral_jax.data.lm_tasks import ByteCorpusLM
 from spectral_jax.nn.model import ModelConfig
-from spectral_jax.train import ByteCorpusLM, TrainConfig, train
+from spectral_jax.train import TrainConfig, train
 
 MODELS = ("stu", "hybrid", "swa", "transformer")
 TRANSFORMER_MAX_L = 4096

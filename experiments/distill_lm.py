@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spectral_jax.apps.inference import distill_with_report
 from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
-from spectral_jax.generate import generate
-from spectral_jax.inference import distill_with_report
+from spectral_jax.decode.generate import generate
 from spectral_jax.nn.mixer import DecodeOptions
 from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
 from spectral_jax.train.config import task_from_record

@@ -47,11 +47,12 @@ from flax import nnx
 from scipy import stats
 
 from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
+from spectral_jax.data.tasks import LDSRegression
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU, STUConfig
 from spectral_jax.ops import lds
-from spectral_jax.train import LDSRegression, OptimConfig, TrainConfig, train
+from spectral_jax.train import OptimConfig, TrainConfig, train
 
 METHODS = ("stu", "lds", "attention")
 REPO = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 
 from spectral_jax.atomic_files import write_atomic, write_json_atomic, write_text_atomic
-from spectral_jax.evaluate import bits_per_byte, stream_losses
+from spectral_jax.decode.evaluate import bits_per_byte, stream_losses
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
 from spectral_jax.train.config import task_from_record

@@ -7,7 +7,7 @@ in ``experiments/tpu/README.md``.
 
 import sys
 
-from spectral_jax.cli import main
+from spectral_jax.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,15 +1,33 @@
 """spectral_jax: spectral state space models (STU) in JAX / Flax NNX, distilled to linear
 dynamical systems (SpectraLDS) for constant-time generation.
 
-Floors, lowest first (a floor never imports from a higher one; nothing heavy is imported here):
+One folder per concept, lowest floor first (a floor never imports from a higher one; nothing
+heavy is imported here):
 
+* ``validation``, ``atomic_files`` -- typed choices and shared checks; files never half-written.
 * :mod:`spectral_jax.ops` -- pure math: filters, FFT convolution, the STU formula, LDS scans and
   steps (plain and float32 pairs), naive and FutureFill convolution decoding.
-* :mod:`spectral_jax.distill` -- fit LDS banks to the filters, convert STU parameters.
+* :mod:`spectral_jax.distill` -- the SpectraLDS fit: LDS banks, the fit, STU -> LDS parameters,
+  the fit report.
+* :mod:`spectral_jax.data` -- tokenizers, token shards, sources, ``prepare-data``, training tasks.
 * :mod:`spectral_jax.nn` -- ``STU``, ``LDSLayer``, attention, blocks, ``SpectralModel``, and
-  ``nn.distillation.distill_model`` (a model's STUs to LDS layers, with per-bank reports).
-* :mod:`spectral_jax.generate` -- prefill and decode loops, sampling.
-* :mod:`spectral_jax.data` -- tokenizers, token shards on disk, ``prepare-data``.
-* :mod:`spectral_jax.train` -- tasks, sharding, optimizer, checkpoints, the training loop.
-* :mod:`spectral_jax.inference`, :mod:`spectral_jax.cli`, :mod:`spectral_jax.demo` -- apps.
+  distilling a whole model.
+* :mod:`spectral_jax.decode` -- prefill and decode loops, sampling, streaming evaluation, and the
+  decoding strategies (naive, FutureFill, distilled LDS).
+* :mod:`spectral_jax.train` -- config, presets, sharding, optimizer, checkpoints, the loop.
+* :mod:`spectral_jax.apps` -- inference checkpoints, the ``spectral-jax`` CLI, the demo.
+
+Shape notation, used by every docstring: arrays are written ``name: [dims]`` with these letters.
+
+========  ==================================================================================
+``B``     batch (sequences)
+``L``     a sequence's length; ``T`` a part of it (a block, a prompt), ``t`` one position
+``d_in``  input features of a layer; ``d_out`` its output features; ``D`` the model width
+``K``     spectral filters per branch; ``S`` branches (2: ``phi`` and ``(-1)^t phi``; 1 Hankel-L)
+``F``     filter outputs of a layer (``S * K``), or convolution channels in general
+``n``     decays (states) per branch of an LDS bank; ``C`` channels that drive an LDS
+``H``     attention heads; ``W`` the attention window; ``V`` the vocabulary
+========  ==================================================================================
+
+``[..., C]`` means any leading dimensions; ``[*S]`` any trailing ones.
 """

@@ -22,16 +22,16 @@ import pytest
 from flax import nnx
 from orbax.checkpoint.path import atomicity
 
+from spectral_jax.data import tasks as data_module
+from spectral_jax.data.tasks import LDSRegression
 from spectral_jax.train import (
     CheckpointConfig,
     Checkpointer,
     CheckpointError,
-    LDSRegression,
     OptimConfig,
     TrainConfig,
     train,
 )
-from spectral_jax.train import data as data_module
 from spectral_jax.train.checkpoint import abstract_like
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectral_jax.cli import main
-from spectral_jax.generate import decode, decode_chunks, generate, prefill
-from spectral_jax.inference import load_for_inference
+from spectral_jax.apps.cli import main
+from spectral_jax.apps.inference import load_for_inference
+from spectral_jax.decode.generate import decode, decode_chunks, generate, prefill
 from spectral_jax.train import CheckpointConfig, train
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small, lm_tokens_small
 
@@ -93,7 +93,7 @@ def test_generate_from_a_distilled_checkpoint_runs_past_max_len(byte_checkpoint,
     new = 4 * 64  # the checkpoint's max_len is 64
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
-        [sys.executable, "-m", "spectral_jax.cli", "generate", distilled, "--prompt", "def ",
+        [sys.executable, "-m", "spectral_jax.apps.cli", "generate", distilled, "--prompt", "def ",
          "--strategy", "lds", "--max-new-tokens", str(new), "--chunk", "64"],
         capture_output=True, env=env, timeout=600, check=False,
     )  # fmt: skip

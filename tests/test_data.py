@@ -3,15 +3,9 @@
 import numpy as np
 import pytest
 
-from spectral_jax.train.data import (
-    Batch,
-    ByteCorpusLM,
-    LDSRegression,
-    SelectiveCopying,
-    TokenShardLM,
-    prefetch,
-    stdlib_corpus,
-)
+from spectral_jax.data.lm_tasks import ByteCorpusLM, TokenShardLM, stdlib_corpus
+from spectral_jax.data.prefetch import prefetch
+from spectral_jax.data.tasks import Batch, LDSRegression, SelectiveCopying
 
 SMALL_TASKS = [
     LDSRegression(seq_len=24, d_input=3, d_output=2, state_dim=5, noise_std=0.1),

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectral_jax import distill
+from spectral_jax.distill.bank import LDSBank, load_bank, save_bank
+from spectral_jax.distill.convert import stu_to_lds
+from spectral_jax.distill.fit import fit_lds_bank, target_filters
 from spectral_jax.ops import lds
 
 U32 = 2.0**-24  # float32 unit round-off
@@ -19,7 +21,7 @@ def banks(tmp_path_factory):
     """Both variants at (L, K, STATES), fitted once for the module in its own cache directory."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPECTRAL_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
-        return {v: distill.fit_lds_bank(L, K, v, STATES) for v in ("standard", "hankel_l")}
+        return {v: fit_lds_bank(L, K, v, STATES) for v in ("standard", "hankel_l")}
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def small_bank(banks):
 
 def test_fit_matches_filters_and_report_is_consistent(small_bank):
     bank, report = small_bank
-    targets = distill.target_filters(L, K, "standard")  # [L, 2K]: plus then minus
+    targets = target_filters(L, K, "standard")  # [L, 2K]: plus then minus
     approx = bank.filters()
     err = np.linalg.norm(approx - targets) / np.linalg.norm(targets)
     assert report["rel_fro_err"] == pytest.approx(err, rel=1e-6)
@@ -68,7 +70,7 @@ def test_hankel_l_uses_signed_decays_in_one_branch(banks):
     assert bank.num_branches == 1 and bank.num_states == STATES
     half = STATES // 2
     np.testing.assert_array_equal(bank.decays[half:], -bank.decays[:half])
-    targets = distill.target_filters(L, K, "hankel_l")
+    targets = target_filters(L, K, "hankel_l")
     assert report["rel_fro_err"] == pytest.approx(
         np.linalg.norm(bank.filters() - targets) / np.linalg.norm(targets), rel=1e-6
     )
@@ -76,11 +78,11 @@ def test_hankel_l_uses_signed_decays_in_one_branch(banks):
 
 
 def test_fit_is_deterministic_and_cached(private_cache, monkeypatch):
-    bank, _ = distill.fit_lds_bank(128, 4, "standard", 24)
+    bank, _ = fit_lds_bank(128, 4, "standard", 24)
     files = sorted(p.name for p in private_cache.iterdir())
     assert any(name.startswith("ldsbank-standard-L128-K4-n24") for name in files)
     monkeypatch.setenv("SPECTRAL_JAX_CACHE", "off")
-    fresh, _ = distill.fit_lds_bank(128, 4, "standard", 24)
+    fresh, _ = fit_lds_bank(128, 4, "standard", 24)
     np.testing.assert_array_equal(fresh.decays, bank.decays)
     np.testing.assert_array_equal(fresh.coeffs, bank.coeffs)
 
@@ -88,17 +90,17 @@ def test_fit_is_deterministic_and_cached(private_cache, monkeypatch):
 def test_save_load_round_trip(small_bank, tmp_path):
     bank, report = small_bank
     path = tmp_path / "bank.npz"
-    distill.save_bank(path, bank)
+    save_bank(path, bank)
     with np.load(path, allow_pickle=False) as data:  # pickle-free on disk
         assert set(data.files) == {"decays", "coeffs", "metadata"}
         assert json.loads(str(data["metadata"]))["report"] == report
-    loaded = distill.load_bank(path)
+    loaded = load_bank(path)
     np.testing.assert_array_equal(loaded.decays, bank.decays)
     np.testing.assert_array_equal(loaded.coeffs, bank.coeffs)
     assert (loaded.seq_len, loaded.variant) == (bank.seq_len, bank.variant)
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="not an LDS bank"):
-        distill.load_bank(tmp_path / "other.npz")
+        load_bank(tmp_path / "other.npz")
 
 
 @pytest.mark.parametrize(
@@ -121,21 +123,21 @@ def test_bad_fit_arguments_raise(kwargs, match):
     args = {"L": L, "K": K, "variant": "standard", "num_states": STATES, **kwargs}
     length, k, variant, n = (args.pop(key) for key in ("L", "K", "variant", "num_states"))
     with pytest.raises(ValueError, match=match):
-        distill.fit_lds_bank(length, k, variant, n, **args)
+        fit_lds_bank(length, k, variant, n, **args)
 
 
 def test_bad_banks_raise():
     good = np.array([0.5, 0.25])
     with pytest.raises(ValueError, match="open interval"):
-        distill.LDSBank(np.array([0.5, 1.0]), np.ones((2, 3)), 16, "standard")
+        LDSBank(np.array([0.5, 1.0]), np.ones((2, 3)), 16, "standard")
     with pytest.raises(ValueError, match="NaN"):
-        distill.LDSBank(good, np.array([[1.0], [np.nan]]), 16, "standard")
+        LDSBank(good, np.array([[1.0], [np.nan]]), 16, "standard")
     with pytest.raises(ValueError, match="float32"):
-        distill.LDSBank(np.array([0.1, 0.25]), np.ones((2, 3)), 16, "standard")
+        LDSBank(np.array([0.1, 0.25]), np.ones((2, 3)), 16, "standard")
     with pytest.raises(ValueError, match="coeffs"):
-        distill.LDSBank(good, np.ones((3, 2)), 16, "standard")
+        LDSBank(good, np.ones((3, 2)), 16, "standard")
     with pytest.raises(ValueError, match="variant"):
-        distill.LDSBank(good, np.ones((2, 2)), 16, "mystery")
+        LDSBank(good, np.ones((2, 2)), 16, "mystery")
 
 
 def _stu_params(rng, K, d_in, d_out, tensordot, two_branch, k_u=2, k_y=1):
@@ -154,12 +156,12 @@ def test_stu_to_lds_full_and_tensordot(small_bank):
     bank, _ = small_bank
     rng = np.random.default_rng(0)
     full = _stu_params(rng, K, 3, 2, tensordot=False, two_branch=True)
-    out = distill.stu_to_lds(full, bank, tensordot=False)
+    out = stu_to_lds(full, bank, tensordot=False)
     assert set(out) == set(full)
     for name in full:
         np.testing.assert_array_equal(out[name], full[name])
     td = _stu_params(rng, K, 3, 2, tensordot=True, two_branch=True)
-    out = distill.stu_to_lds(td, bank, tensordot=True)
+    out = stu_to_lds(td, bank, tensordot=True)
     assert set(out) == {"M_in", "M_u", "M_y", "readout"}
     # readout[o, s, :] is the bank's LDS form of channel o's mixed filter in branch s.
     for s, name in enumerate(("M_filt_plus", "M_filt_minus")):
@@ -177,23 +179,23 @@ def test_stu_to_lds_rejects_mismatches(banks):
     rng = np.random.default_rng(1)
     one_branch = _stu_params(rng, K, 3, 2, tensordot=False, two_branch=False)
     with pytest.raises(ValueError, match="missing"):
-        distill.stu_to_lds(one_branch, bank, tensordot=False)
+        stu_to_lds(one_branch, bank, tensordot=False)
     wrong_k = _stu_params(rng, K - 1, 3, 2, tensordot=False, two_branch=True)
     with pytest.raises(ValueError, match=f"K={K}"):
-        distill.stu_to_lds(wrong_k, bank, tensordot=False)
+        stu_to_lds(wrong_k, bank, tensordot=False)
     bad = _stu_params(rng, K, 3, 2, tensordot=True, two_branch=True)
     bad["M_in"][0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        distill.stu_to_lds(bad, bank, tensordot=True)
+        stu_to_lds(bad, bank, tensordot=True)
     hankel, _ = banks["hankel_l"]
     two = _stu_params(rng, K, 3, 2, tensordot=False, two_branch=True)
     with pytest.raises(ValueError, match="unexpected"):
-        distill.stu_to_lds(two, hankel, tensordot=False)
+        stu_to_lds(two, hankel, tensordot=False)
 
 
 @pytest.mark.slow
 def test_headline_accuracy_per_state():
     """Issue 3: L=8192, K=24, standard: <= 1e-8 over all 48 filters with <= 120 states."""
-    _, report = distill.fit_lds_bank(8192, 24, "standard", 120)
+    _, report = fit_lds_bank(8192, 24, "standard", 120)
     assert report["rel_fro_err"] <= 1e-8
     assert report["rel_fro_err_f32_compensated"] <= 1e-6

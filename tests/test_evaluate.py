@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectral_jax.evaluate import bits_per_byte, stream_losses
+from spectral_jax.decode.evaluate import bits_per_byte, stream_losses
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.train.step import per_position_loss
 

@@ -11,13 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectral_jax.generate import (
-    Sampling,
-    decode_chunks,
-    generate,
-    prefill,
-    sample_tokens,
-)
+from spectral_jax.decode.generate import Sampling, decode_chunks, generate, prefill, sample_tokens
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.model import ModelConfig, SpectralModel

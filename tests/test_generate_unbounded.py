@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectral_jax.generate import decode, generate, prefill
+from spectral_jax.decode.generate import decode, generate, prefill
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.model import ModelConfig, SpectralModel

@@ -57,27 +57,25 @@ def private_reaches(source: str) -> list[str]:
     return sorted(found, key=lambda text: int(text.split()[1].rstrip(":")))
 
 
-# Lowest first. A module's floor is the first entry whose name prefixes its dotted name.
+# Lowest first. A module's floor is the first entry whose name prefixes its dotted name: one
+# folder per concept, and the base modules beside them.
 FLOORS = (
     ("spectral_jax.validation", 0),
     ("spectral_jax.atomic_files", 0),
     ("spectral_jax.ops", 1),
-    ("spectral_jax.distill", 2),  # distill and distill_report
+    ("spectral_jax.distill", 2),
     ("spectral_jax.data", 2),
     ("spectral_jax.nn", 3),
-    ("spectral_jax.generate", 4),
-    ("spectral_jax.evaluate", 4),
+    ("spectral_jax.decode", 4),
     ("spectral_jax.train", 5),
-    ("spectral_jax.inference", 6),
-    ("spectral_jax.demo", 6),
-    ("spectral_jax.cli", 6),
+    ("spectral_jax.apps", 6),
 )
 PACKAGE = sorted((ROOT / "spectral_jax").rglob("*.py"))
 
 
 def floor(module: str) -> int:
     for prefix, level in FLOORS:
-        if module == prefix or module.startswith(prefix + ".") or module.startswith(prefix + "_"):
+        if module == prefix or module.startswith(prefix + "."):
             return level
     raise AssertionError(f"{module} has no floor in FLOORS: add it")
 
@@ -111,13 +109,13 @@ def test_no_import_runs_up_a_floor(path):
 
 def test_the_floor_checker_sees_modules_and_names(tmp_path):
     source = tmp_path / "m.py"
-    source.write_text("from spectral_jax.train.loop import train\nfrom spectral_jax import cli\n")
+    source.write_text("from spectral_jax.train.loop import train\nfrom spectral_jax import apps\n")
     names = [m for _, m in imported_modules(source)]
-    assert names == ["spectral_jax.train.loop.train", "spectral_jax.cli"]
+    assert names == ["spectral_jax.train.loop.train", "spectral_jax.apps"]
     assert (
         floor("spectral_jax.train.loop") > floor("spectral_jax.nn.stu") > floor("spectral_jax.ops")
     )
-    assert floor("spectral_jax.distill_report") == floor("spectral_jax.distill")
+    assert floor("spectral_jax.distill.report") == floor("spectral_jax.distill")
 
 
 def test_the_checker_finds_reaches():
@@ -133,3 +131,12 @@ def test_the_checker_finds_reaches():
 def test_no_private_reach_across_modules(path):
     reaches = private_reaches(path.read_text())
     assert not reaches, f"{path.relative_to(ROOT)} uses private names of other modules: {reaches}"
+
+
+def test_the_package_top_level_holds_only_the_base_and_one_folder_per_concept():
+    top = ROOT / "spectral_jax"
+    modules = sorted(p.stem for p in top.glob("*.py"))
+    folders = sorted(p.name for p in top.iterdir() if (p / "__init__.py").exists())
+    assert modules == ["__init__", "atomic_files", "validation"]
+    floors = {prefix.removeprefix("spectral_jax.") for prefix, _ in FLOORS}
+    assert set(folders) | {"atomic_files", "validation"} == floors

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectral_jax.cli import main
-from spectral_jax.inference import distill_checkpoint, load_for_inference
+from spectral_jax.apps.cli import main
+from spectral_jax.apps.inference import distill_checkpoint, load_for_inference
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.train import CheckpointConfig, CheckpointError, train
 from spectral_jax.train.config import task_from_record

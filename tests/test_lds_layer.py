@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectral_jax import distill
+from spectral_jax.distill.bank import load_bank, save_bank
+from spectral_jax.distill.convert import stu_to_lds
+from spectral_jax.distill.fit import fit_lds_bank
 from spectral_jax.nn import lds_layer
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.lds_layer import LDSCache, LDSConfig, LDSLayer
@@ -37,14 +39,14 @@ def bank_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPECTRAL_JAX_CACHE", str(directory))
         for variant in ("standard", "hankel_l"):
-            distill.fit_lds_bank(L, K, variant, STATES)
+            fit_lds_bank(L, K, variant, STATES)
     return directory
 
 
 @pytest.fixture
 def banks(bank_cache, monkeypatch):
     monkeypatch.setenv("SPECTRAL_JAX_CACHE", str(bank_cache))
-    return {v: distill.fit_lds_bank(L, K, v, STATES) for v in ("standard", "hankel_l")}
+    return {v: fit_lds_bank(L, K, v, STATES) for v in ("standard", "hankel_l")}
 
 
 def make_stu(projection, variant, dtype=jnp.float32, seed=0):
@@ -213,11 +215,11 @@ def test_steps_from_init_cache_reproduce_call_float32(banks):
 
 def test_layer_from_saved_bank_is_identical(banks, tmp_path):
     bank, _ = banks["standard"]
-    distill.save_bank(tmp_path / "bank.npz", bank)
+    save_bank(tmp_path / "bank.npz", bank)
     stu = make_stu("full", "standard")
     x = inputs()
     a = LDSLayer.from_stu(stu, bank)(x)
-    b = LDSLayer.from_stu(stu, distill.load_bank(tmp_path / "bank.npz"))(x)
+    b = LDSLayer.from_stu(stu, load_bank(tmp_path / "bank.npz"))(x)
     np.testing.assert_array_equal(a, b)
 
 
@@ -275,7 +277,7 @@ def test_bad_inputs_raise(banks):
     hankel, _ = banks["hankel_l"]
     with pytest.raises(ValueError, match="does not match"):
         LDSLayer.from_stu(make_stu("full", "standard"), hankel)
-    params = distill.stu_to_lds(make_stu("full", "standard").params(), bank, tensordot=False)
+    params = stu_to_lds(make_stu("full", "standard").params(), bank, tensordot=False)
     params["M_u"] = params["M_u"][:1]
     with pytest.raises(ValueError, match="M_u must have shape"):
         LDSLayer(layer.config, bank, params)
@@ -315,7 +317,7 @@ def test_plain_layer_matches_float64_stu_at_issue_scale():
     3e-5 relative of the float64 STU, over its FFT prefill and over the recurrence that decoding
     runs (the sequential scan: the same float32 operations as ``step``)."""
     length, filters, width = 8192, 24, 8
-    bank, report = distill.fit_lds_bank(length, filters, "standard", 120)
+    bank, report = fit_lds_bank(length, filters, "standard", 120)
     assert bank.metadata["arithmetic"] == "plain"  # the default fit is the plain one
     stu = STU(STUConfig(width, width, length, filters), rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (1, length, width), jnp.float32)

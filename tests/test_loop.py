@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from spectral_jax.data.lm_tasks import ByteCorpusLM
+from spectral_jax.data.tasks import Task
 from spectral_jax.nn.model import ModelConfig
 from spectral_jax.train import (
-    ByteCorpusLM,
     CheckpointConfig,
     Checkpointer,
     CheckpointError,
@@ -31,7 +32,6 @@ from spectral_jax.train import (
     MeshConfig,
     NonFiniteLossError,
     OptimConfig,
-    Task,
     TrainConfig,
     load_model,
     train,

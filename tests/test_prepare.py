@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from spectral_jax.data import prepare
+from spectral_jax.data.lm_tasks import TokenShardLM
 from spectral_jax.data.prepare import in_val_split, prepare_data, shard_dtype
 from spectral_jax.data.shards import ShardDirectory, ShardError
 from spectral_jax.data.tokenizer import (
@@ -21,7 +22,6 @@ from spectral_jax.data.tokenizer import (
 )
 from spectral_jax.train.checkpoint import CheckpointError
 from spectral_jax.train.config import check_resumable
-from spectral_jax.train.data import TokenShardLM
 
 VAL = 25.0
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from spectral_jax.cli import main
+from spectral_jax.apps.cli import main
 from spectral_jax.train import train
 from spectral_jax.train.presets import PRESETS, apply_overrides, preset
 

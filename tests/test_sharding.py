@@ -130,8 +130,9 @@ def _one_step_worker(out_path: str, data: int, fsdp: int, global_batch: int) -> 
     """One train step of a tiny hybrid SpectralModel; dump loss, params, shardings."""
     from flax import nnx
 
+    from spectral_jax.data.lm_tasks import ByteCorpusLM
     from spectral_jax.nn.model import ModelConfig
-    from spectral_jax.train import ByteCorpusLM, MeshConfig, OptimConfig, TrainConfig, train
+    from spectral_jax.train import MeshConfig, OptimConfig, TrainConfig, train
 
     model = ModelConfig(
         d_model=16, num_layers=2, max_len=32, vocab_size=256, num_filters=4,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from spectral_jax.data.tasks import Batch
 from spectral_jax.nn.model import ModelConfig, SpectralModel
-from spectral_jax.train.data import Batch
 from spectral_jax.train.step import (
     loss_and_grads,
     masked_mean,
@@ -88,7 +88,8 @@ def test_state_updated_by_the_call_is_carried_through_the_microbatches():
 
 
 def test_microbatches_must_divide_the_batch():
-    from spectral_jax.train import ByteCorpusLM, TrainConfig
+    from spectral_jax.data.lm_tasks import ByteCorpusLM
+    from spectral_jax.train import TrainConfig
 
     with pytest.raises(ValueError, match="global_batch=6 must be a multiple of microbatches=4"):
         TrainConfig(task=ByteCorpusLM(), global_batch=6, microbatches=4)

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 
 from flax import nnx
 
-from spectral_jax.distill import DEFAULT_NUM_STATES, LDSBank, fit_lds_bank
+from spectral_jax.distill.bank import LDSBank
+from spectral_jax.distill.fit import DEFAULT_NUM_STATES, fit_lds_bank
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.stu import STU
 from spectral_jax.validation import ARITHMETICS, Arithmetic, one_of
@@ -24,7 +25,7 @@ class DistilledModel(NamedTuple):
 
     model: the copy, with every STU replaced by an :class:`LDSLayer`.
     banks: one dict per distinct bank, ``{"L", "K", "variant", "layers"}`` (``layers``: how many
-      STUs use it) plus the fit report of :func:`spectral_jax.distill.fit_lds_bank`.
+      STUs use it) plus the fit report of :func:`spectral_jax.distill.fit.fit_lds_bank`.
     """
 
     model: nnx.Module

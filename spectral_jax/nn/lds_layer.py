@@ -1,7 +1,7 @@
 """The distilled STU: a diagonal LDS per channel, as a flax.nnx module.
 
 An :class:`LDSLayer` computes what an STU computes, with every spectral convolution replaced by
-the bank's LDS (:mod:`spectral_jax.distill`): constant time and memory per generated token.
+the bank's LDS (:mod:`spectral_jax.distill.fit`): constant time and memory per generated token.
 
 * full mode: each input channel drives ``S * n`` states (``S`` = 2 branches for the standard
   variant, decays ``a`` and ``-a``); the bank's ``coeffs`` read out the ``S * K`` filter outputs,
@@ -38,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax.distill import LDSBank, fit_lds_bank, stu_to_lds
+from spectral_jax.distill.bank import LDSBank
+from spectral_jax.distill.convert import stu_to_lds
+from spectral_jax.distill.fit import fit_lds_bank
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STU_PARAM_AXES, STUConfig
 from spectral_jax.ops import lds, stu_ops
@@ -164,7 +166,7 @@ class LDSLayer(nnx.Module):
     """Distilled STU layer ``[B, L, d_in] -> [B, L, d_out]``; build it with :meth:`from_stu`."""
 
     def __init__(self, config: LDSConfig, bank: LDSBank, params: dict[str, Any]):
-        """``params``: LDS-layer parameters from :func:`spectral_jax.distill.stu_to_lds`."""
+        """``params``: LDS-layer parameters from :func:`spectral_jax.distill.convert.stu_to_lds`."""
         self.config = config
         cfg = config.stu
         check_bank(bank, cfg)

@@ -13,7 +13,7 @@ step ``h`` converges like ``exp(-pi^2 / h)``. Nodes ``a_j`` with weights ``w_j``
 ``Z ~= V V^T`` with ``V[:, j] = sqrt(w_j) v(a_j)``: a factor of rank ~90 whose error is at the
 float64 round-off level for every ``L``. The top eigenvectors of ``Z`` are the top left singular
 vectors of ``V``: ``O(L m^2)`` work instead of a dense ``O(L^3)`` eigensolver. The same nodes are
-the natural decays for distilling the filters into an LDS (:mod:`spectral_jax.distill`).
+the natural decays for distilling the filters into an LDS (:mod:`spectral_jax.distill.fit`).
 
 Everything here is float64 NumPy on the host; results are cached in memory and on disk.
 """

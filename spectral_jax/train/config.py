@@ -9,17 +9,11 @@ from typing import Any
 
 from flax import nnx
 
+from spectral_jax.data.lm_tasks import ByteCorpusLM, TokenShardLM
+from spectral_jax.data.tasks import LOSS_KINDS, LDSRegression, SelectiveCopying, Task
 from spectral_jax.data.tokenizer import describe as describe_tokenizer
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.train.checkpoint import CheckpointConfig, CheckpointError
-from spectral_jax.train.data import (
-    LOSS_KINDS,
-    ByteCorpusLM,
-    LDSRegression,
-    SelectiveCopying,
-    Task,
-    TokenShardLM,
-)
 from spectral_jax.train.optim import OptimConfig
 from spectral_jax.train.sharding import DistributedConfig, MeshConfig
 from spectral_jax.validation import finite_float, one_of, positive_int
@@ -66,7 +60,7 @@ class TrainConfig:
             positive_int("TrainConfig", name, getattr(self, name), minimum=0)
         if not isinstance(self.task, Task):
             raise ValueError(
-                f"TrainConfig.task must follow the Task protocol of spectral_jax.train.data "
+                f"TrainConfig.task must follow the Task protocol of spectral_jax.data.tasks "
                 f"(kind, seq_len, batch, eval_metrics), got {self.task!r}"
             )
         if not dataclasses.is_dataclass(self.task):

@@ -22,6 +22,9 @@ from typing import Any, NamedTuple
 import jax
 from flax import nnx
 
+from spectral_jax.data.lm_tasks import save_task_tokenizer
+from spectral_jax.data.prefetch import prefetch
+from spectral_jax.data.tasks import Task
 from spectral_jax.train import sharding as shd
 from spectral_jax.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
 from spectral_jax.train.config import (
@@ -32,7 +35,6 @@ from spectral_jax.train.config import (
     run_record,
     spectral_model_fn,
 )
-from spectral_jax.train.data import Task, prefetch, save_task_tokenizer
 from spectral_jax.train.flops import peak_flops, train_flops_per_token
 from spectral_jax.train.metrics import MetricsLogger
 from spectral_jax.train.optim import learning_rate_schedule, make_optimizer

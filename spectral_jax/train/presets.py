@@ -30,9 +30,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from spectral_jax.data.lm_tasks import ByteCorpusLM, TokenShardLM
+from spectral_jax.data.tasks import LDSRegression
 from spectral_jax.nn.model import ModelConfig
 from spectral_jax.train.config import TrainConfig
-from spectral_jax.train.data import ByteCorpusLM, LDSRegression, TokenShardLM
 from spectral_jax.train.optim import OptimConfig
 from spectral_jax.train.sharding import DistributedConfig, MeshConfig
 

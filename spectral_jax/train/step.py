@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from spectral_jax.train.data import Batch
+from spectral_jax.data.tasks import Batch
 
 
 def per_position_loss(outputs, targets, kind: str):

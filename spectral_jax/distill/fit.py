@@ -29,26 +29,23 @@ The fit (x64 scoped to it, JAX linear algebra, deterministic):
 
 Banks are saved pickle-free (``.npz`` with a JSON metadata string) and cached on disk like the
 filters (:mod:`spectral_jax.ops.disk_cache`). The fit report lives in
-:mod:`spectral_jax.distill_report`.
+:mod:`spectral_jax.distill.report`; the bank itself in :mod:`spectral_jax.distill.bank`.
 """
 
-from __future__ import annotations
-
-import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_jax import distill_report
+from spectral_jax.distill import report as distill_report
+from spectral_jax.distill.bank import LDSBank, bank_from_arrays
 from spectral_jax.ops import lds
-from spectral_jax.ops.disk_cache import cached_arrays, load_npz, save_npz_atomic
+from spectral_jax.ops.disk_cache import cached_arrays
 from spectral_jax.ops.filters import max_num_filters, spectral_filters
-from spectral_jax.validation import ARITHMETICS, VARIANTS, Arithmetic, Variant, one_of, positive_int
+from spectral_jax.validation import ARITHMETICS, VARIANTS, Arithmetic, one_of, positive_int
 
 # Bump when the fit changes so stale cache files are never read.
 ALGORITHM_VERSION = 2
@@ -61,73 +58,6 @@ UNIT_ROUNDOFF_32 = 2.0**-24
 # Round-off that the amplification multiplies, per arithmetic of the distilled layer: plain
 # float32 states carry one round-off each; compensated ones (float32 pairs) about its square.
 ROUNDOFF_BY_ARITHMETIC = {"compensated": UNIT_ROUNDOFF_32**2, "plain": UNIT_ROUNDOFF_32}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LDSBank:
-    """A fitted bank: ``filters[:, k] ~= sum_j coeffs[j, k] decays[j]^t`` (plus branch).
-
-    Attributes:
-      decays: ``[n]`` float64 decays of one branch, each exactly representable in float32
-        (standard: positive; Hankel-L: ``[a, -a]``).
-      coeffs: ``[n, K]`` float64 output matrix.
-      seq_len: the filter length ``L`` the bank was fitted to.
-      variant: ``"standard"`` (two branches: decays and their negatives) or ``"hankel_l"``.
-      metadata: JSON-serialisable fit settings and report.
-    """
-
-    decays: np.ndarray
-    coeffs: np.ndarray
-    seq_len: int
-    variant: Variant
-    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self):
-        decays = np.asarray(self.decays, np.float64)
-        coeffs = np.asarray(self.coeffs, np.float64)
-        one_of("LDSBank", "variant", self.variant, VARIANTS)
-        if decays.ndim != 1 or coeffs.ndim != 2 or coeffs.shape[0] != decays.size:
-            raise ValueError(
-                f"LDSBank needs decays [n] and coeffs [n, K]; got {decays.shape}, {coeffs.shape}"
-            )
-        lds.check_decays(decays)
-        if not np.all(np.isfinite(coeffs)):
-            raise ValueError("LDSBank.coeffs contain NaN or infinite values")
-        if np.any(decays.astype(np.float32).astype(np.float64) != decays):
-            raise ValueError("LDSBank.decays must be exactly representable in float32")
-        positive_int("LDSBank", "seq_len", self.seq_len, minimum=2)
-        object.__setattr__(self, "decays", decays)
-        object.__setattr__(self, "coeffs", coeffs)
-
-    @property
-    def num_filters(self) -> int:
-        return self.coeffs.shape[1]
-
-    @property
-    def num_branches(self) -> int:
-        return 2 if self.variant == "standard" else 1
-
-    @property
-    def num_states(self) -> int:
-        """States per input channel, both signs counted."""
-        return self.decays.size * self.num_branches
-
-    def branch_decays(self) -> np.ndarray:
-        """``[S, n]`` decays per branch: ``[a, -a]`` rows for standard, ``[a]`` for Hankel-L."""
-        if self.num_branches == 2:
-            return np.stack([self.decays, -self.decays])
-        return self.decays[None]
-
-    def responses(self, length: int | None = None) -> np.ndarray:
-        """Impulse responses ``a^t`` of every state, ``[length, S, n]`` in float64."""
-        length = self.seq_len if length is None else length
-        with jax.enable_x64(True):
-            return np.asarray(lds.impulse_response(jnp.asarray(self.branch_decays()), length))
-
-    def filters(self, length: int | None = None) -> np.ndarray:
-        """The bank's filters ``[length, S * K]`` in float64 (plus branch, then minus branch)."""
-        out = np.einsum("tsn,nk->tsk", self.responses(length), self.coeffs)
-        return out.reshape(out.shape[0], -1)
 
 
 def target_filters(L: int, K: int, variant: str) -> np.ndarray:
@@ -276,7 +206,7 @@ def fit_lds_bank(
         ``"compensated"`` float32: it only weighs the candidate grids.
 
     Returns:
-      ``(bank, report)``; the report (a dict, see :func:`spectral_jax.distill_report.bank_report`)
+      ``(bank, report)``; the report (a dict, see :func:`spectral_jax.distill.report.bank_report`)
       also holds ``fit_seconds``, the time of the uncached fit including the filters.
     """
     _check_fit_args(L, K, variant, num_states, ridge, x_range, arithmetic)
@@ -288,83 +218,5 @@ def fit_lds_bank(
     arrays = cached_arrays(
         name, lambda: _fit(int(L), int(K), variant, num_states, ridge, x_range, arithmetic)
     )
-    bank = _bank_from_arrays(arrays, int(L), variant)
+    bank = bank_from_arrays(arrays, int(L), variant)
     return bank, bank.metadata["report"]
-
-
-def _bank_from_arrays(arrays: dict[str, np.ndarray], L: int, variant: str) -> LDSBank:
-    metadata = json.loads(str(arrays["metadata"]))
-    return LDSBank(np.array(arrays["decays"]), np.array(arrays["coeffs"]), L, variant, metadata)
-
-
-def save_bank(path: str | Path, bank: LDSBank) -> None:
-    """Write ``bank`` to a pickle-free ``.npz`` file (arrays + a JSON metadata string)."""
-    metadata = {**bank.metadata, "seq_len": bank.seq_len, "variant": bank.variant}
-    save_npz_atomic(
-        Path(path),
-        {
-            "decays": bank.decays,
-            "coeffs": bank.coeffs,
-            "metadata": np.asarray(json.dumps(metadata)),
-        },
-    )
-
-
-def load_bank(path: str | Path) -> LDSBank:
-    """Read a bank written by :func:`save_bank` (never unpickles anything)."""
-    arrays = load_npz(Path(path))
-    missing = {"decays", "coeffs", "metadata"} - set(arrays)
-    if missing:
-        raise ValueError(f"{path} is not an LDS bank file: missing {sorted(missing)}")
-    metadata = json.loads(str(arrays["metadata"]))
-    return LDSBank(
-        np.array(arrays["decays"]),
-        np.array(arrays["coeffs"]),
-        int(metadata["seq_len"]),
-        str(metadata["variant"]),
-        metadata,
-    )
-
-
-def stu_to_lds(params: dict[str, Any], bank: LDSBank, *, tensordot: bool) -> dict[str, np.ndarray]:
-    """Convert STU parameters (names as in :mod:`spectral_jax.ops.stu_ops`) to LDS-layer parameters.
-
-    Full mode keeps ``M_plus`` (and ``M_minus``): the LDS replaces only the convolutions, and its
-    readout is the bank's ``coeffs``. Tensordot mode keeps ``M_in`` and folds each channel's
-    filter mixture into the bank: ``readout[o, s, j] = sum_k coeffs[j, k] M_filt_s[k, o]``
-    (float64, ``[d_out, S, n]``). AR terms ``M_u``/``M_y`` are carried over unchanged.
-    """
-    two_branch = bank.num_branches == 2
-    branch_names = ("plus", "minus") if two_branch else ("plus",)
-    if tensordot:
-        required = ["M_in"] + [f"M_filt_{b}" for b in branch_names]
-    else:
-        required = [f"M_{b}" for b in branch_names]
-    unexpected = {"M_minus", "M_filt_minus"} & set(params) if not two_branch else set()
-    missing = [name for name in required if name not in params]
-    if missing or unexpected:
-        raise ValueError(
-            f"STU parameters do not match a {bank.variant} bank in "
-            f"{'tensordot' if tensordot else 'full'} mode: missing {missing}, "
-            f"unexpected {sorted(unexpected)}"
-        )
-    arrays = {name: np.asarray(value) for name, value in params.items()}
-    for name, value in arrays.items():
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"STU parameter {name} contains NaN or infinite values")
-    K = bank.num_filters
-    out = {name: arrays[name] for name in ("M_u", "M_y") if name in arrays}
-    if not tensordot:
-        for name in required:
-            if arrays[name].ndim != 3 or arrays[name].shape[0] != K:
-                raise ValueError(f"{name} must be [K={K}, d_in, d_out], got {arrays[name].shape}")
-            out[name] = arrays[name]
-        return out
-    mixes = [arrays[f"M_filt_{b}"] for b in branch_names]
-    for b, mix in zip(branch_names, mixes, strict=True):
-        if mix.ndim != 2 or mix.shape[0] != K:
-            raise ValueError(f"M_filt_{b} must be [K={K}, d_out], got {mix.shape}")
-    out["M_in"] = arrays["M_in"]
-    readout = [bank.coeffs @ mix.astype(np.float64) for mix in mixes]  # S x [n, d_out]
-    out["readout"] = np.stack(readout).transpose(2, 0, 1)
-    return out

@@ -19,10 +19,10 @@ import sys
 
 import jax
 
-from spectral_jax import demo, inference
+from spectral_jax.apps import demo, inference
 from spectral_jax.data.prepare import SHARD_DTYPES, prepare_data
 from spectral_jax.data.tokenizer import StreamDecoder, encode
-from spectral_jax.generate import Sampling, decode_chunks, prefill
+from spectral_jax.decode.generate import Sampling, decode_chunks, prefill
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.mixer import DecodeOptions
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train

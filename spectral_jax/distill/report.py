@@ -1,4 +1,4 @@
-"""Accuracy report of a fitted LDS bank (see :func:`spectral_jax.distill.fit_lds_bank`)."""
+"""Accuracy report of a fitted LDS bank (see :func:`spectral_jax.distill.fit.fit_lds_bank`)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ import time
 
 import jax
 
-from spectral_jax.generate import Sampling, generate
-from spectral_jax.inference import distill_with_report, format_distill_report
+from spectral_jax.apps.inference import distill_with_report, format_distill_report
+from spectral_jax.decode.generate import Sampling, generate
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.train import train
 from spectral_jax.train.config import run_record

@@ -1,0 +1,6 @@
+"""Decoding: prefill and decode loops, sampling, streaming evaluation, and the strategies.
+
+- :mod:`~spectral_jax.decode.generate`: ``prefill``, ``decode``, ``generate`` (ragged batches, any
+  length the layers allow);
+- :mod:`~spectral_jax.decode.evaluate`: losses over long streams with the decode cache carried.
+"""
