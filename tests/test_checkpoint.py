@@ -122,6 +122,8 @@ def test_bad_checkpoint_config_names_the_field():
         CheckpointConfig("d", save_every=0)
     with pytest.raises(ValueError, match="keep"):
         CheckpointConfig("d", keep=0)
+    with pytest.raises(ValueError, match="keep"):  # a bool is not a count
+        CheckpointConfig("d", keep=True)
     with pytest.raises(ValueError, match="directory"):
         CheckpointConfig("")
 

@@ -24,7 +24,7 @@ from spectral_jax.data.tokenizer import (
     load_tokenizer,
     save_tokenizer,
 )
-from spectral_jax.validation import positive_int
+from spectral_jax.validation import int_in_range, positive_int
 
 # --------------------------------------------------------------------------- byte corpus
 
@@ -81,11 +81,7 @@ class ByteCorpusLM:
 
     def __post_init__(self):
         positive_int("ByteCorpusLM", "seq_len", self.seq_len)
-        positive_int("ByteCorpusLM", "val_percent", self.val_percent)
-        if self.val_percent > 50:
-            raise ValueError(
-                f"ByteCorpusLM.val_percent must be an integer in [1, 50], got {self.val_percent!r}"
-            )
+        int_in_range("ByteCorpusLM", "val_percent", self.val_percent, 1, 50)
 
     def corpus(self) -> ByteCorpus:
         return stdlib_corpus(self.val_percent)

@@ -64,9 +64,11 @@ def row_rng(seed: int, split: Split, step: int, row: int, salt: int) -> np.rando
     """The generator of one row: independent of which process draws it."""
     if split not in _SPLIT_IDS:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    if seed < 0 or step < 0 or row < 0:
-        raise ValueError(f"seed, step and row must be >= 0, got {seed}, {step}, {row}")
-    return np.random.default_rng([salt, int(seed), _SPLIT_IDS[split], int(step), int(row)])
+    seed, step, row = (
+        positive_int("", n, v, minimum=0)
+        for n, v in zip(("seed", "step", "row"), (seed, step, row), strict=True)
+    )
+    return np.random.default_rng([salt, seed, _SPLIT_IDS[split], step, row])
 
 
 def rows_array(rows) -> np.ndarray:

@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from spectral_jax.validation import positive_int
+
 FORMAT_VERSION = 1
 _ITEMS = ("model", "optimizer", "meta")
 
@@ -46,10 +48,8 @@ class CheckpointConfig:
     def __post_init__(self):
         if not isinstance(self.directory, str) or not self.directory:
             raise ValueError(f"directory must be a non-empty path or URL, got {self.directory!r}")
-        if not isinstance(self.save_every, int) or self.save_every <= 0:
-            raise ValueError(f"save_every must be a positive int, got {self.save_every!r}")
-        if not isinstance(self.keep, int) or self.keep <= 0:
-            raise ValueError(f"keep must be a positive int, got {self.keep!r}")
+        positive_int("CheckpointConfig", "save_every", self.save_every)
+        positive_int("CheckpointConfig", "keep", self.keep)
 
 
 def _is_remote(directory: str) -> bool:
