@@ -49,72 +49,55 @@ def lds_small() -> TrainConfig:
     )
 
 
-def lm_bytes_small() -> TrainConfig:
-    task = ByteCorpusLM(seq_len=256)
-    model = ModelConfig(
-        d_model=96,
-        num_layers=4,
-        max_len=256,
-        vocab_size=256,
+def hybrid_lm(
+    d_model: int, num_layers: int, max_len: int, vocab_size: int, **fields
+) -> ModelConfig:
+    """The language model of every LM preset: tensordot STU layers alternating with
+    sliding-window attention (``layer_pattern="SA"``), tied embeddings; ``fields`` set the rest
+    (``num_filters``, ``window``, ``num_heads``, ``dtype``, ``remat``, ...)."""
+    return ModelConfig(
+        d_model=d_model,
+        num_layers=num_layers,
+        max_len=max_len,
+        vocab_size=vocab_size,
         tie_embeddings=True,
         layer_pattern="SA",
-        num_filters=16,
         stu_projection="tensordot",
-        window=64,
+        **fields,
     )
-    optim = OptimConfig(learning_rate=2e-3, warmup_steps=100, decay_steps=2001)
+
+
+def small_lm(
+    task, vocab_size: int, steps: int, warmup_steps: int, log_every: int, eval_every: int
+) -> TrainConfig:
+    """A CPU-sized hybrid LM run on ``task`` (d_model 96, 4 layers, K=16, window 64)."""
+    model = hybrid_lm(96, 4, task.seq_len, vocab_size, num_filters=16, window=64)
+    optim = OptimConfig(learning_rate=2e-3, warmup_steps=warmup_steps, decay_steps=steps + 1)
     return TrainConfig(
         task=task,
         model=model,
         optim=optim,
-        steps=2000,
+        steps=steps,
         global_batch=16,
-        log_every=100,
-        eval_every=500,
+        log_every=log_every,
+        eval_every=eval_every,
         eval_batches=8,
     )
+
+
+def lm_bytes_small() -> TrainConfig:
+    return small_lm(ByteCorpusLM(seq_len=256), 256, 2000, 100, log_every=100, eval_every=500)
 
 
 def lm_tokens_small() -> TrainConfig:
     task = TokenShardLM(path="data/stdlib_bpe4k", seq_len=128, document_mask=True)
-    model = ModelConfig(
-        d_model=96,
-        num_layers=4,
-        max_len=128,
-        vocab_size=4096,
-        tie_embeddings=True,
-        layer_pattern="SA",
-        num_filters=16,
-        stu_projection="tensordot",
-        window=64,
-    )
-    optim = OptimConfig(learning_rate=2e-3, warmup_steps=50, decay_steps=601)
-    return TrainConfig(
-        task=task,
-        model=model,
-        optim=optim,
-        steps=600,
-        global_batch=16,
-        log_every=50,
-        eval_every=200,
-        eval_batches=8,
-    )
+    return small_lm(task, 4096, 600, 50, log_every=50, eval_every=200)
 
 
 def _lm_bytes_large(mesh: MeshConfig, distributed: DistributedConfig) -> TrainConfig:
     task = ByteCorpusLM(seq_len=4096)
-    model = ModelConfig(
-        d_model=1024,
-        num_layers=12,
-        max_len=4096,
-        vocab_size=256,
-        tie_embeddings=True,
-        layer_pattern="SA",
-        num_filters=24,
-        stu_projection="tensordot",
-        num_heads=16,
-        window=512,
-        dtype="bfloat16",
+    model = hybrid_lm(
+        1024, 12, 4096, 256, num_filters=24, num_heads=16, window=512, dtype="bfloat16"
     )
     optim = OptimConfig(learning_rate=6e-4, warmup_steps=1000, decay_steps=50_000)
     return TrainConfig(
@@ -145,20 +128,10 @@ divide every ``fsdp`` size up to 64 (flash-stu-2 pads it the same way)."""
 
 def lm_tokens_tpu_pod() -> TrainConfig:
     seq_len = 8192
-    model = ModelConfig(
-        d_model=1024,
-        num_layers=12,
-        max_len=seq_len,
-        vocab_size=POD_VOCAB,
-        tie_embeddings=True,
-        layer_pattern="SA",
-        num_filters=24,
-        stu_projection="tensordot",
-        num_heads=16,
-        window=1024,
-        dtype="bfloat16",
-        remat="full",
-    )
+    model = hybrid_lm(
+        1024, 12, seq_len, POD_VOCAB, num_filters=24, num_heads=16, window=1024,
+        dtype="bfloat16", remat="full",
+    )  # fmt: skip
     optim = OptimConfig(learning_rate=3e-4, warmup_steps=1000, decay_steps=20_000)
     return TrainConfig(
         # Set task.path to your prepare-data (or flash-stu-2) shard directory and, for a
