@@ -12,7 +12,7 @@ Three byte-level models of the ``lm_bytes_small`` size (4 layers, d_model 96, tr
 
 Each model reads ``--streams`` held-out streams of ``16 x 256`` bytes (contiguous slices of the
 validation files, at evenly spaced offsets) chunk by chunk with its decode state carried
-(:func:`spectral_jax.evaluate.stream_losses`). Reported per length ``N``: bits/byte over the
+(:func:`spectral_jax.decode.evaluate.stream_losses`). Reported per length ``N``: bits/byte over the
 first ``N`` bytes, and over the last half ``(N/2, N]`` (where a model that degrades past its
 training length shows it).
 
