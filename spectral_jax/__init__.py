@@ -19,15 +19,19 @@ heavy is imported here):
 
 Shape notation, used by every docstring: arrays are written ``name: [dims]`` with these letters.
 
-========  ==================================================================================
-``B``     batch (sequences)
-``L``     a sequence's length; ``T`` a part of it (a block, a prompt), ``t`` one position
-``d_in``  input features of a layer; ``d_out`` its output features; ``D`` the model width
-``K``     spectral filters per branch; ``S`` branches (2: ``phi`` and ``(-1)^t phi``; 1 Hankel-L)
-``F``     filter outputs of a layer (``S * K``), or convolution channels in general
-``n``     decays (states) per branch of an LDS bank; ``C`` channels that drive an LDS
-``H``     attention heads; ``W`` the attention window; ``V`` the vocabulary
-========  ==================================================================================
+=========  =================================================================================
+``B``      batch (sequences); ``b`` the rows of it that one process loads
+``L``      a sequence's length; ``T`` a part of it (a block, a prompt); ``Lq``/``Lk`` of
+           queries/keys
+``D``      the model width (``d_model``); ``d_in``/``d_out`` a layer's input/output features;
+           ``d_input``/``d_output`` a regression model's input/output features
+``K``      spectral filters per branch; ``S`` branches (2: ``phi`` and ``(-1)^t phi``; 1 Hankel-L)
+``F``      a convolution's channels: filter outputs ``S * K``, or filter mixtures
+``n``      decays (states) per branch of an LDS bank; ``C`` channels that drive an LDS
+``H``      attention heads; ``Dh`` the width of one; ``W`` the attention window
+``M``      the hidden width of a gated MLP; ``V`` the vocabulary
+=========  =================================================================================
 
-``[..., C]`` means any leading dimensions; ``[*S]`` any trailing ones.
+``...`` stands for any leading dimensions, and ``*S`` for the shape of one state of an LDS
+(e.g. ``C, S, n``).
 """

@@ -42,7 +42,7 @@ from spectral_jax.validation import positive_int
 Split = Literal["train", "eval"]
 _SPLIT_IDS = {"train": 0, "eval": 1}
 LossKind = Literal["tokens", "regression"]
-"""``tokens``: the model outputs logits ``[B, L, vocab_size]``, cross-entropy against int
+"""``tokens``: the model outputs logits ``[B, L, V]``, cross-entropy against int
 targets; ``regression``: outputs ``[B, L, d_output]``, mean squared error."""
 LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
 

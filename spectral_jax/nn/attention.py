@@ -174,7 +174,7 @@ def sliding_window_attention(
 class SlidingWindowAttention(nnx.Module):
     """Multi-head causal sliding-window attention with rotary embeddings.
 
-    x: [B, L, d_model] -> [B, L, d_model] in ``config.dtype``; parameters float32. Any length:
+    x: [B, L, D] -> [B, L, D] in ``config.dtype``; parameters float32. Any length:
     ``length_limit`` is None.
     """
 

@@ -39,7 +39,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """``(silu(x @ w_gate) * (x @ w_up)) @ w_down``, computed in x's dtype.
 
-    x: [..., D]; w_gate, w_up: [D, F]; w_down: [F, D]. Returns [..., D].
+    x: [..., D]; w_gate, w_up: [D, M]; w_down: [M, D]. Returns [..., D].
     """
     dt = x.dtype
     hidden = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
@@ -54,7 +54,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., dim] -> [..., dim], same dtype."""
+        """x: [..., D] -> [..., D], same dtype."""
         return rms_norm(x, self.scale[...], self.eps)
 
 
@@ -75,7 +75,7 @@ class SwiGLU(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [..., d_model] -> [..., d_model], computed in x's dtype."""
+        """x: [..., D] -> [..., D], computed in x's dtype."""
         return swiglu(x, self.w_gate[...], self.w_up[...], self.w_down[...])
 
 

@@ -2,7 +2,7 @@
 sliding-window attention layers, or both alternating (hybrid, as in Flash STU).
 
 Input: tokens ``[B, L]`` (an embedding table) or real vectors ``[B, L, d_input]`` (a linear
-input projection). Output: logits ``[B, L, vocab_size]`` (an LM head, optionally tied to the
+input projection). Output: logits ``[B, L, V]`` (an LM head, optionally tied to the
 embedding) or regression outputs ``[B, L, d_output]``. Outputs are float32 whatever the
 activation dtype; parameters are always float32.
 
@@ -246,7 +246,7 @@ class SpectralModel(nnx.Module):
         return sum(p.size for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
     def _embed(self, x: jax.Array, time_axis: bool) -> jax.Array:
-        """Tokens [B(, L)] or vectors [B(, L), d_input] -> [B(, L), d_model] activations."""
+        """Tokens [B(, L)] or vectors [B(, L), d_input] -> [B(, L), D] activations."""
         c = self.config
         where = "SpectralModel" if time_axis else "SpectralModel.step"
         seq = "[B, L]" if time_axis else "[B]"
@@ -264,7 +264,7 @@ class SpectralModel(nnx.Module):
         return self.embed(x).astype(c.activation_dtype)
 
     def _head(self, h: jax.Array) -> jax.Array:
-        """Activations [..., d_model] -> outputs [..., out_dim] in float32 (float64 if x64)."""
+        """Activations [..., D] -> outputs [..., out_dim] in float32 (float64 if x64)."""
         h = self.final_norm(h)
         if self.head is None:
             table = self.embed.embedding[...].astype(h.dtype)
