@@ -9,7 +9,8 @@ Rows (every figure from this process, on this machine's CPU):
   from the BPE shards through the memory map, on one thread (so: per host core);
 * the training step's tokens/s for the ``lm_tokens_small`` preset on the same shards, measured by
   :func:`spectral_jax.train.train` after its compiling step;
-* the ratio loader / train step (goal: >= 20, so the loader is never the bottleneck).
+* the ratio loader / train step: how many times faster the loader draws tokens than the step
+  consumes them.
 
 Usage: python experiments/bench_data.py [--quick] [--json PATH]
 """

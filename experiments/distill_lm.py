@@ -32,7 +32,7 @@ from flax import nnx
 from spectral_jax.apps.inference import distill_with_report
 from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
 from spectral_jax.decode.generate import generate
-from spectral_jax.nn.mixer import DecodeOptions
+from spectral_jax.decode.strategy import DecodePlan, decode_plan
 from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
 from spectral_jax.train.config import task_from_record
 from spectral_jax.train.presets import lm_bytes_small
@@ -76,10 +76,10 @@ def bits_per_byte(model: nnx.Module, task, num_batches: int) -> float:
     return total / count / math.log(2)
 
 
-def decode_all(model, prompts, new_tokens, strategy="futurefill") -> tuple[np.ndarray, float]:
+def decode_all(plan: DecodePlan, prompts, new_tokens) -> tuple[np.ndarray, float]:
     """Greedy tokens ``[5, new_tokens]`` and decode tokens/s (after one compiling run)."""
     run = lambda: jax.block_until_ready(  # noqa: E731
-        generate(model, prompts, new_tokens, options=DecodeOptions(strategy))
+        generate(plan.model, prompts, new_tokens, options=plan.options)
     )
     run()
     start = time.perf_counter()
@@ -112,14 +112,16 @@ def main() -> None:
 
     prompts = jnp.asarray([list(p.encode()[:PROMPT_BYTES]) for p in PROMPTS], jnp.int32)
     runs = {
-        "stu_naive": (model, "naive"),
-        "stu_futurefill": (model, "futurefill"),
-        # a distilled model has no STU layer left: the decode strategy is unused
-        **{f"lds_{a}": (models[f"lds_{a}"], "futurefill") for a in args.arithmetic},
+        "stu_naive": decode_plan(model, "naive"),
+        "stu_futurefill": decode_plan(model, "futurefill"),
+        **{
+            f"lds_{a}": decode_plan(model, "lds", distilled=models[f"lds_{a}"])
+            for a in args.arithmetic
+        },
     }
     tokens, speed = {}, {}
-    for name, (m, strategy) in runs.items():
-        tokens[name], speed[name] = decode_all(m, prompts, args.new_tokens, strategy)
+    for name, plan in runs.items():
+        tokens[name], speed[name] = decode_all(plan, prompts, args.new_tokens)
     reference = tokens["stu_naive"]
     agreement = {name: float(np.mean(t == reference)) for name, t in tokens.items()}
     identical = {name: int(np.sum(np.all(t == reference, axis=1))) for name, t in tokens.items()}
@@ -153,8 +155,8 @@ def main() -> None:
         " decode tokens/s |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name, (m, _) in runs.items():
-        key = "stu" if m is model else name
+    for name, plan in runs.items():
+        key = "stu" if plan.model is model else name
         lines.append(
             f"| {name} | {bpb[key]:.5f} | {bpb[key] - bpb['stu']:+.2e} | {agreement[name]:.2%} "
             f"| {identical[name]} | {speed[name]:,.0f} |"

@@ -23,6 +23,9 @@ Projection = Literal["full", "tensordot"]
 """STU projection: ``full`` ``M: [2K, d_in, d_out]``, or the tensordot approximation."""
 DecodeStrategy = Literal["naive", "futurefill"]
 """How a convolutional (STU) layer decodes: input history, or epoched FutureFill."""
+GenerationStrategy = Literal[DecodeStrategy, "lds"]
+"""How a model generates: its STU layers with a :data:`DecodeStrategy`, or ``lds``, the distilled
+model (every STU an LDS layer stepping its recurrence)."""
 Arithmetic = Literal["plain", "compensated"]
 """Float arithmetic of a distilled LDS: one float32 per state, or float32 pairs (exact mode)."""
 ScanKind = Literal["fft", "parallel", "sequential"]
@@ -33,6 +36,7 @@ Remat = Literal["none", "full", "save_dots"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
 PROJECTIONS: tuple[str, ...] = get_args(Projection)
 DECODE_STRATEGIES: tuple[str, ...] = get_args(DecodeStrategy)
+GENERATION_STRATEGIES: tuple[str, ...] = get_args(GenerationStrategy)
 ARITHMETICS: tuple[str, ...] = get_args(Arithmetic)
 SCAN_KINDS: tuple[str, ...] = get_args(ScanKind)
 REMATS: tuple[str, ...] = get_args(Remat)

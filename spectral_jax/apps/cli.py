@@ -23,10 +23,9 @@ from spectral_jax.apps import demo, inference
 from spectral_jax.data.prepare import SHARD_DTYPES, prepare_data
 from spectral_jax.data.tokenizer import StreamDecoder, encode
 from spectral_jax.decode.generate import Sampling, decode_chunks, prefill
-from spectral_jax.nn.distillation import distill_model
-from spectral_jax.nn.mixer import DecodeOptions
+from spectral_jax.decode.strategy import decode_plan
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
-from spectral_jax.validation import ARITHMETICS, positive_int
+from spectral_jax.validation import ARITHMETICS, GENERATION_STRATEGIES, positive_int
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +104,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--strategy",
-        choices=("naive", "futurefill", "lds"),
+        choices=GENERATION_STRATEGIES,
         default="futurefill",
         help="STU decoding: input-history convolution, FutureFill, or the distilled LDS "
         "(distills on the fly unless the checkpoint is already distilled)",
@@ -125,13 +124,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     model, meta = inference.load_for_inference(args.checkpoint)
-    distilled = "distill" in meta
     tokenizer = inference.checkpoint_tokenizer(args.checkpoint, meta)
-    if distilled and args.strategy != "lds":
-        raise ValueError(f"{args.checkpoint} is distilled (LDS layers): use --strategy lds")
-    if args.strategy == "lds" and not distilled:
-        print(f"[distilling the STU layers ({args.num_states} states)]", file=sys.stderr)
-        model = distill_model(model, num_states=args.num_states).model
+    plan = decode_plan(model, args.strategy, num_states=args.num_states)
+    if plan.banks is not None:
+        layers = sum(bank["layers"] for bank in plan.banks)
+        print(f"[distilled {layers} STU layer(s), {args.num_states} states]", file=sys.stderr)
+    model = plan.model
     prompt = encode(tokenizer, args.prompt)
     if not prompt:
         raise ValueError("--prompt must not be empty")
@@ -150,12 +148,10 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         new_tokens = positive_int("", "--max-new-tokens", args.max_new_tokens)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k)
-    # lds: the LDS layers ignore the strategy; a distilled model has no STU layer left
-    options = DecodeOptions("futurefill" if args.strategy == "lds" else args.strategy)
     model.check_length(
         len(prompt) + new_tokens, f"prompt of {len(prompt)} tokens + {new_tokens} new tokens"
     )
-    logits, cache = prefill(model, [prompt], options)
+    logits, cache = prefill(model, [prompt], plan.options)
     text = StreamDecoder(tokenizer)
     sys.stdout.write(args.prompt)
     for tokens in decode_chunks(

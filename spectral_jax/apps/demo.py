@@ -16,10 +16,11 @@ import jax
 
 from spectral_jax.apps.inference import distill_with_report, format_distill_report
 from spectral_jax.decode.generate import Sampling, generate
-from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
+from spectral_jax.decode.strategy import DecodePlan, decode_plan
 from spectral_jax.train import train
 from spectral_jax.train.config import run_record
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small
+from spectral_jax.validation import GENERATION_STRATEGIES
 
 PROMPT = "import os\n"
 # The small model repeats itself when decoding greedily; sampling shows more of what it learned.
@@ -54,10 +55,12 @@ def demo_config(steps: int, seed: int):
     )
 
 
-def timed_generate(model, prompt, new_tokens, options):
+def timed_generate(plan: DecodePlan, prompt, new_tokens):
     """Sampled bytes and decode seconds (of the second run; the first compiles)."""
     run = lambda: jax.block_until_ready(  # noqa: E731
-        generate(model, [prompt], new_tokens, SAMPLING, jax.random.key(0), options=options)
+        generate(
+            plan.model, [prompt], new_tokens, SAMPLING, jax.random.key(0), options=plan.options
+        )
     )
     run()
     start = time.perf_counter()
@@ -84,12 +87,12 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\n== 3. sampling {args.new_tokens} bytes with each decoding strategy (same key) ==")
     prompt = list(PROMPT.encode())
-    runs = {
-        "naive": (result.model, DecodeOptions("naive")),
-        "futurefill": (result.model, DecodeOptions("futurefill")),
-        "lds": (distilled, DEFAULT_DECODE),  # LDS layers step their recurrence: no options
+    outputs = {
+        name: timed_generate(
+            decode_plan(result.model, name, distilled=distilled), prompt, args.new_tokens
+        )
+        for name in GENERATION_STRATEGIES
     }
-    outputs = {name: timed_generate(m, prompt, args.new_tokens, s) for name, (m, s) in runs.items()}
     print(PROMPT + outputs["naive"][0].decode("utf-8", "replace"))
     print(f"\n{'strategy':<12}{'seconds':>9}{'ms/byte':>9}{'same bytes as naive':>21}")
     for name, (text, seconds) in outputs.items():

@@ -1,0 +1,194 @@
+"""Decode speed of whole models: naive vs FutureFill vs distilled LDS, prefill, compile, cache.
+
+4-layer models (d_model 128, K = 24, vocab 256), STU-only (``S``) and hybrid (``SA``, attention
+window 128), tensordot and full projections, batch 1 and 16. For each context (1k, 8k, 32k,
+128k; 2^20 for LDS only, whose layers have no length limit, for the headline model, which fits
+in memory there) it prefills a random prompt, then decodes ``--new`` tokens (default 8192: two
+FutureFill epochs, so its FFT refreshes are timed) greedily with each strategy
+(:func:`~spectral_jax.decode.strategy.decode_plan`; ``lds`` distills the model). Per row: decode
+tokens/s (all rows of the batch counted; median of ``--repeats`` runs), prefill seconds (second
+call), compile seconds of the decode loop (first call minus a timed one) and cache bytes per
+sequence. The headline, listed first, is the 4-layer STU-only tensordot model at batch 1. A
+(model, batch, strategy) stops at the first context whose predicted time (last time x
+max(growth, 2)) exceeds ``--budget`` seconds, or when it cannot run the context (``skipped`` in
+the log). ``--quick``: the headline model at batch 1, one context of 256, 64 new tokens.
+
+Rows and JSON: see :mod:`decode_bench_common` (``mode`` ``"model"``).
+
+Usage: python experiments/bench_decode_model.py [--quick] [--json PATH] [--plot PATH]
+       [--budget S] [--strategies ...] [--models ...] [--batches ...] [--new N] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from decode_bench_common import D, K, Mode, Record, lds_arithmetic, main, predicted_seconds
+from flax import nnx
+
+from spectral_jax.decode import generate as gen
+from spectral_jax.decode.strategy import DecodePlan, decode_plan
+from spectral_jax.nn.model import ModelConfig, SpectralModel
+from spectral_jax.ops.conv_decode import default_block_len
+
+MODELS = {  # name: (layer pattern, projection); the headline first
+    "stu_tensordot": ("S", "tensordot"),
+    "stu_full": ("S", "full"),
+    "hybrid_tensordot": ("SA", "tensordot"),
+    "hybrid_full": ("SA", "full"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--new", type=int, default=None, help="model mode: tokens to decode")
+    parser.add_argument("--repeats", type=int, default=3, help="model mode: timed runs")
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="model mode"
+    )
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="model mode")
+
+
+def cache_bytes_per_sequence(cache, batch: int) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) // batch
+
+
+def time_model(plan: DecodePlan, prompt, new_tokens: int, repeats: int) -> dict:
+    """Prefill ``prompt [B, L]`` and decode ``new_tokens``: timings and cache size."""
+    model, options = plan.model, plan.options
+    logits, cache = jax.block_until_ready(gen.prefill(model, prompt, options))  # compiles
+    start = time.perf_counter()
+    jax.block_until_ready(gen.prefill(model, prompt, options))
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(gen.decode(model, cache, logits, new_tokens))  # compiles
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(gen.decode(model, cache, logits, new_tokens))
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {
+        "seconds": seconds,
+        "tokens_per_second": prompt.shape[0] * new_tokens / seconds,
+        "prefill_seconds": prefill_s,
+        "compile_seconds": max(first - seconds, 0.0),
+        "cache_bytes": cache_bytes_per_sequence(cache, prompt.shape[0]),
+    }
+
+
+def bench(args: argparse.Namespace, record: Record) -> dict:
+    """Model rows, each passed to ``record`` as it is measured; prints the summary, returns the
+    meta."""
+    if args.quick:  # one small model, one context: checks the path, `make bench` runs it
+        models, batches, contexts, lds_contexts = ["stu_tensordot"], [1], [256], {}
+    else:
+        models, batches = args.models, args.batches
+        contexts = [1024, 8192, 32768, 131072]
+        # A 2^20 prompt holds [B, 2^20, d_model] activations (and attention scores over its
+        # windows): the headline model at batch 1 fits in this machine's memory (~12 GiB
+        # peak); a full-projection layer's FFT prefill is ~40x a tensordot one's.
+        lds_contexts = {("stu_tensordot", 1): [2**20]}
+    new_tokens = args.new or (64 if args.quick else 8192)
+    max_len = max(contexts) + new_tokens  # the STU filters' length; LDS layers have no limit
+    epoch = default_block_len("futurefill", max_len)
+    if new_tokens < 2 * epoch:
+        print(f"note: {new_tokens} new tokens span under two FutureFill epochs of {epoch}")
+    distill_s = {}
+    rows = []
+    for name in models:
+        pattern, projection = MODELS[name]
+        config = ModelConfig(
+            d_model=D, num_layers=4, max_len=max_len, vocab_size=256, num_filters=K,
+            layer_pattern=pattern, stu_projection=projection,
+        )  # fmt: skip
+        model = SpectralModel(config, rngs=nnx.Rngs(0))
+        start = time.perf_counter()  # only lds takes time: it distills
+        plans = {s: decode_plan(model, s, **lds_arithmetic(args)) for s in args.strategies}
+        distill_s[name] = time.perf_counter() - start
+        for batch in batches:
+            for strategy, plan in plans.items():
+                past: list[float] = []
+                extra = lds_contexts.get((name, batch), []) if strategy == "lds" else []
+                for context in contexts + extra:
+                    tag = f"  {name:>16} B={batch:<3} ctx {context:>8}  {strategy:>10}"
+                    if predicted_seconds(past) > args.budget:  # all calls at this context
+                        print(f"{tag}  skipped (predicted over the {args.budget:.0f} s budget)")
+                        break
+                    key = jax.random.key(context)
+                    prompt = jax.random.randint(key, (batch, context), 0, 256, jnp.int32)
+                    start = time.perf_counter()
+                    try:
+                        timing = time_model(plan, prompt, new_tokens, args.repeats)
+                    except ValueError as err:  # a layer that cannot run this context
+                        print(f"{tag}  skipped: {err}")
+                        break
+                    except jax.errors.JaxRuntimeError as err:  # e.g. out of memory
+                        print(f"{tag}  skipped: {str(err).splitlines()[0]}")
+                        break
+                    past.append(time.perf_counter() - start)
+                    row = {"mode": "model", "strategy": strategy, "context": context,
+                           "tokens": new_tokens, **timing, "model": name,
+                           "batch": batch}  # fmt: skip
+                    rows.append(row)
+                    record(row)
+                    print(f"{tag}  {row['tokens_per_second']:10.1f} tok/s  prefill "
+                          f"{row['prefill_seconds']:.3f} s  compile {row['compile_seconds']:.2f} s"
+                          f"  cache {row['cache_bytes'] / 2**20:.2f} MiB/seq")  # fmt: skip
+    summarize(rows)
+    return {
+        "models": {
+            n: f"4 x {MODELS[n][0]} layers, d_model {D}, K {K}, {MODELS[n][1]}, vocab 256"
+            for n in models
+        },
+        "model_max_len": max_len,
+        "lds_model": f"distill_model(model), {args.lds_arithmetic or 'default'} arithmetic",
+        "lds_distill_seconds": distill_s,
+        "new_tokens": new_tokens,
+        "repeats": args.repeats,
+        "futurefill_epoch": epoch,
+    }
+
+
+def summarize(rows: list[dict]) -> None:
+    """For each model at each batch: LDS tokens/s against FutureFill and naive, its prefill
+    against the STU's, and the spread of its tokens/s over contexts."""
+    by = {(r["model"], r["batch"], r["strategy"], r["context"]): r for r in rows}
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        lds = {c: r for (m, b, s, c), r in by.items() if (m, b, s) == (model, batch, "lds")}
+        if not lds:
+            continue
+        print(f"\n{model} batch {batch}:")
+        for context, row in sorted(lds.items()):
+            cells = [f"lds {row['tokens_per_second']:9.1f} tok/s"]
+            for other in ("futurefill", "naive"):
+                if (model, batch, other, context) in by:
+                    ratio = (
+                        row["tokens_per_second"]
+                        / by[(model, batch, other, context)]["tokens_per_second"]
+                    )
+                    cells.append(f"{ratio:6.1f}x {other}")
+            stu = by.get((model, batch, "futurefill", context))
+            if stu is not None:
+                ratio = row["prefill_seconds"] / stu["prefill_seconds"]
+                cells.append(f"prefill {ratio:.2f}x the STU's")
+            print(f"  ctx {context:>8}: " + ", ".join(cells))
+        rates = [r["tokens_per_second"] for r in lds.values()]
+        mid = statistics.median(rates)
+        spread = max(abs(r / mid - 1) for r in rates)
+        print(f"  lds tokens/s within +-{100 * spread:.0f}% of the median {mid:.0f}")
+
+
+MODE = Mode(
+    "model",
+    bench,
+    panel=(next(iter(MODELS)), "4-layer STU-only tensordot model, batch 1"),
+    add_arguments=add_arguments,
+)
+
+if __name__ == "__main__":
+    main(__doc__, [MODE])
