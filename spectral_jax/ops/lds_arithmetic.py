@@ -21,6 +21,10 @@ continues a prompt in blocks, the way the arithmetic's ``continuation`` names:
 * ``"scan"`` (compensated): each block is the pair scan from the carried state, read out
   error-free (a float32 matmul would lose the pair accuracy to the cancelling coefficients).
 
+Each arithmetic also owns the facts the fit and its report need: its ``roundoff`` (the relative
+rounding of one state, which the fit weighs against the bank's amplification) and its
+``report_key`` (the fit report's entry for the float32 error in this arithmetic).
+
 Shapes: decays ``[*S]``, sequences ``u: [B, L, *S]``, single states ``[B, *S]``. Readout weights
 are stored as one array ``[words, ...]`` (``words`` float32 words per coefficient) and unpacked by
 :meth:`weights`; states read out as ``states [..., N]`` x ``weights [..., N, R] -> [..., R]``.
@@ -29,7 +33,7 @@ are stored as one array ``[words, ...]`` (``words`` float32 words per coefficien
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +45,20 @@ from spectral_jax.validation import Arithmetic
 
 Continuation = Literal["convolution", "scan"]
 """How a layer continues a prompt past its kernels (see the module docstring)."""
+UNIT_ROUNDOFF_32 = 2.0**-24
 
 
 @dataclasses.dataclass(frozen=True)
 class PlainArithmetic:
     """Textbook recurrence ``x_t = a x_{t-1} + u_t`` and readout ``x @ W`` in one float dtype."""
 
-    name: Arithmetic = "plain"
-    words: int = 1
-    param_dtypes: tuple[str, ...] = ("float32", "float64")
-    continuation: Continuation = "convolution"
+    name: ClassVar[Arithmetic] = "plain"
+    words: ClassVar[int] = 1
+    param_dtypes: ClassVar[tuple[str, ...]] = ("float32", "float64")
+    continuation: ClassVar[Continuation] = "convolution"
+    # one float32 round-off per state, which the bank's cancelling coefficients amplify
+    roundoff: ClassVar[float] = UNIT_ROUNDOFF_32
+    report_key: ClassVar[str] = "rel_fro_err_f32"
 
     def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
         """Host-side: float64 coefficients ``[...]`` -> stored words ``[1, ...]`` in ``dtype``."""
@@ -84,10 +92,13 @@ class PlainArithmetic:
 class CompensatedArithmetic:
     """States as float32 pairs ``hi + lo``; error-free readout (see :mod:`.lds_compensated`)."""
 
-    name: Arithmetic = "compensated"
-    words: int = 2
-    param_dtypes: tuple[str, ...] = ("float32",)
-    continuation: Continuation = "scan"
+    name: ClassVar[Arithmetic] = "compensated"
+    words: ClassVar[int] = 2
+    param_dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    continuation: ClassVar[Continuation] = "scan"
+    # a float32 pair carries about the square of one float32's round-off
+    roundoff: ClassVar[float] = UNIT_ROUNDOFF_32**2
+    report_key: ClassVar[str] = "rel_fro_err_f32_compensated"
 
     def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
         """Host-side: float64 coefficients ``[...]`` -> float32 ``hi, lo`` words ``[2, ...]``."""
