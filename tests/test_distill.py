@@ -153,7 +153,8 @@ def test_bad_banks_raise():
         LDSBank(good, np.ones((2, 2)), 16, "mystery")
 
 
-def _stu_params(rng, K, d_in, d_out, tensordot, two_branch, k_u=2, k_y=1):
+def _stu_params(rng, K, d_in, d_out, projection, two_branch, k_u=2, k_y=1):
+    tensordot = projection == "tensordot"
     names = ["M_filt_plus", "M_filt_minus"] if tensordot else ["M_plus", "M_minus"]
     names = names[: 1 + two_branch]
     shape = (K, d_out) if tensordot else (K, d_in, d_out)
@@ -168,13 +169,13 @@ def _stu_params(rng, K, d_in, d_out, tensordot, two_branch, k_u=2, k_y=1):
 def test_stu_to_lds_full_and_tensordot(small_bank):
     bank, _ = small_bank
     rng = np.random.default_rng(0)
-    full = _stu_params(rng, K, 3, 2, tensordot=False, two_branch=True)
-    out = stu_to_lds(full, bank, tensordot=False)
+    full = _stu_params(rng, K, 3, 2, "full", two_branch=True)
+    out = stu_to_lds(full, bank, "full")
     assert set(out) == set(full)
     for name in full:
         np.testing.assert_array_equal(out[name], full[name])
-    td = _stu_params(rng, K, 3, 2, tensordot=True, two_branch=True)
-    out = stu_to_lds(td, bank, tensordot=True)
+    td = _stu_params(rng, K, 3, 2, "tensordot", two_branch=True)
+    out = stu_to_lds(td, bank, "tensordot")
     assert set(out) == {"M_in", "M_u", "M_y", "readout"}
     # readout[o, s, :] is the bank's LDS form of channel o's mixed filter in branch s.
     for s, name in enumerate(("M_filt_plus", "M_filt_minus")):
@@ -190,20 +191,20 @@ def test_stu_to_lds_full_and_tensordot(small_bank):
 def test_stu_to_lds_rejects_mismatches(banks):
     bank, _ = banks["standard"]
     rng = np.random.default_rng(1)
-    one_branch = _stu_params(rng, K, 3, 2, tensordot=False, two_branch=False)
+    one_branch = _stu_params(rng, K, 3, 2, "full", two_branch=False)
     with pytest.raises(ValueError, match="missing"):
-        stu_to_lds(one_branch, bank, tensordot=False)
-    wrong_k = _stu_params(rng, K - 1, 3, 2, tensordot=False, two_branch=True)
+        stu_to_lds(one_branch, bank, "full")
+    wrong_k = _stu_params(rng, K - 1, 3, 2, "full", two_branch=True)
     with pytest.raises(ValueError, match=f"K={K}"):
-        stu_to_lds(wrong_k, bank, tensordot=False)
-    bad = _stu_params(rng, K, 3, 2, tensordot=True, two_branch=True)
+        stu_to_lds(wrong_k, bank, "full")
+    bad = _stu_params(rng, K, 3, 2, "tensordot", two_branch=True)
     bad["M_in"][0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        stu_to_lds(bad, bank, tensordot=True)
+        stu_to_lds(bad, bank, "tensordot")
     hankel, _ = banks["hankel_l"]
-    two = _stu_params(rng, K, 3, 2, tensordot=False, two_branch=True)
+    two = _stu_params(rng, K, 3, 2, "full", two_branch=True)
     with pytest.raises(ValueError, match="unexpected"):
-        stu_to_lds(two, hankel, tensordot=False)
+        stu_to_lds(two, hankel, "full")
 
 
 @pytest.mark.slow

@@ -277,7 +277,7 @@ def test_bad_inputs_raise(banks):
     hankel, _ = banks["hankel_l"]
     with pytest.raises(ValueError, match="does not match"):
         LDSLayer.from_stu(make_stu("full", "standard"), hankel)
-    params = stu_to_lds(make_stu("full", "standard").params(), bank, tensordot=False)
+    params = stu_to_lds(make_stu("full", "standard").params(), bank, "full")
     params["M_u"] = params["M_u"][:1]
     with pytest.raises(ValueError, match="M_u must have shape"):
         LDSLayer(layer.config, bank, params)

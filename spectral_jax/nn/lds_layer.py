@@ -44,7 +44,6 @@ from spectral_jax.distill.fit import fit_lds_bank
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STU_PARAM_AXES, STUConfig
 from spectral_jax.ops import lds, stu_ops
-from spectral_jax.ops.conv import causal_conv, causal_conv_project
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME, LDSArithmetic
 from spectral_jax.validation import (
     ARITHMETICS,
@@ -108,17 +107,13 @@ class LDSConfig:
     @property
     def channels(self) -> int:
         """Channels that drive an LDS: ``d_in`` (full) or ``d_out`` (tensordot)."""
-        return self.stu.d_out if self.stu.tensordot else self.stu.d_in
+        return self.stu.projector.channels(self.stu.d_in, self.stu.d_out)
 
     def param_shapes(self, num_filters: int) -> dict[str, tuple[int, ...]]:
         """The learned parameters a layer of this config has, by name."""
         cfg = self.stu
-        K, d_in, d_out = num_filters, cfg.d_in, cfg.d_out
-        if cfg.tensordot:
-            shapes = {"M_in": (d_in, d_out)}
-        else:
-            names = ("M_plus", "M_minus") if cfg.two_branch else ("M_plus",)
-            shapes = {name: (K, d_in, d_out) for name in names}
+        d_in, d_out = cfg.d_in, cfg.d_out
+        shapes = cfg.projector.lds_param_shapes(num_filters, d_in, d_out, cfg.two_branch)
         if cfg.k_u:
             shapes["M_u"] = (cfg.k_u, d_in, d_out)
         if cfg.k_y:
@@ -173,20 +168,6 @@ class LDSLayer(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         arithmetic = config.lds_arithmetic
         self.decays = LDSDecays(jnp.asarray(bank.branch_decays(), pdt), logical_axes=(None, None))
-        if cfg.tensordot:
-            readout = np.asarray(params["readout"], np.float64)  # [d_out, S, n]
-            expected = (cfg.d_out, *bank.branch_decays().shape)
-            if readout.shape != expected:
-                raise ValueError(f"readout must have shape {expected}, got {readout.shape}")
-            weights = readout.reshape(cfg.d_out, -1, 1)  # [C, S * n, 1]
-            kernels = np.einsum("tsn,osn->to", bank.responses(), readout)  # [L, d_out]
-        else:
-            weights = bank.coeffs  # [n, K]
-            kernels = bank.filters()  # [L, S * K]
-        # fixed arrays, replicated (the kernels are never split along time)
-        readout = jnp.asarray(arithmetic.pack(weights, pdt))
-        self.readout = LDSReadout(readout, logical_axes=(None,) * readout.ndim)
-        self.kernels = LDSKernels(jnp.asarray(kernels, pdt), logical_axes=("time", None))
         for name, shape in config.param_shapes(bank.num_filters).items():
             if name not in params:
                 raise ValueError(f"LDSLayer parameters lack {name}")
@@ -194,6 +175,13 @@ class LDSLayer(nnx.Module):
                 raise ValueError(f"{name} must have shape {shape}, got {np.shape(params[name])}")
             param = nnx.Param(jnp.asarray(params[name], pdt), logical_axes=STU_PARAM_AXES[name])
             setattr(self, name, param)
+        # readout weights and kernels in float64 on the host (full: the bank's coeffs and
+        # filters; tensordot: the folded readout and its channels' kernels)
+        weights, kernels = cfg.projector.lds_fixed(bank.responses(), bank.coeffs, params)
+        # fixed arrays, replicated (the kernels are never split along time)
+        readout = jnp.asarray(arithmetic.pack(weights, pdt))
+        self.readout = LDSReadout(readout, logical_axes=(None,) * readout.ndim)
+        self.kernels = LDSKernels(jnp.asarray(kernels, pdt), logical_axes=("time", None))
 
     @classmethod
     def from_stu(
@@ -211,7 +199,7 @@ class LDSLayer(nnx.Module):
                 cfg.max_len, cfg.num_filters, cfg.variant, num_states, arithmetic=arithmetic
             )
         check_bank(bank, cfg)
-        params = stu_to_lds(stu.params(), bank, tensordot=cfg.tensordot)
+        params = stu_to_lds(stu.params(), bank, cfg.projection)
         return cls(LDSConfig.for_stu(cfg, arithmetic), bank, params)
 
     @property
@@ -234,19 +222,17 @@ class LDSLayer(nnx.Module):
         cfg = self.config.stu
         return (self.M_u[...] if cfg.k_u else None), (self.M_y[...] if cfg.k_y else None)
 
-    def _spectral_weights(self) -> jax.Array:
-        """Full mode: the STU projections ``[S * K, d_in, d_out]`` after the filter outputs."""
+    def _spectral_params(self) -> dict[str, jax.Array]:
+        """The spectral parameters by name (``M_plus``/``M_minus`` or ``M_in``)."""
         cfg = self.config.stu
-        names = ("M_plus", "M_minus") if cfg.two_branch else ("M_plus",)
-        return stu_ops.spectral_weights(
-            {name: getattr(self, name)[...] for name in names}, cfg.two_branch
+        shapes = cfg.projector.lds_param_shapes(
+            cfg.num_filters, cfg.d_in, cfg.d_out, cfg.two_branch
         )
+        return {name: getattr(self, name)[...] for name in shapes}
 
     def _drive(self, x: jax.Array) -> jax.Array:
         """LDS inputs ``[..., C]`` from layer inputs ``[..., d_in]``."""
-        if self.config.stu.tensordot:
-            return jnp.matmul(x, self.M_in[...], precision=HIGHEST)
-        return x
+        return self.config.stu.projector.conv_input(self._spectral_params(), x, HIGHEST)
 
     def _expand(self, drive: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Every state's input ``[..., C, S, n]`` and decays ``[C, S, n]``, from ``[..., C]``."""
@@ -256,38 +242,26 @@ class LDSLayer(nnx.Module):
 
     def _read(self, states: Any) -> jax.Array:
         """Layer output before AR terms: ``states [..., C, S, n] -> [..., d_out]``."""
-        cfg, arithmetic = self.config.stu, self.config.lds_arithmetic
+        arithmetic = self.config.lds_arithmetic
         weights = arithmetic.weights(self.readout[...])
-        lead = jax.tree.leaves(states)[0].shape[:-3]
-        if cfg.tensordot:
-            flat = jax.tree.map(lambda s: s.reshape(*lead, cfg.d_out, -1), states)
-            return arithmetic.readout(flat, weights)[..., 0]
-        features = arithmetic.readout(states, weights)  # [..., C, S, K]
-        features = features.reshape(*lead, cfg.d_in, -1)
-        return jnp.einsum("...cf,fco->...o", features, self._spectral_weights(), precision=HIGHEST)
+        return self.config.stu.projector.lds_read(
+            arithmetic, states, weights, self._spectral_params()
+        )
 
     def _convolve(self, x: jax.Array) -> jax.Array:
         """Outputs before AR terms by FFT with the bank's kernels: ``x [B, T <= max_len, d_in]``."""
         kernels = self.kernels[: x.shape[1]]
-        if self.config.stu.tensordot:
-            return causal_conv(self._drive(x), kernels)
-        return causal_conv_project(x, kernels, self._spectral_weights())
+        return self.config.stu.projector.convolve(self._drive(x), kernels, self._spectral_params())
 
     def _free_response(self, state: jax.Array, length: int) -> jax.Array:
         """Outputs before AR terms ``[B, length, d_out]`` of a plain ``state [B, C, S, n]`` with
-        zero inputs: ``y[t] = sum_n w_n a_n^(t+1) x_n``, the readout folded into the state
-        first so that nothing of size ``length x states`` is formed but the decay powers."""
-        cfg = self.config.stu
-        decays = self.decays[...]
+        zero inputs: ``y[t] = sum_n w_n a_n^(t+1) x_n``."""
         weights = self.config.lds_arithmetic.weights(self.readout[...])
         t = jnp.arange(1, length + 1).reshape(length, 1, 1)
-        decay_powers = lds.decay_powers(decays, t)  # [T, S, n]
-        if cfg.tensordot:
-            folded = state * weights.reshape(state.shape[1:])  # [B, d_out, S, n]
-            return jnp.einsum("tsn,bosn->bto", decay_powers, folded, precision=HIGHEST)
-        projections = self._spectral_weights().reshape(decays.shape[0], -1, cfg.d_in, cfg.d_out)
-        folded = jnp.einsum("bcsn,nk,skco->bsno", state, weights, projections, precision=HIGHEST)
-        return jnp.einsum("tsn,bsno->bto", decay_powers, folded, precision=HIGHEST)
+        decay_powers = lds.decay_powers(self.decays[...], t)  # [T, S, n]
+        return self.config.stu.projector.free_response(
+            decay_powers, state, weights, self._spectral_params()
+        )
 
     def _convolved_block(self, state: jax.Array, xb: jax.Array) -> tuple[jax.Array, jax.Array]:
         """One block ``xb [B, T <= max_len, d_in]`` from a plain ``state``: FFT convolution plus
