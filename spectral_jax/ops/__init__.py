@@ -10,5 +10,8 @@
   and steps, plain and in float32 pairs.
 * :mod:`~spectral_jax.ops.lds_arithmetic` -- the two LDS arithmetics (plain, compensated) as
   one object each, which distilled layers look up.
+* :mod:`~spectral_jax.ops.distilled_lds` -- a distilled layer's LDS: drive, readout, FFT prefill,
+  scans and steps; :mod:`~spectral_jax.ops.lds_continuation` -- prompts past its kernels, in
+  blocks.
 * :mod:`~spectral_jax.ops.conv_decode` -- naive and FutureFill decode caches of convolutions.
 """

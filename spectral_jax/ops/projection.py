@@ -222,9 +222,10 @@ class TensordotProjection:
 
     def lds_fixed(self, responses: np.ndarray, coeffs: np.ndarray, params: Params) -> tuple:
         """Host-side float64 ``(readout weights [d_out, S * n, 1], kernels [L, d_out])`` from the
-        bank's responses ``[L, S, n]`` and the folded ``params["readout"] [d_out, S, n]``."""
+        bank's responses ``[L, S, n]`` and the folded ``params["readout"] [d_out, S, n]``
+        (``d_out`` from ``params["M_in"] [d_in, d_out]``)."""
         readout = np.asarray(params["readout"], np.float64)
-        expected = (readout.shape[0], *responses.shape[1:])
+        expected = (np.shape(params["M_in"])[1], *responses.shape[1:])
         if readout.shape != expected:
             raise ValueError(f"readout must have shape {expected}, got {readout.shape}")
         kernels = np.einsum("tsn,osn->to", responses, readout)
