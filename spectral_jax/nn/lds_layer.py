@@ -135,7 +135,7 @@ class LDSLayer(nnx.Module):
         return (self.M_u[...] if cfg.k_u else None), (self.M_y[...] if cfg.k_y else None)
 
     def _system(self) -> DistilledLDS:
-        """The layer's LDS over its current arrays (the math: :mod:`~.ops.distilled_lds`)."""
+        """The layer's LDS over its current arrays (:mod:`spectral_jax.ops.distilled_lds`)."""
         cfg = self.config.stu
         shapes = cfg.projector.lds_param_shapes(
             cfg.num_filters, cfg.d_in, cfg.d_out, cfg.two_branch

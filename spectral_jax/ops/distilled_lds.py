@@ -27,7 +27,7 @@ from spectral_jax.validation import ScanKind
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DistilledLDS:
     """One distilled layer's LDS.
 

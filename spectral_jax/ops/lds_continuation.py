@@ -1,9 +1,8 @@
 """Continuing a prompt past a distilled layer's kernels, in blocks of bounded memory.
 
 The kernels (:class:`~spectral_jax.ops.distilled_lds.DistilledLDS`) cover the bank's length
-``max_len``; later positions continue from the state carried so far, one block at a time, the
-way the layer's arithmetic continues (:meth:`~spectral_jax.ops.lds_arithmetic.PlainArithmetic.
-continue_block`):
+``max_len``; later positions continue from the state carried so far, one block at a time, by
+the arithmetic's own ``continue_block`` (:mod:`spectral_jax.ops.lds_arithmetic`):
 
 * :func:`convolved_block` (plain): an FFT convolution plus the carried state's free response
   ``sum_n w_n a_n^(t+1) x_n``, a float32 matmul against decay powers whose rounding is that of
