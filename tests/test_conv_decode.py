@@ -10,8 +10,17 @@ import pytest
 
 from spectral_jax.ops import conv_decode
 from spectral_jax.ops.conv import causal_conv_direct
+from spectral_jax.ops.projection import PROJECTIONS_BY_NAME
+
+FULL, TENSORDOT = PROJECTIONS_BY_NAME["full"], PROJECTIONS_BY_NAME["tensordot"]
 
 TOL64 = 1e-13  # float64 sums of <= 40 O(1) terms, FFT of length <= 128: a few hundred ulps
+
+
+def contraction(weights):
+    """The projection object and params of a projected (``weights [F, C, O]``) or channelwise
+    (None) contraction."""
+    return (TENSORDOT, {}) if weights is None else (FULL, {"M_plus": weights})
 
 
 def reference(h, kernels, weights):
@@ -31,17 +40,19 @@ def run_both(h, kernels, weights, prompt_len):
     """Decode h: [B, L, C] with each strategy (block 3 and 5): from an empty cache, and after
     prefilling the first ``prompt_len`` positions. Returns four [B, L, O] arrays."""
     outs = []
+    projection, params = contraction(weights)
     for strategy, block_len in (("naive", 3), ("futurefill", 5)):
+        B, L, C = h.shape
         empty = conv_decode.init_cache(
-            strategy, kernels, weights, h.shape[0], h.shape[1], h.shape[2], h.dtype, block_len
+            strategy, projection, kernels, params, B, L, C, h.dtype, block_len
         )
 
         def advance(cache, h_t):
-            return conv_decode.step(cache, h_t, weights)
+            return conv_decode.step(cache, h_t, params)
 
         _, ys = jax.lax.scan(advance, empty, jnp.swapaxes(h, 0, 1))
         outs.append(jnp.swapaxes(ys, 0, 1))
-        cache = conv_decode.prefill(empty, h[:, :prompt_len], weights)
+        cache = conv_decode.prefill(empty, h[:, :prompt_len], params)
         _, ys = jax.lax.scan(advance, cache, jnp.swapaxes(h[:, prompt_len:], 0, 1))
         outs.append(jnp.swapaxes(ys, 0, 1))
     return outs
@@ -50,7 +61,7 @@ def run_both(h, kernels, weights, prompt_len):
 @jax.jit
 def scan_steps(cache, h):
     """Channelwise steps over h: [B, L, C] -> (cache, [B, L, C])."""
-    cache, ys = jax.lax.scan(lambda c, h_t: conv_decode.step(c, h_t, None), cache, h.swapaxes(0, 1))
+    cache, ys = jax.lax.scan(lambda c, h_t: conv_decode.step(c, h_t, {}), cache, h.swapaxes(0, 1))
     return cache, ys.swapaxes(0, 1)
 
 
@@ -84,7 +95,7 @@ def test_epoch_length_one_and_max_len_float32():
     ref = np.asarray(reference(h, kernels, None))
     for block_len in (1, 16):
         cache = conv_decode.init_cache(
-            "futurefill", kernels, None, 1, 16, 2, jnp.float32, block_len
+            "futurefill", TENSORDOT, kernels, {}, 1, 16, 2, jnp.float32, block_len
         )
         cache, ys = scan_steps(cache, h)
         got = np.asarray(ys)
@@ -104,27 +115,26 @@ def test_default_block_lengths():
 
 def test_errors():
     kernels = jnp.ones((8, 2))
-    cache = conv_decode.init_cache("naive", kernels, None, 2, 4, 2, jnp.float32)
+    cache = conv_decode.init_cache("naive", TENSORDOT, kernels, {}, 2, 4, 2, jnp.float32)
     with pytest.raises(ValueError, match=r"input must be \[2, 2\]"):
-        conv_decode.step(cache, jnp.ones((3, 2)), None)
+        conv_decode.step(cache, jnp.ones((3, 2)), {})
     with pytest.raises(ValueError, match="dtype bfloat16 does not match"):
-        conv_decode.step(cache, jnp.ones((2, 2), jnp.bfloat16), None)
+        conv_decode.step(cache, jnp.ones((2, 2), jnp.bfloat16), {})
     with pytest.raises(ValueError, match=r"length 5 must be in \[1, max_len=4\]"):
-        conv_decode.prefill(cache, jnp.ones((2, 5, 2)), None)
-    full = conv_decode.prefill(cache, jnp.ones((2, 4, 2)), None)
+        conv_decode.prefill(cache, jnp.ones((2, 5, 2)), {})
+    full = conv_decode.prefill(cache, jnp.ones((2, 4, 2)), {})
     with pytest.raises(ValueError, match="cache is full: position 4 >= max_len=4"):
-        conv_decode.step(full, jnp.ones((2, 2)), None)
+        conv_decode.step(full, jnp.ones((2, 2)), {})
     with pytest.raises(Exception, match="cache is full"):  # runtime error under jit
-        jax.block_until_ready(
-            jax.jit(conv_decode.step, static_argnums=2)(full, jnp.ones((2, 2)), None)
-        )
+        jax.block_until_ready(jax.jit(conv_decode.step)(full, jnp.ones((2, 2)), {}))
+    td, projected = (TENSORDOT, kernels, {}), (FULL, kernels, {"M_plus": jnp.ones((2, 3, 1))})
     bad_calls = [
-        (("lds", kernels, None, 2, 4, 2, jnp.float32), "strategy must be one of"),
-        (("naive", kernels, None, 2, 9, 2, jnp.float32), "L >= max_len=9"),
-        (("naive", kernels, None, 0, 4, 2, jnp.float32), "batch must be an integer >= 1, got 0"),
-        (("naive", kernels, None, 2, 4, 3, jnp.float32), "one tap per channel"),
-        (("naive", kernels, jnp.ones((2, 3, 1)), 2, 4, 2, jnp.float32), r"weights must be \[F=2"),
-        (("futurefill", kernels, None, 2, 4, 2, jnp.float32, 5), "block_len=5 must be in"),
+        (("lds", *td, 2, 4, 2, jnp.float32), "strategy must be one of"),
+        (("naive", *td, 2, 9, 2, jnp.float32), "L >= max_len=9"),
+        (("naive", *td, 0, 4, 2, jnp.float32), "batch must be an integer >= 1, got 0"),
+        (("naive", *td, 2, 4, 3, jnp.float32), "one tap per channel"),
+        (("naive", *projected, 2, 4, 2, jnp.float32), r"weights must be \[F=2"),
+        (("futurefill", *td, 2, 4, 2, jnp.float32, 5), "block_len=5 must be in"),
     ]
     for args, match in bad_calls:
         with pytest.raises(ValueError, match=match):

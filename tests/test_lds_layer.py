@@ -20,12 +20,13 @@ from flax import nnx
 from spectral_jax.distill.bank import load_bank, save_bank
 from spectral_jax.distill.convert import stu_to_lds
 from spectral_jax.distill.fit import fit_lds_bank
-from spectral_jax.nn import lds_layer
 from spectral_jax.nn.distillation import distill_model
-from spectral_jax.nn.lds_layer import LDSCache, LDSConfig, LDSLayer
+from spectral_jax.nn.lds_config import LDSConfig
+from spectral_jax.nn.lds_layer import LDSCache, LDSLayer
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU, STUConfig
 from spectral_jax.ops import lds_compensated as lc
+from spectral_jax.ops import lds_continuation
 
 U32 = 2.0**-24
 U64 = 2.0**-53
@@ -182,8 +183,8 @@ def test_long_prompts_continue_block_by_block(banks, projection, arithmetic, blo
     bank, report = banks["standard"]
     layer = LDSLayer.from_stu(make_stu(projection, "standard"), bank, arithmetic=arithmetic)
     if block is not None:
-        monkeypatch.setattr(lds_layer, "TAIL_BLOCK", block)
-    size = min(lds_layer.TAIL_BLOCK, L)
+        monkeypatch.setattr(lds_continuation, "TAIL_BLOCK", block)
+    size = min(lds_continuation.TAIL_BLOCK, L)
     T = L + 3 * size + 5
     x = inputs(T)
     c = report["amplification"] if arithmetic == "plain" else 1.0
@@ -277,7 +278,7 @@ def test_bad_inputs_raise(banks):
     hankel, _ = banks["hankel_l"]
     with pytest.raises(ValueError, match="does not match"):
         LDSLayer.from_stu(make_stu("full", "standard"), hankel)
-    params = stu_to_lds(make_stu("full", "standard").params(), bank, tensordot=False)
+    params = stu_to_lds(make_stu("full", "standard").params(), bank, "full")
     params["M_u"] = params["M_u"][:1]
     with pytest.raises(ValueError, match="M_u must have shape"):
         LDSLayer(layer.config, bank, params)

@@ -19,6 +19,7 @@ from flax import nnx
 from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.model import SpectralModel
+from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
 from spectral_jax.train import CheckpointConfig, Checkpointer, load_model
 from spectral_jax.train.config import model_config_from_record, task_from_record
 from spectral_jax.validation import Arithmetic
@@ -54,7 +55,7 @@ def distill_with_report(
 
 def format_distill_report(report: dict[str, Any]) -> str:
     """The report of :func:`distill_with_report` as a short table."""
-    f32_key = {"compensated": "rel_fro_err_f32_compensated", "plain": "rel_fro_err_f32"}
+    f32_key = ARITHMETICS_BY_NAME[report["arithmetic"]].report_key
     lines = [
         f"distilled {report['stu_layers']} STU layer(s), {report['arithmetic']} float32 LDS",
         f"{'L':>7}{'K':>4}  {'variant':<9}{'states':>7}{'filter err f64':>16}"
@@ -63,7 +64,7 @@ def format_distill_report(report: dict[str, Any]) -> str:
     for b in report["banks"]:
         lines.append(
             f"{b['L']:>7}{b['K']:>4}  {b['variant']:<9}{b['num_states']:>7}"
-            f"{b['rel_fro_err']:>16.2e}{b[f32_key[report['arithmetic']]]:>16.2e}"
+            f"{b['rel_fro_err']:>16.2e}{b[f32_key]:>16.2e}"
             f"{b['fit_seconds']:>7.1f}"
         )
     line = (

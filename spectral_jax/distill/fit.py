@@ -24,8 +24,9 @@ The fit (x64 scoped to it, JAX linear algebra, deterministic):
 * the grid end points are chosen among a few candidates by the smallest predicted error
   ``fit_error + roundoff * amplification`` of the arithmetic the bank will run in, where
   ``amplification = ||W_normalized||_F / ||Phi||_F`` is the factor by which the cancelling
-  coefficients amplify round-off of the states, and ``roundoff`` is ``2^-24`` for plain float32
-  and ``2^-48`` for compensated float32 pairs (:mod:`spectral_jax.ops.lds_compensated`).
+  coefficients amplify round-off of the states, and ``roundoff`` is the arithmetic's own
+  (:mod:`spectral_jax.ops.lds_arithmetic`: ``2^-24`` for plain float32, ``2^-48`` for
+  compensated float32 pairs).
 
 Banks are saved pickle-free (``.npz`` with a JSON metadata string) and cached on disk like the
 filters (:mod:`spectral_jax.ops.disk_cache`). The fit report lives in
@@ -45,19 +46,17 @@ from spectral_jax.distill.bank import LDSBank, bank_from_arrays
 from spectral_jax.ops import lds
 from spectral_jax.ops.disk_cache import cached_arrays
 from spectral_jax.ops.filters import max_num_filters, spectral_filters
+from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
 from spectral_jax.validation import ARITHMETICS, VARIANTS, Arithmetic, one_of, positive_int
 
-# Bump when the fit changes so stale cache files are never read.
-ALGORITHM_VERSION = 2
+# Bump when the fit or its stored report changes so stale cache files are never read (3: the
+# report holds only the float32 error of the bank's own arithmetic).
+ALGORITHM_VERSION = 3
 DEFAULT_NUM_STATES = 120
 DEFAULT_RIDGE = 1e-12
 # Candidate grids: x_min = -log(L) + offset, x_max (see the module docstring).
 X_MIN_OFFSETS = (0.0, 0.5, 1.0, 1.5)
 X_MAX_CANDIDATES = (1.5, 2.0)
-UNIT_ROUNDOFF_32 = 2.0**-24
-# Round-off that the amplification multiplies, per arithmetic of the distilled layer: plain
-# float32 states carry one round-off each; compensated ones (float32 pairs) about its square.
-ROUNDOFF_BY_ARITHMETIC = {"compensated": UNIT_ROUNDOFF_32**2, "plain": UNIT_ROUNDOFF_32}
 
 
 def target_filters(L: int, K: int, variant: str) -> np.ndarray:
@@ -151,6 +150,7 @@ def _fit_on_host(
         candidates = [(-np.log(L) + o, x) for o in X_MIN_OFFSETS for x in X_MAX_CANDIDATES]
     else:
         candidates = [tuple(float(v) for v in x_range)]
+    lds_arithmetic = ARITHMETICS_BY_NAME[arithmetic]
     best = None
     with jax.enable_x64(True):
         phi_j = jnp.asarray(phi, jnp.float64)
@@ -160,7 +160,7 @@ def _fit_on_host(
             coeffs, err, amp, cond = (
                 np.asarray(v) for v in solve_coefficients(signed, phi_j, float(ridge))
             )
-            score = float(err) + ROUNDOFF_BY_ARITHMETIC[arithmetic] * float(amp)
+            score = float(err) + lds_arithmetic.roundoff * float(amp)
             if np.isfinite(score) and (best is None or score < best[0]):
                 best = (score, decays, coeffs, (x_min, x_max), float(amp), float(cond))
     if best is None:
@@ -168,7 +168,7 @@ def _fit_on_host(
     _, decays, coeffs, (x_min, x_max), amp, cond = best
     bank = LDSBank(_signed(decays, variant), coeffs, L, variant)
     report = distill_report.bank_report(
-        bank.branch_decays(), coeffs, target_filters(L, K, variant), amp, cond
+        lds_arithmetic, bank.branch_decays(), coeffs, target_filters(L, K, variant), amp, cond
     )
     fit_seconds = time.perf_counter() - start
     metadata = {
@@ -203,7 +203,8 @@ def fit_lds_bank(
       x_range: fixed grid ``(x_min, x_max)`` in ``x = log(-log a)``; default: the best of
         :data:`X_MIN_OFFSETS` x :data:`X_MAX_CANDIDATES` by predicted error (module docstring).
       arithmetic: the arithmetic the bank is meant to run in, ``"plain"`` (default) or
-        ``"compensated"`` float32: it only weighs the candidate grids.
+        ``"compensated"`` float32: it weighs the candidate grids, and the report measures the
+        float32 error in it.
 
     Returns:
       ``(bank, report)``; the report (a dict, see :func:`spectral_jax.distill.report.bank_report`)

@@ -9,55 +9,58 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax.ops import lds
-from spectral_jax.ops import lds_compensated as lc
+from spectral_jax.ops.lds_arithmetic import LDSArithmetic
 
 
 def _relative(approx: np.ndarray, target: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(approx, np.float64) - target) / np.linalg.norm(target))
 
 
-def float32_impulse_responses(branch_decays: np.ndarray, coeffs: np.ndarray, length: int):
-    """The bank's filters computed by running it in float32 on a unit impulse, step by step
-    (the decode path).
+def float32_impulse_responses(
+    arithmetic: LDSArithmetic, branch_decays: np.ndarray, coeffs: np.ndarray, length: int
+) -> jax.Array:
+    """The bank's filters computed by running it in float32 in ``arithmetic`` on a unit impulse,
+    step by step (the decode path: the arithmetic's own sequential scan and readout).
 
     Args:
+      arithmetic: the arithmetic the bank runs in (:mod:`spectral_jax.ops.lds_arithmetic`).
       branch_decays: ``[S, n]`` float32-representable decays. coeffs: ``[n, K]`` float64.
     Returns:
-      ``(plain, compensated)``: ``[length, S * K]`` float32 filters from the plain recurrence and
-      readout, and from the compensated (double-float32) ones.
+      ``[length, S * K]`` float32 filters.
     """
     S, n = branch_decays.shape
     decays = jnp.asarray(branch_decays, jnp.float32)
     impulse = jnp.zeros((1, length, S, n), jnp.float32).at[0, 0].set(1.0)
-    weights = lc.split_float64(coeffs)
-    plain = jnp.matmul(lds.scan(decays, impulse), weights.hi, precision=jax.lax.Precision.HIGHEST)
-    compensated = lc.readout(lc.scan(decays, impulse), weights)
-    return plain[0].reshape(length, -1), compensated[0].reshape(length, -1)
+    weights = arithmetic.weights(jnp.asarray(arithmetic.pack(coeffs, np.float32)))
+    filters = arithmetic.readout(arithmetic.scan("sequential", decays, impulse), weights)
+    return filters[0].reshape(length, -1)
 
 
 def bank_report(
+    arithmetic: LDSArithmetic,
     branch_decays: np.ndarray,
     coeffs: np.ndarray,
     targets: np.ndarray,
     amplification: float,
     condition: float,
 ) -> dict[str, Any]:
-    """Errors of a bank against the exact filters ``targets: [L, S * K]`` (float64).
+    """Errors of a bank meant to run in ``arithmetic`` against the exact filters
+    ``targets: [L, S * K]`` (float64).
 
     Keys: ``num_states``; ``rel_fro_err`` (relative Frobenius error over all ``S * K`` filters)
     and ``max_abs_err`` of the float64 bank; ``coeff_fro_norm`` and ``coeff_max_abs`` of the
     output matrix; ``amplification`` (``||W_normalized||_F / ||Phi||_F``, the factor by which
     cancellation amplifies float32 state round-off); ``condition`` (float64 estimate of the
-    condition number of the unit-norm basis; beyond ~1e16 only a lower bound);
-    ``rel_fro_err_f32`` and ``rel_fro_err_f32_compensated``: the bank run as a float32
-    recurrence on a unit impulse, plain and compensated.
+    condition number of the unit-norm basis; beyond ~1e16 only a lower bound); and the
+    arithmetic's ``report_key`` (``rel_fro_err_f32`` for plain, ``rel_fro_err_f32_compensated``
+    for compensated): the bank run as a float32 recurrence in that arithmetic on a unit impulse.
     """
     L = targets.shape[0]
     with jax.enable_x64(True):
         responses = lds.impulse_response(jnp.asarray(branch_decays, jnp.float64), L)
         approx = np.asarray(jnp.einsum("tsn,nk->tsk", responses, jnp.asarray(coeffs)))
     approx = approx.reshape(L, -1)
-    plain, compensated = float32_impulse_responses(branch_decays, coeffs, L)
+    float32 = float32_impulse_responses(arithmetic, branch_decays, coeffs, L)
     return {
         "num_states": int(branch_decays.size),
         "rel_fro_err": _relative(approx, targets),
@@ -66,6 +69,5 @@ def bank_report(
         "coeff_max_abs": float(np.abs(coeffs).max()),
         "amplification": float(amplification),
         "condition": float(condition),
-        "rel_fro_err_f32": _relative(plain, targets),
-        "rel_fro_err_f32_compensated": _relative(compensated, targets),
+        arithmetic.report_key: _relative(float32, targets),
     }

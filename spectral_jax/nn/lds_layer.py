@@ -11,17 +11,17 @@ the bank's LDS (:mod:`spectral_jax.distill.fit`): constant time and memory per g
 * AR terms are the STU's (:mod:`spectral_jax.ops.stu_ops`).
 
 Prefill is a convolution, decoding a recurrence. Over a prompt (``scan="fft"``, the default) the
-outputs are a causal FFT convolution with the bank's own impulse responses, exactly as the STU
-computes its outputs (:mod:`spectral_jax.ops.conv`); those kernels are formed once, on the host in
-float64 (the bank's coefficients cancel, so forming them in float32 would lose digits), and
-kept as a fixed variable of the bank's length ``max_len``. The state after the prompt is one
-more pass, a matmul against decay powers (:func:`spectral_jax.ops.lds.driven_final_state`).
-Positions past ``max_len`` continue from that state in blocks (plain: FFT convolution plus the
-state's free response, a matmul against decay powers; compensated: the exact pair scan), so a
-prompt may have any length at a cost linear in it. ``scan="parallel"`` / ``"sequential"``
-compute every state by a scan instead (the tested alternatives). :meth:`LDSLayer.step`
-advances the recurrence by one token.
+outputs are a causal FFT convolution with the bank's own impulse responses, formed once on the
+host in float64 (the bank's coefficients cancel, so forming them in float32 would lose digits)
+and kept as a fixed variable of the bank's length ``max_len``; the state after the prompt is a
+matmul against decay powers, and positions past ``max_len`` continue from it in blocks
+(:mod:`spectral_jax.ops.lds_continuation`), so a prompt may have any length at a cost linear in
+it. ``scan="parallel"`` / ``"sequential"`` compute every state by a scan instead (the tested
+alternatives). :meth:`LDSLayer.step` advances the recurrence by one token.
 
+This module holds the parameters and the decode API; the math is
+:class:`spectral_jax.ops.distilled_lds.DistilledLDS`, over the projection's and the arithmetic's
+objects (:mod:`spectral_jax.ops.projection`, :mod:`spectral_jax.ops.lds_arithmetic`).
 The arithmetic of the recurrence and its readout is one object of
 :mod:`spectral_jax.ops.lds_arithmetic`: ``"plain"`` float32 (default, ~2e-5 relative to the
 float64 STU at L=8192, K=24, 120 states; float64 under ``jax.enable_x64`` for references) or
@@ -30,7 +30,6 @@ float64 STU at L=8192, K=24, 120 states; float64 under ``jax.enable_x64`` for re
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -41,102 +40,12 @@ from flax import nnx
 from spectral_jax.distill.bank import LDSBank
 from spectral_jax.distill.convert import stu_to_lds
 from spectral_jax.distill.fit import fit_lds_bank
+from spectral_jax.nn.lds_config import LDSConfig, check_bank
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
-from spectral_jax.nn.stu import STU, STU_PARAM_AXES, STUConfig
-from spectral_jax.ops import lds, stu_ops
-from spectral_jax.ops.conv import causal_conv, causal_conv_project
-from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME, LDSArithmetic
-from spectral_jax.validation import (
-    ARITHMETICS,
-    SCAN_KINDS,
-    STATE_DTYPES,
-    Arithmetic,
-    ScanKind,
-    float_dtype,
-    one_of,
-    positive_int,
-)
-
-HIGHEST = jax.lax.Precision.HIGHEST
-# Positions past the kernels' length continue in blocks of this many, so the memory held at once
-# (at most the compensated scan's states ``[B, TAIL_BLOCK, C, S, n]``) does not grow with the
-# prompt.
-TAIL_BLOCK = 2048
-
-
-@dataclasses.dataclass(frozen=True)
-class LDSConfig:
-    """An :class:`LDSLayer`: the STU it was distilled from, and the arithmetic it runs in.
-
-    Attributes:
-      stu: the source layer's :class:`~spectral_jax.nn.stu.STUConfig` (shapes, projection, AR
-        lags, dtypes; ``stu.max_len`` is the length the bank was fitted to). Its
-        ``param_dtype`` is the dtype of the LDS parameters and states: float32, or float64 for
-        references under ``jax.enable_x64`` (plain arithmetic only).
-      arithmetic: ``"plain"`` (default) or ``"compensated"`` (float32 pairs; float32 only).
-    """
-
-    stu: STUConfig
-    arithmetic: Arithmetic = "plain"
-
-    def __post_init__(self):
-        if not isinstance(self.stu, STUConfig):
-            raise ValueError(f"LDSConfig.stu must be an STUConfig, got {type(self.stu).__name__}")
-        one_of("LDSConfig", "arithmetic", self.arithmetic, ARITHMETICS)
-        float_dtype("LDSConfig", "stu.param_dtype", self.stu.param_dtype, STATE_DTYPES)
-        float_dtype(
-            f"LDSConfig(arithmetic={self.arithmetic!r})",
-            "stu.param_dtype",
-            self.stu.param_dtype,
-            self.lds_arithmetic.param_dtypes,
-        )
-
-    @classmethod
-    def for_stu(cls, stu: STUConfig, arithmetic: Arithmetic = "plain") -> LDSConfig:
-        """The config of ``stu`` distilled in ``arithmetic``; parameters become float32 where the
-        arithmetic needs it (compensated), else keep the STU's ``param_dtype``."""
-        one_of("LDSConfig", "arithmetic", arithmetic, ARITHMETICS)
-        allowed = ARITHMETICS_BY_NAME[arithmetic].param_dtypes
-        if jnp.dtype(stu.param_dtype).name not in allowed:
-            stu = dataclasses.replace(stu, param_dtype=jnp.dtype(allowed[0]))
-        return cls(stu, arithmetic)
-
-    @property
-    def lds_arithmetic(self) -> LDSArithmetic:
-        return ARITHMETICS_BY_NAME[self.arithmetic]
-
-    @property
-    def channels(self) -> int:
-        """Channels that drive an LDS: ``d_in`` (full) or ``d_out`` (tensordot)."""
-        return self.stu.d_out if self.stu.tensordot else self.stu.d_in
-
-    def param_shapes(self, num_filters: int) -> dict[str, tuple[int, ...]]:
-        """The learned parameters a layer of this config has, by name."""
-        cfg = self.stu
-        K, d_in, d_out = num_filters, cfg.d_in, cfg.d_out
-        if cfg.tensordot:
-            shapes = {"M_in": (d_in, d_out)}
-        else:
-            names = ("M_plus", "M_minus") if cfg.two_branch else ("M_plus",)
-            shapes = {name: (K, d_in, d_out) for name in names}
-        if cfg.k_u:
-            shapes["M_u"] = (cfg.k_u, d_in, d_out)
-        if cfg.k_y:
-            shapes["M_y"] = (cfg.k_y, d_out, d_out)
-        return shapes
-
-
-def check_bank(bank: LDSBank, stu: STUConfig) -> None:
-    """Raise ``ValueError`` unless ``bank`` was fitted to ``stu``'s filters."""
-    if (bank.seq_len, bank.num_filters, bank.variant) != (
-        stu.max_len,
-        stu.num_filters,
-        stu.variant,
-    ):
-        raise ValueError(
-            f"bank (L={bank.seq_len}, K={bank.num_filters}, {bank.variant}) does not match "
-            f"the STU (max_len={stu.max_len}, K={stu.num_filters}, {stu.variant})"
-        )
+from spectral_jax.nn.stu import STU, STU_PARAM_AXES
+from spectral_jax.ops import stu_ops
+from spectral_jax.ops.distilled_lds import DistilledLDS
+from spectral_jax.validation import SCAN_KINDS, Arithmetic, ScanKind, one_of, positive_int
 
 
 class LDSCache(NamedTuple):
@@ -173,20 +82,6 @@ class LDSLayer(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         arithmetic = config.lds_arithmetic
         self.decays = LDSDecays(jnp.asarray(bank.branch_decays(), pdt), logical_axes=(None, None))
-        if cfg.tensordot:
-            readout = np.asarray(params["readout"], np.float64)  # [d_out, S, n]
-            expected = (cfg.d_out, *bank.branch_decays().shape)
-            if readout.shape != expected:
-                raise ValueError(f"readout must have shape {expected}, got {readout.shape}")
-            weights = readout.reshape(cfg.d_out, -1, 1)  # [C, S * n, 1]
-            kernels = np.einsum("tsn,osn->to", bank.responses(), readout)  # [L, d_out]
-        else:
-            weights = bank.coeffs  # [n, K]
-            kernels = bank.filters()  # [L, S * K]
-        # fixed arrays, replicated (the kernels are never split along time)
-        readout = jnp.asarray(arithmetic.pack(weights, pdt))
-        self.readout = LDSReadout(readout, logical_axes=(None,) * readout.ndim)
-        self.kernels = LDSKernels(jnp.asarray(kernels, pdt), logical_axes=("time", None))
         for name, shape in config.param_shapes(bank.num_filters).items():
             if name not in params:
                 raise ValueError(f"LDSLayer parameters lack {name}")
@@ -194,6 +89,13 @@ class LDSLayer(nnx.Module):
                 raise ValueError(f"{name} must have shape {shape}, got {np.shape(params[name])}")
             param = nnx.Param(jnp.asarray(params[name], pdt), logical_axes=STU_PARAM_AXES[name])
             setattr(self, name, param)
+        # readout weights and kernels in float64 on the host (full: the bank's coeffs and
+        # filters; tensordot: the folded readout and its channels' kernels)
+        weights, kernels = cfg.projector.lds_fixed(bank.responses(), bank.coeffs, params)
+        # fixed arrays, replicated (the kernels are never split along time)
+        readout = jnp.asarray(arithmetic.pack(weights, pdt))
+        self.readout = LDSReadout(readout, logical_axes=(None,) * readout.ndim)
+        self.kernels = LDSKernels(jnp.asarray(kernels, pdt), logical_axes=("time", None))
 
     @classmethod
     def from_stu(
@@ -211,15 +113,13 @@ class LDSLayer(nnx.Module):
                 cfg.max_len, cfg.num_filters, cfg.variant, num_states, arithmetic=arithmetic
             )
         check_bank(bank, cfg)
-        params = stu_to_lds(stu.params(), bank, tensordot=cfg.tensordot)
+        params = stu_to_lds(stu.params(), bank, cfg.projection)
         return cls(LDSConfig.for_stu(cfg, arithmetic), bank, params)
 
     @property
     def length_limit(self) -> None:
         """None: a recurrence has no length limit (prompts and decoding run to any length)."""
         return None
-
-    # ---- shared pieces -------------------------------------------------------------------
 
     def _check_input(self, x: jax.Array, step: bool) -> None:
         d_in = self.config.stu.d_in
@@ -234,114 +134,20 @@ class LDSLayer(nnx.Module):
         cfg = self.config.stu
         return (self.M_u[...] if cfg.k_u else None), (self.M_y[...] if cfg.k_y else None)
 
-    def _spectral_weights(self) -> jax.Array:
-        """Full mode: the STU projections ``[S * K, d_in, d_out]`` after the filter outputs."""
+    def _system(self) -> DistilledLDS:
+        """The layer's LDS over its current arrays (:mod:`spectral_jax.ops.distilled_lds`)."""
         cfg = self.config.stu
-        names = ("M_plus", "M_minus") if cfg.two_branch else ("M_plus",)
-        return stu_ops.spectral_weights(
-            {name: getattr(self, name)[...] for name in names}, cfg.two_branch
+        shapes = cfg.projector.lds_param_shapes(
+            cfg.num_filters, cfg.d_in, cfg.d_out, cfg.two_branch
         )
-
-    def _drive(self, x: jax.Array) -> jax.Array:
-        """LDS inputs ``[..., C]`` from layer inputs ``[..., d_in]``."""
-        if self.config.stu.tensordot:
-            return jnp.matmul(x, self.M_in[...], precision=HIGHEST)
-        return x
-
-    def _expand(self, drive: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Every state's input ``[..., C, S, n]`` and decays ``[C, S, n]``, from ``[..., C]``."""
-        decays = self.decays[...]
-        u = jnp.broadcast_to(drive[..., None, None], drive.shape + decays.shape)
-        return u, jnp.broadcast_to(decays, (drive.shape[-1], *decays.shape))
-
-    def _read(self, states: Any) -> jax.Array:
-        """Layer output before AR terms: ``states [..., C, S, n] -> [..., d_out]``."""
-        cfg, arithmetic = self.config.stu, self.config.lds_arithmetic
-        weights = arithmetic.weights(self.readout[...])
-        lead = jax.tree.leaves(states)[0].shape[:-3]
-        if cfg.tensordot:
-            flat = jax.tree.map(lambda s: s.reshape(*lead, cfg.d_out, -1), states)
-            return arithmetic.readout(flat, weights)[..., 0]
-        features = arithmetic.readout(states, weights)  # [..., C, S, K]
-        features = features.reshape(*lead, cfg.d_in, -1)
-        return jnp.einsum("...cf,fco->...o", features, self._spectral_weights(), precision=HIGHEST)
-
-    def _convolve(self, x: jax.Array) -> jax.Array:
-        """Outputs before AR terms by FFT with the bank's kernels: ``x [B, T <= max_len, d_in]``."""
-        kernels = self.kernels[: x.shape[1]]
-        if self.config.stu.tensordot:
-            return causal_conv(self._drive(x), kernels)
-        return causal_conv_project(x, kernels, self._spectral_weights())
-
-    def _free_response(self, state: jax.Array, length: int) -> jax.Array:
-        """Outputs before AR terms ``[B, length, d_out]`` of a plain ``state [B, C, S, n]`` with
-        zero inputs: ``y[t] = sum_n w_n a_n^(t+1) x_n``, the readout folded into the state
-        first so that nothing of size ``length x states`` is formed but the decay powers."""
-        cfg = self.config.stu
-        decays = self.decays[...]
-        weights = self.config.lds_arithmetic.weights(self.readout[...])
-        t = jnp.arange(1, length + 1).reshape(length, 1, 1)
-        decay_powers = lds.decay_powers(decays, t)  # [T, S, n]
-        if cfg.tensordot:
-            folded = state * weights.reshape(state.shape[1:])  # [B, d_out, S, n]
-            return jnp.einsum("tsn,bosn->bto", decay_powers, folded, precision=HIGHEST)
-        projections = self._spectral_weights().reshape(decays.shape[0], -1, cfg.d_in, cfg.d_out)
-        folded = jnp.einsum("bcsn,nk,skco->bsno", state, weights, projections, precision=HIGHEST)
-        return jnp.einsum("tsn,bsno->bto", decay_powers, folded, precision=HIGHEST)
-
-    def _convolved_block(self, state: jax.Array, xb: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """One block ``xb [B, T <= max_len, d_in]`` from a plain ``state``: FFT convolution plus
-        the state's free response; the state after it by decay-power matmuls."""
-        y = self._convolve(xb) + self._free_response(state, xb.shape[1])
-        arithmetic = self.config.lds_arithmetic
-        return arithmetic.final_state(self.decays[...], self._drive(xb), state), y
-
-    def _scanned_block(self, state: Any, xb: jax.Array) -> tuple[Any, jax.Array]:
-        """One block ``xb [B, T, d_in]`` from ``state`` by the arithmetic's parallel scan."""
-        u, decays = self._expand(self._drive(xb))
-        states = self.config.lds_arithmetic.scan("parallel", decays, u, state)
-        return jax.tree.map(lambda s: s[:, -1], states), self._read(states)
-
-    def _continue(self, x: jax.Array, state: Any) -> tuple[Any, jax.Array]:
-        """Past the kernels' length: ``x [B, T, d_in]`` continues from ``state`` in blocks of
-        :data:`TAIL_BLOCK` positions, or of the kernels' length if shorter (a ``lax.scan``
-        over the whole blocks, then the rest), each the way the arithmetic's
-        ``continuation`` says (:mod:`spectral_jax.ops.lds_arithmetic`), so memory does not
-        grow with ``T``. Returns (the state after the last position, outputs before AR terms
-        ``[B, T, d_out]``)."""
-        block = {"convolution": self._convolved_block, "scan": self._scanned_block}[
-            self.config.lds_arithmetic.continuation
-        ]
-        B, T, d_in = x.shape
-        size = min(TAIL_BLOCK, self.config.stu.max_len)
-        whole = T // size * size
-        outputs = []
-        if whole:
-            blocks = x[:, :whole].reshape(B, whole // size, size, d_in).swapaxes(0, 1)
-            state, ys = jax.lax.scan(block, state, blocks)  # ys: [count, B, block, d_out]
-            outputs.append(ys.swapaxes(0, 1).reshape(B, whole, -1))
-        if whole < T:
-            state, y = block(state, x[:, whole:])
-            outputs.append(y)
-        return state, jnp.concatenate(outputs, axis=1)
-
-    def _sequence(self, x: jax.Array, scan: ScanKind) -> tuple[jax.Array, Any]:
-        """The one place the scan kind is chosen: ``x [B, T, d_in]`` -> (outputs before AR terms
-        ``[B, T, d_out]``, state after position ``T - 1``)."""
-        arithmetic = self.config.lds_arithmetic
-        if scan == "fft":
-            head = x[:, : self.config.stu.max_len]
-            y = self._convolve(head)
-            state = arithmetic.final_state(self.decays[...], self._drive(head))
-            if x.shape[1] == head.shape[1]:
-                return y, state
-            state, tail = self._continue(x[:, head.shape[1] :], state)
-            return jnp.concatenate([y, tail], axis=1), state
-        u, decays = self._expand(self._drive(x))
-        states = arithmetic.scan(scan, decays, u)
-        return self._read(states), jax.tree.map(lambda s: s[:, -1], states)
-
-    # ---- the four entry points -----------------------------------------------------------
+        return DistilledLDS(
+            cfg.projector,
+            self.config.lds_arithmetic,
+            self.decays[...],
+            self.readout[...],
+            self.kernels[...],
+            {name: getattr(self, name)[...] for name in shapes},
+        )
 
     def __call__(self, x: jax.Array, *, scan: ScanKind = "fft") -> jax.Array:
         """Parallel path: ``x [B, L, d_in] -> [B, L, d_out]`` in ``config.stu.dtype``, any
@@ -391,7 +197,7 @@ class LDSLayer(nnx.Module):
         one_of("LDSLayer.prefill", "scan", scan, SCAN_KINDS)
         cfg = self.config.stu
         x = x.astype(cfg.param_dtype)
-        y, state = self._sequence(x, scan)
+        y, state = self._system().sequence(x, scan)
         m_u, m_y = self._lags()
         if m_u is not None:
             y = y + stu_ops.input_ar(m_u, x)
@@ -410,9 +216,6 @@ class LDSLayer(nnx.Module):
         self._check_input(x_t, step=True)
         cfg = self.config.stu
         x_t = x_t.astype(cfg.param_dtype)
-        u, decays = self._expand(self._drive(x_t))
-        state = self.config.lds_arithmetic.step(decays, cache.state, u)
-        y, inputs, outputs = stu_ops.ar_step(
-            *self._lags(), x_t, self._read(state), cache.inputs, cache.outputs
-        )
+        state, y = self._system().step(cache.state, x_t)
+        y, inputs, outputs = stu_ops.ar_step(*self._lags(), x_t, y, cache.inputs, cache.outputs)
         return LDSCache(state, inputs, outputs), y.astype(cfg.dtype)

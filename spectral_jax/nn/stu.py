@@ -12,6 +12,7 @@ from flax import nnx, struct
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.ops import conv_decode, stu_ops
 from spectral_jax.ops.filters import max_num_filters, spectral_filters
+from spectral_jax.ops.projection import PROJECTIONS_BY_NAME, STUProjection
 from spectral_jax.validation import (
     PROJECTIONS,
     STATE_DTYPES,
@@ -78,8 +79,9 @@ class STUConfig:
         return self.variant == "standard"
 
     @property
-    def tensordot(self) -> bool:
-        return self.projection == "tensordot"
+    def projector(self) -> STUProjection:
+        """The projection's object (:mod:`spectral_jax.ops.projection`), by ``projection``."""
+        return PROJECTIONS_BY_NAME[self.projection]
 
 
 @struct.dataclass
@@ -142,15 +144,9 @@ class STU(nnx.Module):
         def normal(shape, fan_in):
             return nnx.Param(jax.random.normal(rngs.params(), shape, pdt) / jnp.sqrt(fan_in))
 
-        if config.tensordot:
-            self.M_in = normal((d_in, d_out), d_in)
-            self.M_filt_plus = normal((K, d_out), K)
-            if config.two_branch:
-                self.M_filt_minus = normal((K, d_out), K)
-        else:
-            self.M_plus = normal((K, d_in, d_out), d_in)
-            if config.two_branch:
-                self.M_minus = normal((K, d_in, d_out), d_in)
+        spectral = config.projector.stu_params(K, d_in, d_out, config.two_branch)
+        for name, (shape, fan_in) in spectral.items():
+            setattr(self, name, normal(shape, fan_in))
         if config.k_u:
             self.M_u = normal((config.k_u, d_in, d_out), d_in * config.k_u)
         if config.k_y:
@@ -190,28 +186,8 @@ class STU(nnx.Module):
             self.filters[: x.shape[1]],
             x.astype(cfg.dtype),
             two_branch=cfg.two_branch,
-            tensordot=cfg.tensordot,
+            projection=cfg.projector,
         )
-
-    def _conv_kernels(self) -> jax.Array:
-        """Taps ``[max_len, F]`` of the convolution: filter mixtures (tensordot) or filters."""
-        cfg = self.config
-        if cfg.tensordot:
-            return stu_ops.tensordot_kernels(self.params(), self.filters[...], cfg.two_branch)
-        return stu_ops.branch_filters(self.filters[...], cfg.two_branch)
-
-    def _conv_weights(self) -> jax.Array | None:
-        """Projection ``[F, d_in, d_out]`` after the convolution (full mode), None (tensordot)."""
-        cfg = self.config
-        if cfg.tensordot:
-            return None
-        return stu_ops.spectral_weights(self.params(), cfg.two_branch)
-
-    def _conv_input(self, u: jax.Array) -> jax.Array:
-        """Inputs ``[..., d_in]`` -> conv inputs: ``u M_in`` (tensordot) or ``u`` itself."""
-        if self.config.tensordot:
-            return u @ self.M_in[...].astype(u.dtype)
-        return u
 
     @property
     def length_limit(self) -> int:
@@ -231,14 +207,15 @@ class STU(nnx.Module):
                 "filters end there (distill the layer to decode without a limit)"
             )
         float_dtype("STU.init_cache", "cache dtype", dtype)
-        weights = self._conv_weights()
+        projection, params = cfg.projector, self.params()
         conv = conv_decode.init_cache(
             options.strategy,
-            self._conv_kernels(),
-            weights,
+            projection,
+            projection.stu_kernels(params, self.filters[...], cfg.two_branch),
+            params,
             batch,
             max_len,
-            cfg.d_out if weights is None else cfg.d_in,
+            projection.channels(cfg.d_in, cfg.d_out),
             dtype,
             options.block_len,
         )
@@ -266,7 +243,8 @@ class STU(nnx.Module):
         cfg = self.config
         cache = self.init_cache(x.shape[0], cfg.max_len, x.dtype, options)
         u = x.astype(cfg.dtype)
-        conv = conv_decode.prefill(cache.conv, self._conv_input(u), self._conv_weights())
+        params = self.params()
+        conv = conv_decode.prefill(cache.conv, cfg.projector.conv_input(params, u), params)
         return y, STUCache(
             conv=conv,
             inputs=stu_ops.most_recent_first(u, cache.inputs),
@@ -289,8 +267,9 @@ class STU(nnx.Module):
         if x_t.dtype != dtype:
             raise ValueError(f"STU.step: x_t dtype {x_t.dtype} does not match cache {dtype}")
         u = x_t.astype(cfg.dtype)
-        h_t = self._conv_input(u).astype(dtype)
-        conv, y = conv_decode.step(cache.conv, h_t, self._conv_weights())
+        params = self.params()
+        h_t = cfg.projector.conv_input(params, u).astype(dtype)
+        conv, y = conv_decode.step(cache.conv, h_t, params)
         y = y.astype(cfg.dtype)
         m_u = self.M_u[...] if cfg.k_u else None
         m_y = self.M_y[...] if cfg.k_y else None

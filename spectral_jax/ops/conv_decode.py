@@ -1,7 +1,8 @@
 """Token-by-token decoding of causal convolutions: the naive and the FutureFill caches.
 
 A convolutional layer maps its conv inputs ``h_s: [C]`` to ``y_t = sum_{s<=t} K[t-s] . h_s``,
-with taps ``K[l]`` at lag ``l``, contracted one of two ways:
+with taps ``K[l]`` at lag ``l``, contracted one of two ways, as the layer's projection object says
+(:mod:`spectral_jax.ops.projection`; the cache keeps it):
 
 * channelwise (tensordot STU): taps ``[L, C]``, ``y_t[c] = sum_s K[t-s, c] h_s[c]``;
 * projected (full STU): taps ``[L, F]`` and weights ``W: [F, C, O]``,
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from spectral_jax.ops.conv import causal_conv, causal_conv_project
+from spectral_jax.ops.projection import Params, STUProjection
 from spectral_jax.validation import DECODE_STRATEGIES, DecodeStrategy, one_of, positive_int
 
 NAIVE_BLOCK = 512  # history positions read per loop iteration by the naive strategy
@@ -53,6 +54,7 @@ class NaiveCache:
     taps: ``[T + block_len, F]`` kernel taps reversed, lag ``l`` at row ``T - 1 - l``, then
       zeros.
     pos: int32 scalar, the position of the next token. max_len: static limit on ``pos``.
+    projection: the contraction's object (static; :mod:`spectral_jax.ops.projection`).
     """
 
     history: jax.Array
@@ -60,6 +62,37 @@ class NaiveCache:
     pos: jax.Array
     max_len: int = struct.field(pytree_node=False)
     block_len: int = struct.field(pytree_node=False)
+    projection: STUProjection = struct.field(pytree_node=False)
+
+    @classmethod
+    def empty(cls, projection, kernels, params, batch, max_len, channels, dtype, block_len):
+        """Position 0 (arguments as in :func:`init_cache`)."""
+        length = -(-max_len // block_len) * block_len
+        return cls(
+            history=jnp.zeros((length, batch, channels), dtype),
+            taps=_reversed_taps(kernels, length, block_len, compute_dtype(dtype)),
+            pos=jnp.zeros((), jnp.int32),
+            max_len=max_len,
+            block_len=block_len,
+            projection=projection,
+        )
+
+    def step(self, h_t: jax.Array, params: Params) -> tuple[NaiveCache, jax.Array]:
+        """As :func:`step`, unchecked: the sum over every past block, ``O(t)`` work."""
+        t, w, taps, projection = self.pos, self.block_len, self.taps, self.projection
+
+        def add_block(i, carry):  # blocks 0 .. t // w hold the positions s <= t
+            acc, history = carry
+            history = _write(history, h_t, t)  # rewriting the same row keeps it a loop carry
+            return acc + _window_sum(projection, history, taps, w, i * w, t), history
+
+        z = jnp.zeros(projection.features_shape(taps.shape[1], *h_t.shape), taps.dtype)
+        z, history = jax.lax.fori_loop(0, t // w + 1, add_block, (z, self.history))
+        return self.replace(history=history, pos=t + 1), projection.project(z, params)
+
+    def after_prefill(self, params: Params) -> NaiveCache:
+        """Nothing to precompute after a prompt."""
+        return self
 
 
 @struct.dataclass
@@ -71,6 +104,7 @@ class FutureFillCache:
     block: ``[B, E, O]`` contribution of the inputs before ``epoch_start`` to positions
       ``epoch_start .. epoch_start + E - 1`` (compute dtype, projected).
     epoch_start, pos: int32 scalars. max_len: static limit on ``pos``; block_len: ``E``.
+    projection: the contraction's object (static; :mod:`spectral_jax.ops.projection`).
     """
 
     history: jax.Array
@@ -80,9 +114,61 @@ class FutureFillCache:
     pos: jax.Array
     max_len: int = struct.field(pytree_node=False)
     block_len: int = struct.field(pytree_node=False)
+    projection: STUProjection = struct.field(pytree_node=False)
+
+    @classmethod
+    def empty(cls, projection, kernels, params, batch, max_len, channels, dtype, block_len):
+        """Position 0 (arguments as in :func:`init_cache`)."""
+        cdt = compute_dtype(dtype)
+        length = max_len + block_len
+        pos = jnp.zeros((), jnp.int32)
+        return cls(
+            history=jnp.zeros((length, batch, channels), dtype),
+            taps=_reversed_taps(kernels, length, block_len, cdt),
+            block=jnp.zeros((batch, block_len, projection.out_features(params, channels)), cdt),
+            epoch_start=pos,
+            pos=pos,
+            max_len=max_len,
+            block_len=block_len,
+            projection=projection,
+        )
+
+    def step(self, h_t: jax.Array, params: Params) -> tuple[FutureFillCache, jax.Array]:
+        """As :func:`step`, unchecked: an FFT refresh when an epoch ends, then the in-epoch sum.
+
+        The refresh is a while loop run 0 or 1 times that rewrites ``h_t``: XLA then updates the
+        history in place (a cond reading it, or a loop passing it through, forces a copy)."""
+        t, w, taps, projection = self.pos, self.block_len, self.taps, self.projection
+
+        def refresh(carry):
+            _, _, history, _ = carry
+            block = _future_block(projection, history, taps, w, t, params)
+            return block, t, _write(history, h_t, t), False
+
+        block, start, history, _ = jax.lax.while_loop(
+            lambda carry: carry[3],
+            refresh,
+            (self.block, self.epoch_start, _write(self.history, h_t, t), t - self.epoch_start >= w),
+        )
+        z = _window_sum(projection, history, taps, w, start, t)  # s = start .. t
+        y = jax.lax.dynamic_index_in_dim(block, t - start, axis=1, keepdims=False)
+        cache = self.replace(history=history, block=block, epoch_start=start, pos=t + 1)
+        return cache, y + projection.project(z, params)
+
+    def after_prefill(self, params: Params) -> FutureFillCache:
+        """Start an epoch at the position after the prompt."""
+        block = _future_block(
+            self.projection, self.history, self.taps, self.block_len, self.pos, params
+        )
+        return self.replace(block=block, epoch_start=self.pos)
 
 
 ConvCache = NaiveCache | FutureFillCache
+CACHE_BY_STRATEGY: dict[str, type[NaiveCache] | type[FutureFillCache]] = {
+    "naive": NaiveCache,
+    "futurefill": FutureFillCache,
+}
+"""The one place a strategy name is dispatched: each cache class steps and prefills itself."""
 
 
 def default_block_len(strategy: DecodeStrategy, max_len: int) -> int:
@@ -108,21 +194,14 @@ def _reversed_taps(kernels: jax.Array, length: int, pad: int, dtype: Any) -> jax
     return jnp.pad(jnp.flip(kernels, 0), ((length - kernels.shape[0], pad), (0, 0)))
 
 
-def _check_init(kernels, weights, batch, max_len, channels, block_len) -> None:
+def _check_init(projection, kernels, params, batch, max_len, channels, block_len) -> None:
     for name, value in (("batch", batch), ("max_len", max_len), ("channels", channels)):
         positive_int("", name, value)
     if kernels.ndim != 2 or kernels.shape[0] < max_len:
         raise ValueError(
             f"kernels must be [L, F] with L >= max_len={max_len}, got shape {kernels.shape}"
         )
-    if weights is None and kernels.shape[1] != channels:
-        raise ValueError(
-            f"channelwise kernels need one tap per channel: {kernels.shape[1]} != {channels}"
-        )
-    if weights is not None and weights.shape[:2] != (kernels.shape[1], channels):
-        raise ValueError(
-            f"weights must be [F={kernels.shape[1]}, C={channels}, O], got {weights.shape}"
-        )
+    projection.check_contraction(kernels, params, channels)
     positive_int("", "block_len", block_len)
     if block_len > max_len:
         raise ValueError(f"block_len={block_len} must be in [1, max_len={max_len}]")
@@ -130,8 +209,9 @@ def _check_init(kernels, weights, batch, max_len, channels, block_len) -> None:
 
 def init_cache(
     strategy: DecodeStrategy,
+    projection: STUProjection,
     kernels: jax.Array,
-    weights: jax.Array | None,
+    params: Params,
     batch: int,
     max_len: int,
     channels: int,
@@ -142,64 +222,48 @@ def init_cache(
 
     Args:
       strategy: ``"naive"`` or ``"futurefill"``.
+      projection: the contraction's object (:mod:`spectral_jax.ops.projection`): channelwise
+        (tensordot) or projected by the weights it reads from ``params`` (full).
       kernels: taps ``[L, F]`` with ``L >= max_len`` (only lags ``< max_len`` are kept).
-      weights: ``[F, C, O]`` for the projected contraction, None for channelwise.
+      params: the layer's learned arrays by name (full: ``M_plus``, ``M_minus``).
       channels: ``C``; dtype: dtype of the stored history (and of the inputs to ``step``).
       block_len: naive read block / FutureFill epoch length (default :func:`default_block_len`).
     """
     one_of("", "strategy", strategy, DECODE_STRATEGIES)
     if block_len is None:
         block_len = default_block_len(strategy, max_len)
-    _check_init(kernels, weights, batch, max_len, channels, block_len)
-    cdt = compute_dtype(dtype)
-    pos = jnp.zeros((), jnp.int32)
-    if strategy == "naive":
-        length = -(-max_len // block_len) * block_len
-        return NaiveCache(
-            history=jnp.zeros((length, batch, channels), dtype),
-            taps=_reversed_taps(kernels, length, block_len, cdt),
-            pos=pos,
-            max_len=max_len,
-            block_len=block_len,
-        )
-    length = max_len + block_len
-    out = channels if weights is None else weights.shape[2]
-    return FutureFillCache(
-        history=jnp.zeros((length, batch, channels), dtype),
-        taps=_reversed_taps(kernels, length, block_len, cdt),
-        block=jnp.zeros((batch, block_len, out), cdt),
-        epoch_start=pos,
-        pos=pos,
-        max_len=max_len,
-        block_len=block_len,
-    )
+    _check_init(projection, kernels, params, batch, max_len, channels, block_len)
+    cache = CACHE_BY_STRATEGY[strategy]
+    return cache.empty(projection, kernels, params, batch, max_len, channels, dtype, block_len)
+
+
+def _write(history: jax.Array, h_t: jax.Array, t: jax.Array) -> jax.Array:
+    """``history [T, B, C]`` with ``h_t [B, C]`` at row ``t``."""
+    return jax.lax.dynamic_update_slice_in_dim(history, h_t[None], t, axis=0)
 
 
 def _window_sum(
-    history: jax.Array, taps: jax.Array, w: int, start: jax.Array, t: jax.Array, projected: bool
+    projection: STUProjection,
+    history: jax.Array,
+    taps: jax.Array,
+    w: int,
+    start: jax.Array,
+    t: jax.Array,
 ) -> jax.Array:
     """``sum_{start<=s<start+w} K[t-s] h_s`` over ``w`` history slots (lags < 0 read the zero
-    rows of ``taps``). Returns ``[B, C]`` (channelwise) or ``[F, B, C]`` (projected)."""
-    total, batch, channels = history.shape
+    rows of ``taps``), as the projection's window features (``[B, C]`` or ``[F, B, C]``)."""
     hist = jax.lax.dynamic_slice_in_dim(history, start, w).astype(taps.dtype)  # [w, B, C]
-    window = jax.lax.dynamic_slice_in_dim(taps, total - 1 - t + start, w)  # K[t - s], [w, F]
-    if projected:
-        z = window.T @ hist.reshape(w, batch * channels)
-        return z.reshape(-1, batch, channels)
-    # a product with a ones row: XLA:CPU reduces a leading axis far slower than it multiplies
-    ones = jnp.ones((1, w), taps.dtype)
-    return (ones @ (window[:, None, :] * hist).reshape(w, -1)).reshape(batch, channels)
-
-
-def _project(z: jax.Array, weights: jax.Array | None) -> jax.Array:
-    """Features ``[F, B, C] -> [B, O]`` by ``W: [F, C, O]``; channelwise sums pass through."""
-    if weights is None:
-        return z
-    return jnp.einsum("fbc,fco->bo", z, weights.astype(z.dtype))
+    window = jax.lax.dynamic_slice_in_dim(taps, history.shape[0] - 1 - t + start, w)  # [w, F]
+    return projection.window_features(window, hist)
 
 
 def _future_block(
-    history: jax.Array, taps: jax.Array, e: int, t: jax.Array, weights: jax.Array | None
+    projection: STUProjection,
+    history: jax.Array,
+    taps: jax.Array,
+    e: int,
+    t: jax.Array,
+    params: Params,
 ) -> jax.Array:
     """``F[j] = sum_{s<t} K[t+j-s] h_s`` for ``j < e`` by one FFT over the smallest length
     ``e * 2^j >= t + e``; history slots ``>= t`` are masked out. Returns ``[B, e, O]``."""
@@ -216,7 +280,7 @@ def _future_block(
             past = (jnp.arange(size) < t)[:, None, None]
             h = jnp.where(past, history[:size], 0).astype(taps.dtype).swapaxes(0, 1)
             k = jnp.flip(taps[total - size : total], 0)  # lags 0 .. size - 1
-            y = causal_conv(h, k) if weights is None else causal_conv_project(h, k, weights)
+            y = projection.convolve(h, k, params)
             return jax.lax.dynamic_slice_in_dim(y, t, e, axis=1)
 
         return block
@@ -266,53 +330,21 @@ def _check_step_input(cache: ConvCache, h_t: jax.Array) -> None:
     check_room(cache.pos, cache.max_len)
 
 
-def step(
-    cache: ConvCache, h_t: jax.Array, weights: jax.Array | None
-) -> tuple[ConvCache, jax.Array]:
-    """Consume the conv input ``h_t: [B, C]`` at position ``cache.pos``.
+def step(cache: ConvCache, h_t: jax.Array, params: Params) -> tuple[ConvCache, jax.Array]:
+    """Consume the conv input ``h_t: [B, C]`` at position ``cache.pos`` (``params`` as in
+    :func:`init_cache`), the way the cache's own strategy does.
 
     Returns the next cache and ``y_t: [B, O]`` in the compute dtype. Raises ValueError if the
     cache is full (a runtime error under jit) or ``h_t``'s shape or dtype does not match.
 
-    The write of ``h_t`` happens inside the loop / cond that reads the history, so XLA updates
-    the one history buffer in place instead of copying it every token.
+    The write of ``h_t`` happens inside the loop that reads the history, so XLA updates the one
+    history buffer in place instead of copying it every token.
     """
     _check_step_input(cache, h_t)
-    t, w, taps = cache.pos, cache.block_len, cache.taps
-    projected = weights is not None
-
-    def write(history):
-        return jax.lax.dynamic_update_slice_in_dim(history, h_t[None], t, axis=0)
-
-    if isinstance(cache, NaiveCache):
-
-        def add_block(i, carry):  # blocks 0 .. t // w hold the positions s <= t
-            acc, history = carry
-            history = write(history)  # rewriting the same row keeps the buffer a loop carry
-            return acc + _window_sum(history, taps, w, i * w, t, projected), history
-
-        z = jnp.zeros(((taps.shape[1],) if projected else ()) + h_t.shape, taps.dtype)
-        z, history = jax.lax.fori_loop(0, t // w + 1, add_block, (z, cache.history))
-        return cache.replace(history=history, pos=t + 1), _project(z, weights)
-
-    # The refresh is a while loop run 0 or 1 times that rewrites h_t: XLA then updates the
-    # history in place (a cond reading it, or a loop passing it through, forces a copy).
-    def refresh(carry):
-        _, _, history, _ = carry
-        return _future_block(history, taps, w, t, weights), t, write(history), False
-
-    block, start, history, _ = jax.lax.while_loop(
-        lambda carry: carry[3],
-        refresh,
-        (cache.block, cache.epoch_start, write(cache.history), t - cache.epoch_start >= w),
-    )
-    z = _window_sum(history, taps, w, start, t, projected)  # s = start .. t
-    y = jax.lax.dynamic_index_in_dim(block, t - start, axis=1, keepdims=False)
-    cache = cache.replace(history=history, block=block, epoch_start=start, pos=t + 1)
-    return cache, y + _project(z, weights)
+    return cache.step(h_t, params)
 
 
-def prefill(cache: ConvCache, h: jax.Array, weights: jax.Array | None) -> ConvCache:
+def prefill(cache: ConvCache, h: jax.Array, params: Params) -> ConvCache:
     """Write a prompt's conv inputs ``h: [B, L, C]`` (``1 <= L <= max_len``) into an empty
     cache and advance it to position ``L``; FutureFill starts an epoch there."""
     _, batch, channels = cache.history.shape
@@ -322,9 +354,5 @@ def prefill(cache: ConvCache, h: jax.Array, weights: jax.Array | None) -> ConvCa
     if not 1 <= length <= cache.max_len:
         raise ValueError(f"prefill: length {length} must be in [1, max_len={cache.max_len}]")
     history = cache.history.at[:length].set(h.swapaxes(0, 1).astype(cache.history.dtype))
-    pos = jnp.asarray(length, jnp.int32)
-    cache = cache.replace(history=history, pos=pos)
-    if isinstance(cache, FutureFillCache):
-        block = _future_block(history, cache.taps, cache.block_len, pos, weights)
-        cache = cache.replace(block=block, epoch_start=pos)
-    return cache
+    cache = cache.replace(history=history, pos=jnp.asarray(length, jnp.int32))
+    return cache.after_prefill(params)

@@ -172,6 +172,12 @@ def _driven_final_state(decays: jax.Array, drive: jax.Array, chunk: int) -> jax.
     return state.reshape(B, C, *decays.shape)
 
 
+def last_state(states):
+    """The state after the last position of ``states [B, L, *S]``: ``[B, *S]`` (any pytree of
+    such arrays, e.g. a compensated pair)."""
+    return jax.tree.map(lambda s: s[:, -1], states)
+
+
 def step(decays: jax.Array, x: jax.Array, u_t: jax.Array) -> jax.Array:
     """One time step ``x_t = a x_{t-1} + u_t``: ``x, u_t: [B, *S] -> [B, *S]``."""
     decays = validate(decays, u_t, x, time_axis=False)

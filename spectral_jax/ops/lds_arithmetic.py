@@ -13,13 +13,13 @@ A distilled layer runs its diagonal LDS (:mod:`spectral_jax.ops.lds`) in one of 
 
 The layer looks its arithmetic up in :data:`ARITHMETICS_BY_NAME` and calls the same methods
 whichever it is; no layer code branches on the arithmetic. Past its kernels' length a layer
-continues a prompt in blocks, the way the arithmetic's ``continuation`` names:
+continues a prompt in blocks (:mod:`spectral_jax.ops.lds_continuation`), each the way the
+arithmetic's :meth:`~PlainArithmetic.continue_block` does: plain by FFT convolution plus the
+carried state's free response, compensated by the exact pair scan.
 
-* ``"convolution"`` (plain): each block is an FFT convolution plus the carried state's free
-  response ``sum_n w_n a_n^(t+1) x_n``, a float32 matmul against decay powers whose rounding is
-  that of one plain readout;
-* ``"scan"`` (compensated): each block is the pair scan from the carried state, read out
-  error-free (a float32 matmul would lose the pair accuracy to the cancelling coefficients).
+Each arithmetic also owns the facts the fit and its report need: its ``roundoff`` (the relative
+rounding of one state, which the fit weighs against the bank's amplification) and its
+``report_key`` (the fit report's entry for the float32 error in this arithmetic).
 
 Shapes: decays ``[*S]``, sequences ``u: [B, L, *S]``, single states ``[B, *S]``. Readout weights
 are stored as one array ``[words, ...]`` (``words`` float32 words per coefficient) and unpacked by
@@ -29,28 +29,32 @@ are stored as one array ``[words, ...]`` (``words`` float32 words per coefficien
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_jax.ops import lds
+from spectral_jax.ops import lds, lds_continuation
 from spectral_jax.ops import lds_compensated as lc
 from spectral_jax.validation import Arithmetic
 
-Continuation = Literal["convolution", "scan"]
-"""How a layer continues a prompt past its kernels (see the module docstring)."""
+if TYPE_CHECKING:  # a distilled system holds its arithmetic and passes itself back
+    from spectral_jax.ops.distilled_lds import DistilledLDS
+
+UNIT_ROUNDOFF_32 = 2.0**-24
 
 
 @dataclasses.dataclass(frozen=True)
 class PlainArithmetic:
     """Textbook recurrence ``x_t = a x_{t-1} + u_t`` and readout ``x @ W`` in one float dtype."""
 
-    name: Arithmetic = "plain"
-    words: int = 1
-    param_dtypes: tuple[str, ...] = ("float32", "float64")
-    continuation: Continuation = "convolution"
+    name: ClassVar[Arithmetic] = "plain"
+    words: ClassVar[int] = 1
+    param_dtypes: ClassVar[tuple[str, ...]] = ("float32", "float64")
+    # one float32 round-off per state, which the bank's cancelling coefficients amplify
+    roundoff: ClassVar[float] = UNIT_ROUNDOFF_32
+    report_key: ClassVar[str] = "rel_fro_err_f32"
 
     def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
         """Host-side: float64 coefficients ``[...]`` -> stored words ``[1, ...]`` in ``dtype``."""
@@ -79,15 +83,22 @@ class PlainArithmetic:
     def readout(self, states: jax.Array, weights: jax.Array) -> jax.Array:
         return jnp.matmul(states[..., None, :], weights, precision=lds.HIGHEST)[..., 0, :]
 
+    def continue_block(self, system: DistilledLDS, state: jax.Array, xb: jax.Array):
+        """One block past the kernels: FFT convolution plus the state's free response
+        (:func:`~spectral_jax.ops.lds_continuation.convolved_block`)."""
+        return lds_continuation.convolved_block(system, state, xb)
+
 
 @dataclasses.dataclass(frozen=True)
 class CompensatedArithmetic:
     """States as float32 pairs ``hi + lo``; error-free readout (see :mod:`.lds_compensated`)."""
 
-    name: Arithmetic = "compensated"
-    words: int = 2
-    param_dtypes: tuple[str, ...] = ("float32",)
-    continuation: Continuation = "scan"
+    name: ClassVar[Arithmetic] = "compensated"
+    words: ClassVar[int] = 2
+    param_dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    # a float32 pair carries about the square of one float32's round-off
+    roundoff: ClassVar[float] = UNIT_ROUNDOFF_32**2
+    report_key: ClassVar[str] = "rel_fro_err_f32_compensated"
 
     def pack(self, values: np.ndarray, dtype: Any) -> np.ndarray:
         """Host-side: float64 coefficients ``[...]`` -> float32 ``hi, lo`` words ``[2, ...]``."""
@@ -110,13 +121,18 @@ class CompensatedArithmetic:
         expanded = drive.reshape(*drive.shape, *(1,) * decays.ndim)
         u = jnp.broadcast_to(expanded, (*drive.shape, *decays.shape))
         states = lc.parallel_scan(jnp.broadcast_to(decays, u.shape[2:]), u, x0)
-        return jax.tree.map(lambda s: s[:, -1], states)
+        return lds.last_state(states)
 
     def step(self, decays: jax.Array, state: lc.DoubleFloat, u_t: jax.Array) -> lc.DoubleFloat:
         return lc.step(decays, state, u_t)
 
     def readout(self, states: lc.DoubleFloat, weights: lc.DoubleFloat) -> jax.Array:
         return lc.readout(states, weights)
+
+    def continue_block(self, system: DistilledLDS, state: lc.DoubleFloat, xb: jax.Array):
+        """One block past the kernels by the pair scan, read out error-free
+        (:func:`~spectral_jax.ops.lds_continuation.scanned_block`)."""
+        return lds_continuation.scanned_block(system, state, xb)
 
 
 _PLAIN_SCANS = {"parallel": lds.parallel_scan, "sequential": lds.scan}

@@ -20,11 +20,13 @@ Parameter names (the keys of ``params``):
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from spectral_jax.ops.conv import causal_conv, causal_conv_project
+if TYPE_CHECKING:  # the projection objects call this module's functions
+    from spectral_jax.ops.projection import STUProjection
 
 
 def alternate_signs(filters: jax.Array) -> jax.Array:
@@ -40,9 +42,10 @@ def branch_filters(filters: jax.Array, two_branch: bool) -> jax.Array:
     return jnp.concatenate([filters, alternate_signs(filters)], axis=1)
 
 
-def spectral_weights(params: Mapping[str, jax.Array], two_branch: bool) -> jax.Array:
-    """Full-mode projections stacked to match :func:`branch_filters`: ``[F, d_in, d_out]``."""
-    if two_branch:
+def spectral_weights(params: Mapping[str, jax.Array]) -> jax.Array:
+    """Full-mode projections stacked to match :func:`branch_filters`: ``[F, d_in, d_out]``
+    (``M_plus``, then ``M_minus`` where the params hold it: the standard variant)."""
+    if "M_minus" in params:
         return jnp.concatenate([params["M_plus"], params["M_minus"]], axis=0)
     return params["M_plus"]
 
@@ -63,7 +66,7 @@ def spectral_part(
     u: jax.Array,
     *,
     two_branch: bool,
-    tensordot: bool,
+    projection: STUProjection,
 ) -> jax.Array:
     """The convolutional part of the STU (no AR terms).
 
@@ -71,15 +74,13 @@ def spectral_part(
       params: parameter arrays (see module docstring).
       filters: ``[L, K]``, already cut to the input length.
       u: ``[B, L, d_in]``.
+      two_branch: the standard variant's two branches (else Hankel-L's one).
+      projection: the projection's object (:mod:`spectral_jax.ops.projection`).
     Returns:
       ``[B, L, d_out]`` in ``u``'s dtype.
     """
-    if tensordot:
-        v = jnp.einsum("bld,do->blo", u, params["M_in"].astype(u.dtype))
-        return causal_conv(v, tensordot_kernels(params, filters, two_branch))
-    return causal_conv_project(
-        u, branch_filters(filters, two_branch), spectral_weights(params, two_branch)
-    )
+    kernels = projection.stu_kernels(params, filters, two_branch)
+    return projection.convolve(projection.conv_input(params, u), kernels, params)
 
 
 def input_ar(m_u: jax.Array, u: jax.Array) -> jax.Array:
@@ -178,7 +179,7 @@ def stu_apply(
     u: jax.Array,
     *,
     two_branch: bool,
-    tensordot: bool,
+    projection: STUProjection,
 ) -> jax.Array:
     """Full STU forward pass: spectral part plus the AR terms present in ``params``.
 
@@ -186,10 +187,11 @@ def stu_apply(
       params: parameter arrays (see module docstring).
       filters: ``[L, K]`` for the input length ``L``.
       u: ``[B, L, d_in]``.
+      two_branch, projection: as in :func:`spectral_part`.
     Returns:
       ``[B, L, d_out]`` in ``u``'s dtype.
     """
-    y = spectral_part(params, filters, u, two_branch=two_branch, tensordot=tensordot)
+    y = spectral_part(params, filters, u, two_branch=two_branch, projection=projection)
     if "M_u" in params:
         y = y + input_ar(params["M_u"], u)
     if "M_y" in params:
