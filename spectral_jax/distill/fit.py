@@ -47,7 +47,15 @@ from spectral_jax.ops import lds
 from spectral_jax.ops.disk_cache import cached_arrays
 from spectral_jax.ops.filters import max_num_filters, spectral_filters
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
-from spectral_jax.validation import ARITHMETICS, VARIANTS, Arithmetic, one_of, positive_int
+from spectral_jax.validation import (
+    ARITHMETICS,
+    VARIANTS,
+    Arithmetic,
+    finite_float,
+    int_in_range,
+    one_of,
+    positive_int,
+)
 
 # Bump when the fit or its stored report changes so stale cache files are never read (3: the
 # report holds only the float32 error of the bank's own arithmetic).
@@ -114,18 +122,16 @@ def solve_coefficients(signed_decays: jax.Array, phi: jax.Array, ridge: float):
 def _check_fit_args(L, K, variant, num_states, ridge, x_range, arithmetic) -> None:
     one_of("fit_lds_bank", "arithmetic", arithmetic, ARITHMETICS)
     one_of("fit_lds_bank", "variant", variant, VARIANTS)
-    L, K, num_states = (int(v) if isinstance(v, np.integer) else v for v in (L, K, num_states))
-    positive_int("fit_lds_bank", "L", L, minimum=2)
+    L = positive_int("fit_lds_bank", "L", L, minimum=2)
     limit = min(max_num_filters(L, variant), L - 1)
-    if positive_int("fit_lds_bank", "K", K) > limit:
-        raise ValueError(f"fit_lds_bank.K must be in [1, {limit}] (K < L) for L={L}, got {K!r}")
-    if positive_int("fit_lds_bank", "num_states", num_states, minimum=4) % 2 or num_states > L:
+    int_in_range("fit_lds_bank", "K", K, 1, limit, f"(K < L) for L={L}")
+    if int_in_range("fit_lds_bank", "num_states", num_states, 4, L, "(both signs counted)") % 2:
         raise ValueError(
-            f"fit_lds_bank.num_states must be an even integer in [4, L={L}] (both signs "
-            f"counted), got {num_states!r}"
+            f"fit_lds_bank.num_states must be even (both signs counted), got {num_states!r}"
         )
-    if not (isinstance(ridge, float | int) and np.isfinite(ridge) and 0 <= ridge < 1):
-        raise ValueError(f"ridge must be a finite number in [0, 1), got {ridge!r}")
+    finite_float("fit_lds_bank", "ridge", ridge)
+    if ridge >= 1:
+        raise ValueError(f"fit_lds_bank.ridge must be in [0, 1), got {ridge!r}")
     if x_range is not None and not (
         len(x_range) == 2 and all(np.isfinite(x_range)) and x_range[0] < x_range[1]
     ):

@@ -112,7 +112,7 @@ def impulse_response(decays: jax.Array, length: int) -> jax.Array:
     check_decays(decays)
     _check_dtype("decays", decays)
     decays = jnp.asarray(decays)
-    length = positive_int("", "length", int(length) if isinstance(length, np.integer) else length)
+    length = positive_int("", "length", length)
     t = jnp.arange(length).reshape((length,) + (1,) * decays.ndim)
     return powers(decays, t)
 
