@@ -2,7 +2,7 @@
 
 One convolution-only STU layer (d_in = d_out = 128, K = 24, standard variant, tensordot, no AR
 terms), batch 1, float32, on the local device. For N = 2^10 .. 2^20 (2^11 with ``--quick``,
-2^LO .. 2^HI with ``--exponents LO HI``) it generates N tokens one at a time, feeding each output
+2^E for each E of ``--exponents``) it generates N tokens one at a time, feeding each output
 back (``x_{t+1} = tanh(y_t)``), the whole loop one compiled ``lax.scan``. The LDS layer is
 :meth:`LDSLayer.from_stu` in its default arithmetic unless ``--lds-arithmetic`` says otherwise.
 A strategy stops at the first N whose predicted time (last time x max(growth, 2)) exceeds
@@ -11,7 +11,7 @@ A strategy stops at the first N whose predicted time (last time x max(growth, 2)
 Rows and JSON: see :mod:`decode_bench_common` (``mode`` ``"layer"``, ``tokens = context = N``).
 
 Usage: python experiments/bench_decode_layer.py [--quick] [--json PATH] [--plot PATH]
-       [--budget S] [--strategies ...] [--lds-arithmetic plain|compensated] [--exponents LO HI]
+       [--budget S] [--strategies ...] [--lds-arithmetic plain|compensated] [--exponents E ...]
 """
 
 from __future__ import annotations
@@ -65,15 +65,14 @@ def time_layer_decode(plan: DecodePlan, n: int, strategy: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--exponents", nargs=2, type=int, metavar=("LO", "HI"), help="layer mode: N = 2^LO .. 2^HI"
+        "--exponents", nargs="+", type=int, metavar="E", help="layer mode: N = 2^E for each E"
     )
 
 
 def bench(args: argparse.Namespace, record: Record) -> dict:
     """Layer rows, each passed to ``record`` as it is measured; prints the summary, returns the
     meta."""
-    lo, hi = args.exponents or ((10, 11) if args.quick else (10, 20))
-    exponents = range(lo, hi + 1)
+    exponents = args.exponents or (range(10, 12) if args.quick else range(10, 21))
     cfg = STUConfig(
         d_in=D, d_out=D, max_len=2 ** exponents[-1], num_filters=K, projection="tensordot"
     )

@@ -33,7 +33,11 @@ per device, install one per jax distribution, tests one per pytest node (its out
 whether its tolerance assumes float32 matmuls), and the benchmarks the rows of the
 ``bench_*.py`` function they call. The table printed at the end has one line per stage.
 
+``--stages NAME ...`` runs only those (a retry of the ones that failed; the others are
+``skipped``, "not chosen").
+
 Usage: python experiments/device_check.py [--cpu] [--tiny] [--budget S] [--json PATH]
+       [--stages NAME ...]
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (seconds on a CPU)")
     parser.add_argument("--budget", type=float, help=f"total seconds (default {DEFAULT_BUDGET_S})")
     parser.add_argument("--json", type=Path, help="the JSON to write (default: results/device/)")
+    parser.add_argument("--stages", nargs="+", metavar="NAME", help="run only these (a retry)")
     return parser.parse_args(argv)
 
 
@@ -97,8 +102,32 @@ def table(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def default_json(device_kind: str, tiny: bool) -> Path:
+    """``results/device/<device-kind-slug>[-tiny].json``."""
+    return REPO / "results" / "device" / f"{slug(device_kind)}{'-tiny' if tiny else ''}.json"
+
+
+def run_stage(stage, ctx) -> tuple[str, str]:
+    """``(status, note)`` of running ``stage`` (a ``device_stages.Stage``) with ``ctx``; raises
+    ``Reinstalled`` on, for the caller to re-execute."""
+    import device_stages as ds
+
+    try:
+        return "ok", stage.run(ctx)
+    except ds.OverBudget:
+        return "ok", f"cut at its budget after {len(ctx.rows)} row(s)"
+    except ds.Skipped as err:
+        return "skipped", str(err)
+    except ds.Reinstalled:
+        raise
+    except Exception as err:  # the next stages still run
+        traceback.print_exc()
+        return "failed", ds.first_line(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check; returns 0 when no stage failed, else 1."""
+    start = float(os.environ.get(START_ENV) or time.time())  # the budget counts from here
     args = parse(argv)
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -107,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     import device_stages as ds  # imports jax: after JAX_PLATFORMS is set
     import jax
 
-    start = float(os.environ.get(START_ENV) or time.time())
-    device = jax.devices()[0]
-    tiny = args.tiny
-    total = args.budget if args.budget is not None else DEFAULT_BUDGET_S
-    if args.budget is None and device.platform == "cpu" and tiny:
-        total = sum(s.tiny_budget_s for s in ds.STAGES)
-    path = args.json or REPO / "results" / "device" / f"{slug(device.device_kind)}"
-    path = path if args.json else path.with_name(path.name + ("-tiny" if tiny else "") + ".json")
+    names = [s.name for s in ds.STAGES]
+    unknown = sorted(set(args.stages or ()) - set(names))
+    if unknown:
+        raise SystemExit(f"--stages: no stage {', '.join(unknown)}; the stages: {', '.join(names)}")
+    device, tiny = jax.devices()[0], args.tiny
     budgets = {s.name: s.tiny_budget_s if tiny else s.budget_s for s in ds.STAGES}
+    total = DEFAULT_BUDGET_S if args.budget is None else args.budget
+    if args.budget is None and device.platform == "cpu" and tiny:
+        total = sum(budgets.values())
+    path = args.json or default_json(device.device_kind, tiny)
     doc = {
         "meta": {
             "date": datetime.datetime.fromtimestamp(start, datetime.UTC).isoformat(),
@@ -130,51 +160,43 @@ def main(argv: list[str] | None = None) -> int:
             "versions": versions(),
             "budgets": {"total_s": total, "stages": budgets},
         },
-        "stages": {s.name: pending(budgets[s.name]) for s in ds.STAGES},
+        "stages": {name: pending(budgets[name]) for name in names},
     }
     print(f"device check: {device.device_kind} ({device.platform}), budget {total:.0f} s")
     write_json_atomic(path, doc)
-    failed = False
     for stage in ds.STAGES:
         left = start + total - time.time()
         entry = doc["stages"][stage.name]
-        if left < budgets[stage.name] / 4:
+        if args.stages and stage.name not in args.stages:
+            entry["note"] = "not chosen (--stages)"
+        elif left < budgets[stage.name] / 4:
             entry["note"] = f"skipped: {max(left, 0):.0f} s of the run's budget left, under a "
             entry["note"] += f"quarter of its {budgets[stage.name]:.0f} s"
-            write_json_atomic(path, doc)
-            continue
-        began = time.time()
+        else:
+            began = time.time()
 
-        def save(rows: list[dict], entry=entry, began=began) -> None:
-            entry.update(status="failed", seconds=time.time() - began, rows=rows,
-                         note="cut: the run stopped during this stage")  # fmt: skip
-            write_json_atomic(path, doc)
+            def save(rows: list[dict], entry=entry, began=began) -> None:
+                entry.update(status="failed", seconds=time.time() - began, rows=rows,
+                             note="cut: the run stopped during this stage")  # fmt: skip
+                write_json_atomic(path, doc)
 
-        ctx = ds.StageRun(tiny, args.cpu, began + min(budgets[stage.name], left), save)
-        save([])
-        print(f"--- {stage.name} (budget {ctx.left():.0f} s)", flush=True)
-        status, reexec = "ok", False
-        try:
-            note = stage.run(ctx)
-        except ds.OverBudget:
-            note = f"cut at its budget after {len(ctx.rows)} row(s)"
-        except ds.Skipped as err:
-            status, note = "skipped", str(err)
-        except ds.Reinstalled as err:
-            note, reexec = str(err), True
-        except Exception as err:  # the next stages still run
-            traceback.print_exc()
-            status, note, failed = "failed", ds.first_line(err), True
-        entry.update(status=status, seconds=time.time() - began, rows=ctx.rows, note=note)
+            ctx = ds.StageRun(tiny, args.cpu, began + min(budgets[stage.name], left), save)
+            save([])
+            print(f"--- {stage.name} (budget {ctx.left():.0f} s)", flush=True)
+            try:
+                status, note = run_stage(stage, ctx)
+            except ds.Reinstalled as err:  # load the new jax: same argv, same clock
+                entry.update(status="ok", seconds=time.time() - began, note=str(err))
+                write_json_atomic(path, doc)
+                os.environ.update({START_ENV: str(start), ds.REEXEC_ENV: str(err)})
+                os.execv(sys.executable, [sys.executable, *doc["meta"]["argv"]])
+            entry.update(status=status, seconds=time.time() - began, rows=ctx.rows, note=note)
         write_json_atomic(path, doc)
-        if reexec:
-            os.environ.update({START_ENV: str(start), ds.REEXEC_ENV: note})
-            os.execv(sys.executable, [sys.executable, *doc["meta"]["argv"]])
     doc["meta"]["partial"] = False
     write_json_atomic(path, doc)
     print(table(doc))
     print(f"wrote {path}")
-    return 1 if failed else 0
+    return int(any(e["status"] == "failed" for e in doc["stages"].values()))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import bench_lds_prefill
 import bench_stu
 import bench_train
 import jax
+import jax.numpy as jnp
 
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.train.flops import peak_flops
@@ -41,8 +42,8 @@ from spectral_jax.train.flops import peak_flops
 REPO = Path(__file__).resolve().parent.parent
 REEXEC_ENV = "SPECTRAL_JAX_DEVICE_CHECK_REEXEC"  # set when the check re-executed after install
 # Every tiny LDS (layer decode to 2^9, model decode 256 + 256, prefill) is fitted at this
-# length, so one bank fit (seconds, cached) serves them all.
-TINY_LEN = 512
+# length, so that one bank fit (seconds, cached) serves them all.
+TINY_LEN = 2**9
 DECODE_STRATEGIES = ("lds", "futurefill", "naive")  # the headline first: a cut keeps it
 DECODE_KEYS = ("mode", "strategy", "context", "tokens", "seconds", "tokens_per_second",
                "prefill_seconds", "compile_seconds", "cache_bytes", "model", "batch")  # fmt: skip
@@ -106,7 +107,7 @@ def environment(ctx: StageRun) -> str:
     """One row per device; fails if x64 is on (every benchmark assumes float32 defaults)."""
     for d in jax.devices():
         ctx.record({"id": d.id, "platform": d.platform, "device_kind": d.device_kind})
-    if jax.config.read("jax_enable_x64"):
+    if jnp.asarray(0.0).dtype != jnp.float32:
         raise RuntimeError("jax_enable_x64 is on: unset JAX_ENABLE_X64 and run again")
     return f"backend {jax.default_backend()}, {jax.device_count()} device(s), x64 off"
 
@@ -151,7 +152,8 @@ def install(ctx: StageRun) -> str:
     extra = accelerator_extra()
     if extra is None:
         raise Skipped("no accelerator on this host (no nvidia-smi, /dev/nvidia0, /dev/accel*)")
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "-e", f".[{extra}]"]
+    command = [sys.executable, "-m", "pip", "install", "--quiet", "--retries", "1"]
+    command += ["-e", f".[{extra}]"]
     subprocess.run(command, cwd=REPO, check=True, timeout=max(ctx.left(), 1.0))
     raise Reinstalled(f"installed .[{extra}] with {sys.executable} -m pip")
 
@@ -159,7 +161,12 @@ def install(ctx: StageRun) -> str:
 # ---- tests ---------------------------------------------------------------------------------------
 
 GENERATE = "tests/test_generate.py::"
-# (node id, whether its tolerance assumes float32 matmuls, i.e. no TF32 / bf16 passes)
+# (node id, assumes_f32_matmul): the device's numerics (FFT, matmul precision, compensated
+# arithmetic) and decode equivalences, about 100 s of CPU time on 2 cores. assumes_f32_matmul: a
+# float32 test whose tolerance is derived for float32 matmul rounding, which a TF32 or bf16-pass
+# default would exceed (float64 tests are unaffected: TF32 applies to float32 only). Not here:
+# tests/test_sharding.py's sharded step forces 8 CPU devices (JAX_PLATFORMS=cpu) whatever the
+# host has, and the float64 microbatch step is host arithmetic; both run in the CPU suite.
 TESTS = (
     ("tests/test_stu.py::test_stu_matches_direct_formula_float64", False),
     ("tests/test_stu.py::test_stu_float32_and_jit_grad", True),
@@ -169,16 +176,17 @@ TESTS = (
     ("tests/test_lds.py::test_error_free_transformations_are_exact", False),
     ("tests/test_lds.py::test_compensated_paths_match_float64", True),
     ("tests/test_lds.py::test_compensated_readout_survives_cancellation", True),
-    ("tests/test_lds_layer.py::test_distilled_layer_matches_float64_stu", False),
+    (
+        "tests/test_lds_layer.py::test_distilled_layer_matches_float64_stu[tensordot-standard]",
+        False,
+    ),
     ("tests/test_lds_layer.py::test_fft_prefill_equals_scans_and_steps_float32", True),
     ("tests/test_lds_layer.py::test_steps_from_init_cache_reproduce_call_float32", True),
     ("tests/test_stu_decode.py::test_prefill_and_steps_match_forward_float64", False),
     ("tests/test_stu_decode.py::test_prefill_and_steps_match_forward_float32_default_blocks", True),
     (GENERATE + "test_greedy_tokens_agree_across_strategies_and_with_teacher_forcing", True),
     (GENERATE + "test_distilled_model_decodes_like_the_stu_model_and_greedy_tokens_match", True),
-    ("tests/test_generate.py::test_float32_steps_match_forward", True),
-    ("tests/test_step.py::test_four_microbatches_equal_the_full_batch_float64", False),
-    ("tests/test_sharding.py::test_one_train_step_on_8_devices_equals_one_device", False),
+    (GENERATE + "test_float32_steps_match_forward", True),
 )
 TINY_TESTS = (("tests/test_conv.py::test_causal_conv_is_causal", False),)
 OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", re.M)
@@ -186,9 +194,11 @@ OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPAS
 
 def tests(ctx: StageRun) -> str:
     """The accelerator-relevant tests in a ``pytest`` subprocess under
-    ``JAX_DEFAULT_MATMUL_PRECISION=highest``: one row per test node as pytest reports it."""
+    ``JAX_DEFAULT_MATMUL_PRECISION=highest`` (allocating as it goes: the check itself holds
+    jax's preallocated share of the device): one row per test node as pytest reports it."""
     chosen = TINY_TESTS if ctx.tiny else TESTS
     env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest", "PYTHONPATH": str(REPO)}
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process holds most of the memory
     if ctx.cpu:
         env["JAX_PLATFORMS"] = "cpu"
     command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]
@@ -268,11 +278,12 @@ def decode_summary(rows: list[dict]) -> str:
 
 
 def decode_layer(ctx: StageRun) -> str:
-    """One layer decoding 2^8..2^9 (tiny) or 2^10..2^20 tokens (bench_decode_layer)."""
+    """One layer decoding 2^8 and 2^9 (tiny) or 2^10, 2^12, .., 2^20 tokens
+    (bench_decode_layer); a strategy stops where one run is predicted over 40 s (tiny: 5 s)."""
+    exponents = (8, TINY_LEN.bit_length() - 1) if ctx.tiny else (10, 12, 14, 16, 18, 20)
     args = argparse.Namespace(
-        quick=False, exponents=(8, TINY_LEN.bit_length() - 1) if ctx.tiny else (10, 20),
-        strategies=DECODE_STRATEGIES,
-        budget=min(5.0 if ctx.tiny else 20.0, ctx.left()), lds_arithmetic=None,
+        quick=False, exponents=exponents, strategies=DECODE_STRATEGIES,
+        budget=min(5.0 if ctx.tiny else 40.0, ctx.left()), lds_arithmetic=None,
     )  # fmt: skip
     bench_decode_layer.bench(args, ctx.record)
     return decode_summary(ctx.rows) + f" (one run predicted over {args.budget:.0f} s: stop)"
@@ -282,7 +293,8 @@ def decode_model(ctx: StageRun) -> str:
     """The 4-layer STU tensordot model at batch 1 (bench_decode_model): context 256 and 256 new
     tokens (tiny), or 1k..128k (2^20 for lds) and 2048 new tokens."""
     args = argparse.Namespace(
-        quick=ctx.tiny, models=["stu_tensordot"], batches=[1], new=256 if ctx.tiny else 2048,
+        quick=ctx.tiny, models=["stu_tensordot"], batches=[1],
+        new=TINY_LEN - 256 if ctx.tiny else 2048,  # after --quick's one context of 256
         repeats=1 if ctx.tiny else 3, strategies=DECODE_STRATEGIES,
         budget=min(5.0 if ctx.tiny else 30.0, ctx.left()), lds_arithmetic=None,
     )  # fmt: skip
@@ -315,10 +327,10 @@ TRAIN_KEYS = ("model", "d_model", "dtype", "L", "batch", "remat", "microbatches"
 STAGES = (
     Stage("environment", environment, 30, 2, ("id", "platform", "device_kind")),
     Stage("install", install, 180, 5, ("package", "version")),
-    Stage("tests", tests, 150, 60, ("test", "outcome", "assumes_f32_matmul")),
+    Stage("tests", tests, 180, 60, ("test", "outcome", "assumes_f32_matmul")),
     Stage("stu", stu, 45, 20, ("mode", "B", "L", "d", "K", "fwd_s", "fwdbwd_s")),
     Stage("filters", filters, 20, 10, ("L", "K", "seconds")),
-    Stage("decode_layer", decode_layer, 60, 30, DECODE_KEYS),
+    Stage("decode_layer", decode_layer, 90, 30, DECODE_KEYS),
     Stage("decode_model", decode_model, 90, 30, DECODE_KEYS),
     Stage("train", train, 60, 30, TRAIN_KEYS),
     Stage("prefill", prefill, 40, 20, ("context", "stu_s", "lds_s", "ratio")),
