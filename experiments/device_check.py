@@ -36,8 +36,14 @@ whether its tolerance assumes float32 matmuls), and the benchmarks the rows of t
 ``--stages NAME ...`` runs only those (a retry of the ones that failed; the others are
 ``skipped``, "not chosen").
 
+``--prefit-banks DIR`` only fits the LDS banks of the full-size stages (minutes on a CPU: a
+cold fit at L = 2^20 dominates) and copies their small cache files into ``DIR``: fit them on
+a CPU host, take ``DIR`` along, and run the check there with ``SPECTRAL_JAX_CACHE=DIR`` so the
+device's minutes are not spent fitting.
+
 Usage: python experiments/device_check.py [--cpu] [--tiny] [--budget S] [--json PATH]
        [--stages NAME ...]
+       python experiments/device_check.py --prefit-banks DIR
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, help=f"total seconds (default {DEFAULT_BUDGET_S})")
     parser.add_argument("--json", type=Path, help="the JSON to write (default: results/device/)")
     parser.add_argument("--stages", nargs="+", metavar="NAME", help="run only these (a retry)")
+    parser.add_argument(
+        "--prefit-banks", type=Path, metavar="DIR", help="only fit the full-size LDS banks into DIR"
+    )
     return parser.parse_args(argv)
 
 
@@ -136,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     import device_stages as ds  # imports jax: after JAX_PLATFORMS is set
     import jax
 
+    if args.prefit_banks:
+        for path in ds.prefit_banks(args.prefit_banks):
+            print(f"wrote {path}")
+        return 0
     names = [s.name for s in ds.STAGES]
     unknown = sorted(set(args.stages or ()) - set(names))
     if unknown:

@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -33,9 +34,11 @@ import bench_filters
 import bench_lds_prefill
 import bench_stu
 import bench_train
+import decode_bench_common
 import jax
 import jax.numpy as jnp
 
+from spectral_jax.distill.fit import fit_lds_bank
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.train.flops import peak_flops
 
@@ -44,6 +47,10 @@ REEXEC_ENV = "SPECTRAL_JAX_DEVICE_CHECK_REEXEC"  # set when the check re-execute
 # Every tiny LDS (layer decode to 2^9, model decode 256 + 256, prefill) is fitted at this
 # length, so that one bank fit (seconds, cached) serves them all.
 TINY_LEN = 2**9
+# Full sizes of the stages that distill (each fits an LDS bank at its longest length).
+LAYER_EXPONENTS = (10, 12, 14, 16, 18, 20)
+MODEL_NEW = 2048
+PREFILL_CONTEXTS = (8192, 32768, 131072)
 DECODE_STRATEGIES = ("lds", "futurefill", "naive")  # the headline first: a cut keeps it
 DECODE_KEYS = ("mode", "strategy", "context", "tokens", "seconds", "tokens_per_second",
                "prefill_seconds", "compile_seconds", "cache_bytes", "model", "batch")  # fmt: skip
@@ -224,6 +231,36 @@ def tests(ctx: StageRun) -> str:
     return note
 
 
+# ---- banks fitted ahead --------------------------------------------------------------------------
+
+
+def full_bank_lengths() -> tuple[int, ...]:
+    """The lengths at which the full-size stages fit their LDS banks (K = 24, standard, 120
+    states, plain): the layer decode's 2^20, the model decode's longest context plus its new
+    tokens, the prefill's longest prompt."""
+    model_len = max(bench_decode_model.CONTEXTS) + MODEL_NEW
+    return (2 ** max(LAYER_EXPONENTS), model_len, max(PREFILL_CONTEXTS))
+
+
+def prefit_banks(directory: Path) -> list[Path]:
+    """Fit the full-size stages' banks on this host (minutes on a CPU: a cold fit at 2^20
+    dominates) and copy their cache files, small, into ``directory``: a device host run with
+    ``SPECTRAL_JAX_CACHE=directory`` reads them instead of fitting. The filters computed on the
+    way (hundreds of MB at 2^20, seconds to recompute) stay behind in a temporary folder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("SPECTRAL_JAX_CACHE")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SPECTRAL_JAX_CACHE"] = tmp
+        try:
+            for L in full_bank_lengths():
+                start = time.time()
+                fit_lds_bank(L, decode_bench_common.K, "standard", 120, arithmetic="plain")
+                print(f"fitted the bank at L={L} in {time.time() - start:.0f} s", flush=True)
+        finally:
+            restore_env("SPECTRAL_JAX_CACHE", before)
+        return [Path(shutil.copy2(f, directory)) for f in sorted(Path(tmp).glob("ldsbank-*"))]
+
+
 # ---- benchmarks ----------------------------------------------------------------------------------
 
 
@@ -242,6 +279,14 @@ def stu(ctx: StageRun) -> str:
     return ", ".join(cells + errors) + f" (B={B} L={L} d={d} K={K}, median of {repeats})"
 
 
+def restore_env(name: str, value: str | None) -> None:
+    """Set ``name`` back to ``value`` (None: unset)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 @contextlib.contextmanager
 def filter_cache_off() -> Iterator[None]:
     """Time the filters' computation, not their disk cache (SPECTRAL_JAX_CACHE restored)."""
@@ -250,10 +295,7 @@ def filter_cache_off() -> Iterator[None]:
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["SPECTRAL_JAX_CACHE"]
-        else:
-            os.environ["SPECTRAL_JAX_CACHE"] = before
+        restore_env("SPECTRAL_JAX_CACHE", before)
 
 
 def filters(ctx: StageRun) -> str:
@@ -280,7 +322,7 @@ def decode_summary(rows: list[dict]) -> str:
 def decode_layer(ctx: StageRun) -> str:
     """One layer decoding 2^8 and 2^9 (tiny) or 2^10, 2^12, .., 2^20 tokens
     (bench_decode_layer); a strategy stops where one run is predicted over 40 s (tiny: 5 s)."""
-    exponents = (8, TINY_LEN.bit_length() - 1) if ctx.tiny else (10, 12, 14, 16, 18, 20)
+    exponents = (8, TINY_LEN.bit_length() - 1) if ctx.tiny else LAYER_EXPONENTS
     args = argparse.Namespace(
         quick=False, exponents=exponents, strategies=DECODE_STRATEGIES,
         budget=min(5.0 if ctx.tiny else 40.0, ctx.left()), lds_arithmetic=None,
@@ -294,7 +336,7 @@ def decode_model(ctx: StageRun) -> str:
     tokens (tiny), or 1k..128k (2^20 for lds) and 2048 new tokens."""
     args = argparse.Namespace(
         quick=ctx.tiny, models=["stu_tensordot"], batches=[1],
-        new=TINY_LEN - 256 if ctx.tiny else 2048,  # after --quick's one context of 256
+        new=TINY_LEN - 256 if ctx.tiny else MODEL_NEW,  # after --quick's one context of 256
         repeats=1 if ctx.tiny else 3, strategies=DECODE_STRATEGIES,
         budget=min(5.0 if ctx.tiny else 30.0, ctx.left()), lds_arithmetic=None,
     )  # fmt: skip
@@ -314,7 +356,7 @@ def train(ctx: StageRun) -> str:
 
 def prefill(ctx: StageRun) -> str:
     """The distilled model's prefill against the STU model's (bench_lds_prefill)."""
-    contexts, repeats = ([TINY_LEN], 1) if ctx.tiny else ([8192, 32768, 131072], 3)
+    contexts, repeats = ([TINY_LEN], 1) if ctx.tiny else (PREFILL_CONTEXTS, 3)
     model = bench_lds_prefill.spectral_model(max(contexts))
     distilled = distill_model(model).model
     for context in contexts:

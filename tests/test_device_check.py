@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -86,3 +87,50 @@ def test_the_device_kind_names_the_default_json(check):
     device_check, _ = check
     assert device_check.slug("NVIDIA H200") == "nvidia-h200"
     assert device_check.slug("TPU v5 lite") == "tpu-v5-lite"
+
+
+def test_install_asks_for_the_extra_the_hardware_needs_and_a_reexec(check, monkeypatch):
+    """On a host whose jax sees only the CPU: no accelerator -> skipped; an NVIDIA driver ->
+    pip installs ``.[cuda12]`` into this interpreter and the check is asked to re-execute;
+    after the re-execution, a jax still on the CPU is a failure that says so."""
+    _, stages = check
+    ctx = stages.StageRun(tiny=True, cpu=False, deadline=time.time() + 60, save=lambda rows: None)
+    monkeypatch.setattr(stages, "accelerator_extra", lambda: None)
+    with pytest.raises(stages.Skipped, match="no accelerator"):
+        stages.install(ctx)
+    commands = []
+    monkeypatch.setattr(stages, "accelerator_extra", lambda: "cuda12")
+    monkeypatch.setattr(stages.subprocess, "run", lambda command, **kw: commands.append(command))
+    with pytest.raises(stages.Reinstalled, match=r"\.\[cuda12\]"):
+        stages.install(ctx)
+    assert commands[0][:4] == [sys.executable, "-m", "pip", "install"]
+    assert commands[0][-2:] == ["-e", ".[cuda12]"]
+    monkeypatch.setenv(stages.REEXEC_ENV, "installed .[cuda12]")
+    with pytest.raises(RuntimeError, match="still sees only the CPU"):
+        stages.install(ctx)
+    assert {row["package"] for row in ctx.rows} >= {"jax", "jaxlib"}
+
+
+def test_prefit_copies_only_the_bank_files(check, tmp_path, monkeypatch):
+    """Each full-size length is fitted as ``LDSLayer.from_stu`` fits it, into a temporary cache;
+    only the bank files reach the folder (the filters stay behind), and the cache variable is
+    restored."""
+    _, stages = check
+    calls = []
+
+    def fake_fit(L, K, variant, num_states, arithmetic):
+        calls.append((L, K, variant, num_states, arithmetic))
+        cache = pathlib.Path(os.environ["SPECTRAL_JAX_CACHE"])
+        (cache / f"ldsbank-{variant}-L{L}.npz").write_bytes(b"bank")
+        (cache / f"filters-L{L}.npz").write_bytes(b"filters")
+
+    monkeypatch.setenv("SPECTRAL_JAX_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setattr(stages, "fit_lds_bank", fake_fit)
+    written = stages.prefit_banks(tmp_path / "banks")
+    lengths = stages.full_bank_lengths()
+    assert lengths[0] == 2**20 and calls == [(L, 24, "standard", 120, "plain") for L in lengths]
+    assert sorted(p.name for p in (tmp_path / "banks").iterdir()) == sorted(
+        f"ldsbank-standard-L{L}.npz" for L in lengths
+    )
+    assert sorted(written) == sorted((tmp_path / "banks").iterdir())
+    assert os.environ["SPECTRAL_JAX_CACHE"] == str(tmp_path / "mine")
