@@ -215,8 +215,9 @@ def tests(ctx: StageRun) -> str:
         out = subprocess.run(
             command, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(ctx.left(), 1)
         ).stdout
-    except subprocess.TimeoutExpired as err:  # the output so far, as bytes
-        out, cut = (err.stdout or b"").decode(errors="replace"), True
+    except subprocess.TimeoutExpired as err:  # the output so far (bytes on POSIX)
+        out, cut = err.stdout or "", True
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
     for node, outcome in OUTCOME.findall(out):
         f32 = next(flag for prefix, flag in chosen if node.startswith(prefix))
         ctx.rows.append({"test": node, "outcome": outcome.lower(), "assumes_f32_matmul": f32})
