@@ -1,11 +1,12 @@
 """One prepared accelerator check: environment, install, tests and quick benchmarks, in one run.
 
 Runs the stages of :mod:`device_stages` in order (environment, install, tests, stu, filters,
-decode_layer, decode_model, train, prefill), each within its wall-time budget and the run's
-(``--budget``, default 480 s, install and compilation included). A stage that would start with
-less than a quarter of its budget left is skipped with a note; a stage past its deadline stops
-at its next row. The JSON is rewritten atomically after every row and every stage, so a run
-cut short (or killed) keeps every figure it measured.
+decode_layer, decode_model, train, prefill; what a stage gets and raises: :mod:`device_run`),
+each within its wall-time budget and the run's (``--budget``, default 480 s, install and
+compilation included). A stage that would start with less than a quarter of its budget left
+is skipped with a note; a stage past its deadline stops at its next row. The JSON is
+rewritten atomically after every row and every stage, so a run cut short (or killed) keeps
+every figure it measured.
 
 ``--cpu`` forces the CPU backend (and skips the install); ``--tiny`` runs the same stages at
 sizes that take seconds on a CPU (the suite runs ``--cpu --tiny``, about 30 s on two cores,
@@ -88,9 +89,9 @@ def slug(device_kind: str) -> str:
 
 def versions() -> dict:
     """Python's and the main packages' versions; ``plugins``: the accelerator jax plugins."""
-    import device_stages
+    import device_setup
 
-    found = {r["package"]: r["version"] for r in device_stages.installed()}
+    found = {r["package"]: r["version"] for r in device_setup.installed()}
     core = {name: importlib.metadata.version(name) for name in CORE_PACKAGES}
     plugins = {name: v for name, v in found.items() if name not in core}
     return {"python": platform.python_version(), **core, "plugins": plugins}
@@ -117,21 +118,21 @@ def default_json(device_kind: str, tiny: bool) -> Path:
 
 
 def run_stage(stage, ctx) -> tuple[str, str]:
-    """``(status, note)`` of running ``stage`` (a ``device_stages.Stage``) with ``ctx``; raises
+    """``(status, note)`` of running ``stage`` (a ``device_run.Stage``) with ``ctx``; raises
     ``Reinstalled`` on, for the caller to re-execute."""
-    import device_stages as ds
+    from device_run import OverBudget, Reinstalled, Skipped, first_line
 
     try:
         return "ok", stage.run(ctx)
-    except ds.OverBudget:
+    except OverBudget:
         return "ok", f"cut at its budget after {len(ctx.rows)} row(s)"
-    except ds.Skipped as err:
+    except Skipped as err:
         return "skipped", str(err)
-    except ds.Reinstalled:
+    except Reinstalled:
         raise
     except Exception as err:  # the next stages still run
         traceback.print_exc()
-        return "failed", ds.first_line(err)
+        return "failed", first_line(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
     import device_stages as ds  # imports jax: after JAX_PLATFORMS is set
     import jax
+    from device_run import Reinstalled, StageRun
+    from device_setup import REEXEC_ENV
 
     if args.prefit_banks:
         for path in ds.prefit_banks(args.prefit_banks):
@@ -193,15 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                              note="cut: the run stopped during this stage")  # fmt: skip
                 write_json_atomic(path, doc)
 
-            ctx = ds.StageRun(tiny, args.cpu, began + min(budgets[stage.name], left), save)
+            ctx = StageRun(tiny, args.cpu, began + min(budgets[stage.name], left), save)
             save([])
             print(f"--- {stage.name} (budget {ctx.left():.0f} s)", flush=True)
             try:
                 status, note = run_stage(stage, ctx)
-            except ds.Reinstalled as err:  # load the new jax: same argv, same clock
+            except Reinstalled as err:  # load the new jax: same argv, same clock
                 entry.update(status="ok", seconds=time.time() - began, note=str(err))
                 write_json_atomic(path, doc)
-                os.environ.update({START_ENV: str(start), ds.REEXEC_ENV: str(err)})
+                os.environ.update({START_ENV: str(start), REEXEC_ENV: str(err)})
                 os.execv(sys.executable, [sys.executable, *doc["meta"]["argv"]])
             entry.update(status=status, seconds=time.time() - began, rows=ctx.rows, note=note)
         write_json_atomic(path, doc)

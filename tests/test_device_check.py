@@ -21,10 +21,16 @@ STAGE_KEYS = {"status", "seconds", "budget_s", "note", "rows"}
 
 @pytest.fixture
 def check(monkeypatch):
-    """The script as a module (its folder on the path, as when it runs) and its stages."""
+    """The script and its stage modules (their folder on the path, as when it runs)."""
     monkeypatch.syspath_prepend(str(REPO / "experiments"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # main sets it: restored after the test
     return importlib.import_module("device_check"), importlib.import_module("device_stages")
+
+
+@pytest.fixture
+def host_stages(check):
+    """The environment / install / tests stages and what a stage gets (device_run)."""
+    return importlib.import_module("device_setup"), importlib.import_module("device_run")
 
 
 def check_schema(doc: dict, stages) -> None:
@@ -89,19 +95,19 @@ def test_the_device_kind_names_the_default_json(check):
     assert device_check.slug("TPU v5 lite") == "tpu-v5-lite"
 
 
-def test_install_asks_for_the_extra_the_hardware_needs_and_a_reexec(check, monkeypatch):
+def test_install_asks_for_the_extra_the_hardware_needs_and_a_reexec(host_stages, monkeypatch):
     """On a host whose jax sees only the CPU: no accelerator -> skipped; an NVIDIA driver ->
     pip installs ``.[cuda12]`` into this interpreter and the check is asked to re-execute;
     after the re-execution, a jax still on the CPU is a failure that says so."""
-    _, stages = check
-    ctx = stages.StageRun(tiny=True, cpu=False, deadline=time.time() + 60, save=lambda rows: None)
+    stages, run = host_stages
+    ctx = run.StageRun(tiny=True, cpu=False, deadline=time.time() + 60, save=lambda rows: None)
     monkeypatch.setattr(stages, "accelerator_extra", lambda: None)
-    with pytest.raises(stages.Skipped, match="no accelerator"):
+    with pytest.raises(run.Skipped, match="no accelerator"):
         stages.install(ctx)
     commands = []
     monkeypatch.setattr(stages, "accelerator_extra", lambda: "cuda12")
     monkeypatch.setattr(stages.subprocess, "run", lambda command, **kw: commands.append(command))
-    with pytest.raises(stages.Reinstalled, match=r"\.\[cuda12\]"):
+    with pytest.raises(run.Reinstalled, match=r"\.\[cuda12\]"):
         stages.install(ctx)
     assert commands[0][:4] == [sys.executable, "-m", "pip", "install"]
     assert commands[0][-2:] == ["-e", ".[cuda12]"]
