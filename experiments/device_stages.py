@@ -153,9 +153,12 @@ def train(ctx: StageRun) -> str:
     L, batch, d, steps = (128, 2, 32, 2) if ctx.tiny else (8192, 8, 1024, 6)
     row = bench_train.measure("hybrid", L, batch, steps, d_model=d, dtype="bfloat16")
     ctx.record(row)
-    peak = peak_flops(jax.devices()[0].device_kind)
-    mfu = "no MFU: no peak known" if row["mfu"] is None else f"MFU {100 * row['mfu']:.1f}%"
-    return f"{row['tokens_per_s']:,.0f} tok/s, {mfu} (peak {peak or '-'} FLOP/s, {steps} steps)"
+    kind, mfu = jax.devices()[0].device_kind, row["mfu"]
+    if mfu is None:
+        mfu = f"no MFU (no peak known for {kind})"
+    else:
+        mfu = f"MFU {100 * mfu:.1f}% of {peak_flops(kind) or 0:.3g} FLOP/s"
+    return f"{row['tokens_per_s']:,.0f} tok/s, {mfu}, L={L} B={batch} d={d} bf16, {steps} steps"
 
 
 def prefill(ctx: StageRun) -> str:
