@@ -1,16 +1,17 @@
 """Decode speed of one layer: naive vs FutureFill vs distilled LDS, the SpectraLDS paper's setup.
 
 One convolution-only STU layer (d_in = d_out = 128, K = 24, standard variant, tensordot, no AR
-terms), batch 1, float32, on the local CPU. For N = 2^10 .. 2^20 (2^11 with ``--quick``) it
-generates N tokens one at a time, feeding each output back (``x_{t+1} = tanh(y_t)``), the whole
-loop one compiled ``lax.scan``. The LDS layer is :meth:`LDSLayer.from_stu` in its default
-arithmetic unless ``--lds-arithmetic`` says otherwise. A strategy stops at the first N whose
-predicted time (last time x max(growth, 2)) exceeds ``--budget`` seconds.
+terms), batch 1, float32, on the local device. For N = 2^10 .. 2^20 (2^11 with ``--quick``,
+2^E for each E of ``--exponents``) it generates N tokens one at a time, feeding each output
+back (``x_{t+1} = tanh(y_t)``), the whole loop one compiled ``lax.scan``. The LDS layer is
+:meth:`LDSLayer.from_stu` in its default arithmetic unless ``--lds-arithmetic`` says otherwise.
+A strategy stops at the first N whose predicted time (last time x max(growth, 2)) exceeds
+``--budget`` seconds.
 
 Rows and JSON: see :mod:`decode_bench_common` (``mode`` ``"layer"``, ``tokens = context = N``).
 
 Usage: python experiments/bench_decode_layer.py [--quick] [--json PATH] [--plot PATH]
-       [--budget S] [--strategies ...] [--lds-arithmetic plain|compensated]
+       [--budget S] [--strategies ...] [--lds-arithmetic plain|compensated] [--exponents E ...]
 """
 
 from __future__ import annotations
@@ -62,10 +63,16 @@ def time_layer_decode(plan: DecodePlan, n: int, strategy: str) -> float:
     return min(times)
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--exponents", nargs="+", type=int, metavar="E", help="layer mode: N = 2^E for each E"
+    )
+
+
 def bench(args: argparse.Namespace, record: Record) -> dict:
     """Layer rows, each passed to ``record`` as it is measured; prints the summary, returns the
     meta."""
-    exponents = range(10, 12) if args.quick else range(10, 21)
+    exponents = args.exponents or (range(10, 12) if args.quick else range(10, 21))
     cfg = STUConfig(
         d_in=D, d_out=D, max_len=2 ** exponents[-1], num_filters=K, projection="tensordot"
     )
@@ -140,7 +147,12 @@ def summarize(rows: list[dict]) -> None:
         print(f"naive / lds at 2^15: {ratio:.1f}x")
 
 
-MODE = Mode("layer", bench, panel=(None, "one layer (d=128, K=24, tensordot), batch 1"))
+MODE = Mode(
+    "layer",
+    bench,
+    panel=(None, "one layer (d=128, K=24, tensordot), batch 1"),
+    add_arguments=add_arguments,
+)
 
 if __name__ == "__main__":
     main(__doc__, [MODE])

@@ -35,6 +35,7 @@ from spectral_jax.decode.strategy import DecodePlan, decode_plan
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.ops.conv_decode import default_block_len
 
+CONTEXTS = (1024, 8192, 32768, 131072)  # prompt lengths of a full run
 MODELS = {  # name: (layer pattern, projection); the headline first
     "stu_tensordot": ("S", "tensordot"),
     "stu_full": ("S", "full"),
@@ -88,7 +89,7 @@ def bench(args: argparse.Namespace, record: Record) -> dict:
         models, batches, contexts, lds_contexts = ["stu_tensordot"], [1], [256], {}
     else:
         models, batches = args.models, args.batches
-        contexts = [1024, 8192, 32768, 131072]
+        contexts = list(CONTEXTS)
         # A 2^20 prompt holds [B, 2^20, d_model] activations (and attention scores over its
         # windows): the headline model at batch 1 fits in this machine's memory (~12 GiB
         # peak); a full-projection layer's FFT prefill is ~40x a tensordot one's.

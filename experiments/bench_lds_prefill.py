@@ -36,6 +36,34 @@ MODEL_PREFILL = nnx.jit(lambda model, prompt: model.prefill(prompt))
 LAYER_PREFILL = nnx.jit(lambda layer, x, scan: layer.prefill(x, scan=scan), static_argnums=2)
 
 
+def spectral_model(max_len: int, d_model: int = 128) -> SpectralModel:
+    """The benchmarked STU model: 4 tensordot STU layers, K = 24, vocab 256."""
+    config = ModelConfig(
+        d_model=d_model, num_layers=4, max_len=max_len, vocab_size=256, num_filters=24,
+        stu_projection="tensordot",
+    )  # fmt: skip
+    return SpectralModel(config, rngs=nnx.Rngs(0))
+
+
+def prefill_row(
+    model: SpectralModel, distilled: SpectralModel, context: int, repeats: int, parallel: bool
+) -> dict:
+    """Median prefill seconds of a random ``[1, context]`` prompt: ``{"context", "stu_s",
+    "lds_s", "ratio"}`` (``lds_s / stu_s``), and with ``parallel`` the first distilled layer's
+    ``layer_fft_s`` and ``layer_parallel_s`` (its ``scan="fft"`` and ``scan="parallel"``)."""
+    prompt = jax.random.randint(jax.random.key(context), (1, context), 0, 256, jnp.int32)
+    stu_s = median_seconds(MODEL_PREFILL, model, prompt, repeats=repeats)
+    lds_s = median_seconds(MODEL_PREFILL, distilled, prompt, repeats=repeats)
+    row = {"context": context, "stu_s": stu_s, "lds_s": lds_s, "ratio": lds_s / stu_s}
+    if parallel:
+        layer = distilled.blocks[0].mixer
+        d_model = model.config.d_model
+        x = jax.random.normal(jax.random.key(1), (1, context, d_model), jnp.float32)
+        row["layer_fft_s"] = median_seconds(LAYER_PREFILL, layer, x, "fft", repeats=repeats)
+        row["layer_parallel_s"] = median_seconds(LAYER_PREFILL, layer, x, "parallel", repeats=1)
+    return row
+
+
 def decode_compile_seconds(model: nnx.Module, new_tokens: int) -> float:
     """Seconds to lower and compile ``new_tokens`` greedy decode steps as one ``lax.scan``."""
     graphdef, state = nnx.split(model)
@@ -66,11 +94,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    config = ModelConfig(
-        d_model=128, num_layers=4, max_len=max(args.contexts), vocab_size=256, num_filters=24,
-        stu_projection="tensordot",
-    )  # fmt: skip
-    model = SpectralModel(config, rngs=nnx.Rngs(0))
+    model = spectral_model(max(args.contexts))
     plain = distill_model(model).model
     compensated = distill_model(model, arithmetic="compensated").model
     print(f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
@@ -85,19 +109,12 @@ def main() -> None:
 
     rows = []
     for context in args.contexts:
-        prompt = jax.random.randint(jax.random.key(context), (1, context), 0, 256, jnp.int32)
-        stu_s = median_seconds(MODEL_PREFILL, model, prompt, repeats=args.repeats)
-        lds_s = median_seconds(MODEL_PREFILL, plain, prompt, repeats=args.repeats)
-        row = {"context": context, "stu_s": stu_s, "lds_s": lds_s, "ratio": lds_s / stu_s}
-        line = f"model prefill {context:>6}: STU {stu_s:.3f} s, distilled {lds_s:.3f} s, "
-        line += f"ratio {lds_s / stu_s:.2f}x"
-        if not args.no_parallel:
-            layer = plain.blocks[0].mixer
-            x = jax.random.normal(jax.random.key(1), (1, context, config.d_model), jnp.float32)
-            fft_s = median_seconds(LAYER_PREFILL, layer, x, "fft", repeats=args.repeats)
-            par_s = median_seconds(LAYER_PREFILL, layer, x, "parallel", repeats=1)
-            row.update(layer_fft_s=fft_s, layer_parallel_s=par_s)
-            line += f"; one layer: fft {fft_s:.3f} s, parallel scan {par_s:.3f} s"
+        row = prefill_row(model, plain, context, args.repeats, parallel=not args.no_parallel)
+        line = f"model prefill {context:>6}: STU {row['stu_s']:.3f} s, distilled "
+        line += f"{row['lds_s']:.3f} s, ratio {row['ratio']:.2f}x"
+        if "layer_fft_s" in row:
+            line += f"; one layer: fft {row['layer_fft_s']:.3f} s, parallel scan "
+            line += f"{row['layer_parallel_s']:.3f} s"
         rows.append(row)
         print(line, flush=True)
     if args.json:

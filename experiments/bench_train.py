@@ -37,9 +37,9 @@ MODELS = ("stu", "hybrid", "swa", "transformer")
 TRANSFORMER_MAX_L = 4096
 
 
-def model_config(kind: str, L: int) -> ModelConfig:
+def model_config(kind: str, L: int, d_model: int = 64, dtype: str = "float32") -> ModelConfig:
     base = ModelConfig(
-        d_model=64,
+        d_model=d_model,
         num_layers=4,
         max_len=L,
         vocab_size=256,
@@ -47,6 +47,7 @@ def model_config(kind: str, L: int) -> ModelConfig:
         num_filters=24,
         stu_projection="tensordot",
         window=128,
+        dtype=dtype,
     )
     if kind == "stu":
         return base
@@ -66,10 +67,12 @@ def measure(
     remat: str = "none",
     microbatches: int = 1,
     peak_flops: float | None = None,
+    d_model: int = 64,
+    dtype: str = "float32",
 ) -> dict:
     config = TrainConfig(
         task=ByteCorpusLM(seq_len=L),
-        model=dataclasses.replace(model_config(kind, L), remat=remat),
+        model=dataclasses.replace(model_config(kind, L, d_model, dtype), remat=remat),
         steps=steps,
         global_batch=batch,
         microbatches=microbatches,
@@ -80,6 +83,8 @@ def measure(
     last = [r for r in train(config).history if "tokens_per_s" in r][-1]
     return {
         "model": kind,
+        "d_model": d_model,
+        "dtype": dtype,
         "L": L,
         "batch": batch,
         "remat": remat,
