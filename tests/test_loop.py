@@ -204,15 +204,20 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     config = _config(
         tmp_path, steps=10, log_every=10, checkpoint=CheckpointConfig(str(ckpt_dir), save_every=2)
     )
-    with pytest.raises(NonFiniteLossError, match=r"step 5: non-finite .*loss=nan") as info:
+    # Every step from 5 on is NaN: 5 and 6 are skipped (6 saves the unchanged state of 4), the
+    # third in a row (stop_after_nonfinite_steps=3, the default) stops the run.
+    with pytest.raises(NonFiniteLossError, match=r"step 7: non-finite .*loss=nan") as info:
         train(config, model_fn=lambda rngs: TinyLM(rngs, nan_after=4))
-    assert f"last good checkpoint is step 4 in {ckpt_dir}" in str(info.value)
-    events = [r for r in _records(config.metrics_path) if r.get("event") == "non_finite"]
-    assert len(events) == 1 and events[0]["step"] == 5
+    assert f"last good checkpoint is step 6 in {ckpt_dir}" in str(info.value)
+    records = _records(config.metrics_path)
+    events = [r for r in records if r.get("event") == "non_finite"]
+    assert len(events) == 1 and events[0]["step"] == 7
+    assert [r["step"] for r in records if r.get("event") == "skipped_step"] == [5, 6, 7]
     with Checkpointer(CheckpointConfig(str(ckpt_dir)), read_only=True) as ckpt:
-        assert ckpt.all_steps() == [2, 4]
+        assert ckpt.all_steps() == [2, 4, 6]
         meta = ckpt.restore_meta()
-    assert meta["data"] == {"seed": 0, "next_step": 4}
+    assert meta["data"] == {"seed": 0, "next_step": 6}
+    assert meta["nonfinite"] == {"in_a_row": 2, "skipped_total": 2}
 
 
 def test_load_model_restores_the_trained_parameters(tmp_path):

@@ -34,6 +34,11 @@ class TrainConfig:
     ``peak_flops_per_device``: the peak FLOP/s that MFU is measured against; ``None`` looks
     the device kind up in ``flops.PEAK_BF16_FLOPS`` and reports no MFU for unknown devices
     (CPUs).
+    ``stop_after_nonfinite_steps``: a step with a non-finite loss or gradient is skipped
+    (parameters and optimizer state unchanged); this many in a row stop the run with
+    ``NonFiniteLossError`` (1: the first one stops it). The default 3 rides out one bad batch
+    or a transient overflow, and stops a diverged run, whose every step is non-finite, within
+    a few steps instead of burning its budget.
     """
 
     task: Task
@@ -52,9 +57,11 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     microbatches: int = 1
     peak_flops_per_device: float | None = None
+    stop_after_nonfinite_steps: int = 3
 
     def __post_init__(self):
-        for name in ("steps", "global_batch", "log_every", "microbatches"):
+        names = ("steps", "global_batch", "log_every", "microbatches", "stop_after_nonfinite_steps")
+        for name in names:
             positive_int("TrainConfig", name, getattr(self, name))
         for name in ("seed", "eval_every", "eval_batches"):
             positive_int("TrainConfig", name, getattr(self, name), minimum=0)

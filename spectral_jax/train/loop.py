@@ -7,15 +7,18 @@ generates only its rows of every batch, and the jitted step donates the old stat
 Resume is exact: batches are a pure function of ``(seed, step, row)``, so restoring
 the model state (including any RNG streams), the optimizer state and the step from
 the latest complete checkpoint replays the uninterrupted run. The checkpoint may be
-restored onto another mesh. A non-finite loss, gradient norm or parameter stops the
-run with ``NonFiniteLossError``; metrics are checked before every save, so nothing
-non-finite is ever saved and the last checkpoint stays good.
+restored onto another mesh. A step whose loss or gradient norm is not finite is skipped
+(``make_train_step``: parameters and optimizer state unchanged), logged and counted;
+``TrainConfig.stop_after_nonfinite_steps`` of them in a row, or non-finite parameters after
+an applied update, stop the run with ``NonFiniteLossError``. Metrics are checked before every
+save, so nothing non-finite is ever saved and the last checkpoint stays good; the count of
+skipped steps in a row is saved with each checkpoint, so a resumed run stops where the
+uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, NamedTuple
 
@@ -42,7 +45,7 @@ from spectral_jax.train.step import make_eval_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss, gradient norm or parameters became NaN/inf during training."""
+    """Too many non-finite steps in a row, or the parameters became NaN/inf, in training."""
 
 
 @dataclasses.dataclass
@@ -117,10 +120,20 @@ class _TrainLog:
     save), so the host does not wait for every step. Throughput records carry
     ``tokens_per_s`` (global), ``tokens_per_s_per_device`` and, where the model's FLOPs and
     the device's peak are known, ``mfu`` (model FLOPs utilisation, see ``train.flops``).
+    Every train record carries ``skipped`` (0 or 1) and ``skipped_total`` (over the whole run,
+    resumes included); each skipped step also gets a ``{"event": "skipped_step"}`` record.
+    ``nonfinite`` (``{"in_a_row", "skipped_total"}``) is what each checkpoint saves of them.
     """
 
-    def __init__(self, logger: MetricsLogger, config: TrainConfig, ckpt: Checkpointer | None):
+    def __init__(
+        self,
+        logger: MetricsLogger,
+        config: TrainConfig,
+        ckpt: Checkpointer | None,
+        nonfinite: dict[str, int],
+    ):
         self.logger, self.config, self.ckpt = logger, config, ckpt
+        self.nonfinite = dict(nonfinite)
         self.tokens_per_step = config.global_batch * config.task.seq_len
         self.flops_over_peak = _flops_per_token_over_peak(config)
         self.pending: list[tuple[int, dict]] = []
@@ -136,11 +149,19 @@ class _TrainLog:
         host = jax.device_get([metrics for _, metrics in self.pending])
         records = []
         for (step, _), metrics in zip(self.pending, host, strict=True):
-            finite = bool(metrics.pop("params_finite"))
+            finite, skipped = bool(metrics.pop("params_finite")), bool(metrics.pop("skipped"))
             values = {k: float(v) for k, v in metrics.items()}
-            if not (finite and math.isfinite(values["loss"] + values["grad_norm"])):
+            count = self.nonfinite
+            count["in_a_row"] = count["in_a_row"] + 1 if skipped else 0
+            count["skipped_total"] += skipped
+            if skipped:
+                event = {"event": "skipped_step", "step": step, **values, **count}
+                self.logger.log(event, echo=False)
+            skip_counts = {"skipped": int(skipped), "skipped_total": count["skipped_total"]}
+            records.append({"split": "train", "step": step, **values, **skip_counts})
+            if count["in_a_row"] >= self.config.stop_after_nonfinite_steps or not finite:
+                self._log(records)  # the records up to the stopping step's
                 self._stop(step, values, finite)
-            records.append({"split": "train", "step": step, **values})
         self.pending.clear()
         now = time.perf_counter()
         if self.clock is not None and done > self.clock[1]:
@@ -153,6 +174,9 @@ class _TrainLog:
                 records[-1]["mfu"] = per_device * self.flops_over_peak
             records[-1]["eta_s"] = (self.config.steps - done) * elapsed / steps_run
             self.clock = (now, done)
+        self._log(records)
+
+    def _log(self, records: list[dict[str, Any]]) -> None:
         for record in records:
             self.logger.log(record, echo=record is records[-1])
         self.history.extend(records)
@@ -169,9 +193,16 @@ class _TrainLog:
                 if steps
                 else f"no checkpoint was saved in {self.ckpt.directory}"
             )
+        in_a_row = self.nonfinite["in_a_row"]
+        why = (
+            f"{in_a_row} skipped step(s) in a row, stop_after_nonfinite_steps="
+            f"{self.config.stop_after_nonfinite_steps}"
+            if params_finite
+            else "an applied update made the parameters non-finite"
+        )
         message = (
             f"training stopped at step {step}: non-finite values ({what}, "
-            f"parameters finite={params_finite}); {kept}. Lower the learning rate, "
+            f"parameters finite={params_finite}; {why}); {kept}. Lower the learning rate, "
             "tighten grad_clip, or check the data for NaN/inf"
         )
         self.logger.log({"event": "non_finite", "step": step, "message": message}, echo=False)
@@ -211,8 +242,11 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
     if ckpt is not None and primary:
         save_task_tokenizer(task, ckpt.directory)  # generate and distill read it back
     start = 0 if ckpt is None else (ckpt.latest_step() or 0)
+    nonfinite = {"in_a_row": 0, "skipped_total": 0}
     if start:
-        check_resumable(ckpt.restore_meta(start)["run"], record, ckpt.directory)
+        saved_meta = ckpt.restore_meta(start)
+        check_resumable(saved_meta["run"], record, ckpt.directory)
+        nonfinite = saved_meta.get("nonfinite", nonfinite)  # absent: saved before skipping
         model_pure, opt_pure, _ = ckpt.restore(
             _abstract_pure(layout.model_abstract, layout.model_sh),
             _abstract_pure(layout.opt_abstract, layout.opt_sh),
@@ -253,7 +287,7 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
         out.update(task.eval_metrics(out["loss"]))
         return out
 
-    log = _TrainLog(logger, config, ckpt)
+    log = _TrainLog(logger, config, ckpt, nonfinite)
     try:
         steps = range(start, config.steps)
         batches = prefetch(lambda s: global_batch(s, "train"), steps)
@@ -268,7 +302,11 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
             if save or last or done % config.log_every == 0:
                 log.flush(done)
             if save:
-                meta = {"run": record, "data": {"seed": seed, "next_step": done}}
+                meta = {
+                    "run": record,
+                    "data": {"seed": seed, "next_step": done},
+                    "nonfinite": dict(log.nonfinite),
+                }
                 ckpt.save(done, nnx.to_pure_dict(model_state), nnx.to_pure_dict(opt_state), meta)
             periodic = config.eval_every and done % config.eval_every == 0
             if config.eval_batches and (last or periodic):

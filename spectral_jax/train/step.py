@@ -98,28 +98,47 @@ def make_train_step(
     ``shardings = (model, optimizer, batch, replicated)``. The gradient of the whole batch is
     accumulated over ``microbatches`` slices (``loss_and_grads``), then applied in one
     optimizer update. Metrics (replicated scalars): ``loss`` (before the update),
-    ``grad_norm`` (before clipping), ``learning_rate`` (used by this update),
-    ``params_finite`` (the updated parameters are all finite).
+    ``grad_norm`` (before clipping), ``learning_rate`` (used by this update), ``skipped``
+    (the loss or the gradients were not finite, so the update was not applied) and
+    ``params_finite`` (the returned parameters are all finite).
+
+    A skipped step returns the parameters and the whole optimizer state bitwise unchanged: the
+    new and old states are selected between on device (``jnp.where``), so the step stays one
+    program and the donated inputs are only read. The optimizer's step counter is part of that
+    state, so a skipped step does not advance the learning-rate schedule, which counts applied
+    updates (warmup is not spent on steps that changed nothing); the loop's step, and with it
+    the batch, advances either way. The model's other state (RNG streams, counters) advances
+    with the consumed batch, so the next step draws fresh randomness. ``optax.apply_if_finite``
+    is not used: it looks at the gradients only (not the loss), it applies the non-finite
+    update once its ``max_consecutive_errors`` are spent (the loop stops instead, see
+    ``TrainConfig.stop_after_nonfinite_steps``), and ``nnx.Optimizer``'s own step counter
+    would still advance past the skipped steps.
     """
     model_sharding, opt_sharding, batch_sharding, replicated = shardings
 
     def train_step(model_state, opt_state, batch: Batch):
-        model = nnx.merge(model_graphdef, model_state)
-        optimizer = nnx.merge(optimizer_graphdef, opt_state)
+        model = nnx.merge(model_graphdef, model_state, copy=True)
+        optimizer = nnx.merge(optimizer_graphdef, opt_state, copy=True)
         model.train()
         loss, grads = loss_and_grads(model, batch, kind, microbatches)
         learning_rate = schedule(optimizer.step[...])
         grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         optimizer.update(model, grads)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        old_params = nnx.filter_state(model_state, nnx.Param)  # merged copies left it intact
+        nnx.update(model, jax.tree.map(keep, nnx.state(model, nnx.Param), old_params))
+        new_opt_state = jax.tree.map(keep, nnx.state(optimizer), opt_state)
         params = jax.tree.leaves(nnx.state(model, nnx.Param))
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in params]))
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(learning_rate, jnp.float32),
+            "skipped": ~ok,
             "params_finite": finite,
         }
-        return nnx.state(model), nnx.state(optimizer), metrics
+        return nnx.state(model), new_opt_state, metrics
 
     return jax.jit(
         train_step,
