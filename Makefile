@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/spectral-jax demo
 
+# Two pytest-xdist workers (CI has 2 cores), tests handed out one by one (--dist load).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist load
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q

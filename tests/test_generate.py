@@ -5,10 +5,12 @@ batches equal per-row generation; sampling; errors."""
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomize_ar_output
 from flax import nnx
 
 from spectral_jax.decode.generate import Sampling, decode_chunks, generate, prefill, sample_tokens
@@ -31,13 +33,7 @@ HYBRID = ModelConfig(
 
 
 def make_model(config, seed=0):
-    model = SpectralModel(config, rngs=nnx.Rngs(seed))
-    key = jax.random.key(seed + 1)
-    for _, module in nnx.iter_modules(model):
-        if hasattr(module, "M_y"):  # zero at init: make the output recursion do something
-            key, sub = jax.random.split(key)
-            module.M_y[...] = 0.2 * jax.random.normal(sub, module.M_y.shape)
-    return model
+    return randomize_ar_output(SpectralModel(config, rngs=nnx.Rngs(seed)), jax.random.key(seed + 1))
 
 
 forward = nnx.jit(lambda m, x: m(x))
@@ -69,7 +65,8 @@ def test_greedy_tokens_agree_across_strategies_and_with_teacher_forcing():
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, 11, (3, 8)), jnp.int32)
     naive = generate(model, prompt, 24, options=DecodeOptions("naive"))
     ff = generate(model, prompt, 24, options=DecodeOptions("futurefill"))
-    assert naive.shape == (3, 24) and naive.dtype == jnp.int32
+    chex.assert_shape(naive, (3, 24))
+    chex.assert_type(naive, jnp.int32)
     np.testing.assert_array_equal(naive, ff)
     # each token is the argmax of the full forward pass over the generated sequence
     logits = forward(model, jnp.concatenate([prompt, naive], axis=1))[:, 7:-1]

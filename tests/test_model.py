@@ -3,6 +3,7 @@ bf16 activations, and prefill + step == forward (through attention-only configs)
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,8 @@ def test_hybrid_lm_shapes_param_count_and_tying():
     assert type(model.blocks[1].mixer).__name__ == "SlidingWindowAttention"
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 9)), jnp.int32)
     logits = forward(model, tokens)
-    assert logits.shape == (2, 9, 11) and logits.dtype == jnp.float32
+    chex.assert_shape(logits, (2, 9, 11))
+    chex.assert_type(logits, jnp.float32)
     assert bool(jnp.all(jnp.isfinite(logits)))
     expected = (
         11 * 16  # embedding
@@ -205,10 +207,7 @@ def test_remat_gives_the_same_loss_and_gradients_float64():
             assert "remat" in str(jax.make_jaxpr(nnx.grad(loss))(model))  # really rematerialized
             value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
             np.testing.assert_allclose(value, ref_loss, rtol=TOL64)
-            for (path, g), r in zip(
-                jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True
-            ):
-                assert g.dtype == jnp.float64
-                np.testing.assert_allclose(g, r, rtol=TOL64, atol=TOL64, err_msg=f"{remat} {path}")
+            chex.assert_type(jax.tree.leaves(grads), jnp.float64)
+            chex.assert_trees_all_close(grads, ref_grads, rtol=TOL64, atol=TOL64)
     with pytest.raises(ValueError, match=r"ModelConfig.remat must be one of .*'save_dots'"):
         dataclasses.replace(HYBRID, remat="save-dots")

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomize_ar_output
 from flax import nnx
 
 from spectral_jax.nn.stu import STU, STUConfig
@@ -38,11 +39,6 @@ def direct_stu(p, phi, u, variant, projection):
             if t - i >= 0:
                 y[:, t] += y[:, t - i] @ p["M_y"][i - 1]
     return y
-
-
-def randomize_ar_output(layer, key):
-    """M_y is zero at init; give it small random values so the recursion is exercised."""
-    layer.M_y[...] = 0.2 * jax.random.normal(key, layer.M_y.shape, layer.M_y.dtype)
 
 
 @pytest.mark.parametrize(("variant", "projection"), MODES)

@@ -6,6 +6,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import randomize_ar_output
 from flax import nnx
 
 from spectral_jax.nn.mixer import DecodeOptions
@@ -24,10 +25,7 @@ def make_layer(variant, projection, dtype, max_len=40):
         d_in=3, d_out=2, max_len=max_len, num_filters=5, variant=variant,
         projection=projection, k_u=2, k_y=2, dtype=dtype, param_dtype=dtype,
     )  # fmt: skip
-    layer = STU(cfg, rngs=nnx.Rngs(0))
-    # M_y is zero at init; small random values exercise the output recursion
-    layer.M_y[...] = 0.2 * jax.random.normal(jax.random.key(1), layer.M_y.shape, dtype)
-    return layer
+    return randomize_ar_output(STU(cfg, rngs=nnx.Rngs(0)), jax.random.key(1))
 
 
 @nnx.jit(static_argnums=(2, 3))
