@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench clean
+.PHONY: demo test test-slow lint format bench device-check clean
 
 # (Re)create the virtualenv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -37,6 +37,12 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_distill.py --quick
 	$(BIN)/python experiments/bench_decode.py --quick
 	$(BIN)/python experiments/bench_train.py --quick
+
+# The accelerator check (docs/accelerators.md): on a GPU or TPU host whose jax sees only the CPU
+# it installs .[cuda12] or .[tpu] and re-runs itself; then the tests that matter there and quick
+# benchmarks within 480 s, into results/device/<device-kind>.json.
+device-check: $(STAMP)
+	$(BIN)/python experiments/device_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
