@@ -118,6 +118,12 @@ def tests(ctx: StageRun) -> str:
     chosen = TINY_TESTS if ctx.tiny else TESTS
     env = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest", "PYTHONPATH": str(REPO)}
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # this process holds most of the memory
+    # tests/conftest.py lowers XLA's backend optimisation for the CPU suite's speed unless a level
+    # is set: on the device, test the code that users run (XLA's default level, 3)
+    if "xla_backend_optimization_level" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = (
+            env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=3"
+        ).strip()
     if ctx.cpu:
         env["JAX_PLATFORMS"] = "cpu"
     command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]

@@ -24,6 +24,7 @@ from spectral_jax.data.prepare import SHARD_DTYPES, prepare_data
 from spectral_jax.data.tokenizer import StreamDecoder, encode
 from spectral_jax.decode.generate import Sampling, decode_chunks, prefill
 from spectral_jax.decode.strategy import decode_plan
+from spectral_jax.distill.fit import DEFAULT_NUM_STATES
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
 from spectral_jax.validation import ARITHMETICS, GENERATION_STRATEGIES, positive_int
 
@@ -76,7 +77,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-states",
         type=int,
-        default=120,
+        default=DEFAULT_NUM_STATES,
         help="LDS states per input channel, both signs counted (default 120)",
     )
     parser.add_argument(
@@ -118,7 +119,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    parser.add_argument("--num-states", type=int, default=120, help="LDS states (lds strategy)")
+    parser.add_argument(
+        "--num-states", type=int, default=DEFAULT_NUM_STATES, help="LDS states (lds strategy)"
+    )
     parser.add_argument("--chunk", type=int, default=16, help="tokens decoded per jitted call")
 
 

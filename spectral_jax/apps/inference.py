@@ -17,6 +17,7 @@ from etils import epath
 from flax import nnx
 
 from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
+from spectral_jax.distill.fit import DEFAULT_NUM_STATES
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.model import SpectralModel
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
@@ -117,7 +118,7 @@ def checkpoint_tokenizer(directory: str, meta: dict[str, Any]) -> Tokenizer:
 
 
 def distill_checkpoint(
-    source: str, out: str, *, num_states: int = 120, arithmetic: Arithmetic = "plain"
+    source: str, out: str, *, num_states: int = DEFAULT_NUM_STATES, arithmetic: Arithmetic = "plain"
 ) -> dict[str, Any]:
     """Distill every STU layer of the model in ``source`` into a new checkpoint in ``out``.
 

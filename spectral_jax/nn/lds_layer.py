@@ -21,9 +21,8 @@ alternatives). :meth:`LDSLayer.step` advances the recurrence by one token.
 
 This module holds the parameters and the decode API; the math is
 :class:`spectral_jax.ops.distilled_lds.DistilledLDS`, over the projection's and the arithmetic's
-objects (:mod:`spectral_jax.ops.projection`, :mod:`spectral_jax.ops.lds_arithmetic`).
-The arithmetic of the recurrence and its readout is one object of
-:mod:`spectral_jax.ops.lds_arithmetic`: ``"plain"`` float32 (default, ~2e-5 relative to the
+objects (:mod:`spectral_jax.ops.projection`, :mod:`spectral_jax.ops.lds_arithmetic`). The
+arithmetic of the recurrence and its readout is ``"plain"`` float32 (default, ~2e-5 relative to the
 float64 STU at L=8192, K=24, 120 states; float64 under ``jax.enable_x64`` for references) or
 ``"compensated"`` float32 pairs (~1e-7, the opt-in exact mode; float32 only).
 """
@@ -39,7 +38,7 @@ from flax import nnx
 
 from spectral_jax.distill.bank import LDSBank
 from spectral_jax.distill.convert import stu_to_lds
-from spectral_jax.distill.fit import fit_lds_bank
+from spectral_jax.distill.fit import DEFAULT_NUM_STATES, fit_lds_bank
 from spectral_jax.nn.lds_config import LDSConfig, check_bank
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STU_PARAM_AXES
@@ -103,7 +102,7 @@ class LDSLayer(nnx.Module):
         stu: STU,
         bank: LDSBank | None = None,
         *,
-        num_states: int = 120,
+        num_states: int = DEFAULT_NUM_STATES,
         arithmetic: Arithmetic = "plain",
     ) -> LDSLayer:
         """Distill ``stu``: fit (or take) a bank for its filters and convert its parameters."""
