@@ -14,11 +14,13 @@ are removed when a writer opens the directory again.
 
 Restoring "the latest" (``restore_latest``, ``restore_meta()``) falls back: a step whose
 items fail to restore for any reason (truncated or missing files, unreadable or wrong
-metadata, a missing item) is reported with a warning and recorded in ``fallbacks``; a
-writer moves its directory aside to ``<directory>/corrupt/<step>-<UTC time>`` (a name
-orbax never lists, so no later save touches it), a read-only user only skips it, and the
-next newest step is tried. No good step at all is a ``CheckpointError`` naming each
-step's reason.
+metadata, a missing item) is skipped for the next newest; once an older step restores, each
+skipped one is reported with a warning and recorded in ``fallbacks``, and a writer moves its
+directory aside to
+``<directory>/corrupt/<step>-<UTC time>`` (a name orbax never lists, so no later save touches
+it; a read-only user moves nothing). No good step at all is a ``CheckpointError`` naming each
+step's reason, and nothing is moved: then the likelier cause is a run that does not fit the
+checkpoints (another model), not damage.
 
 One writer per directory: a writer holds an exclusive ``fcntl.flock`` on
 ``<directory>/writer.lock`` (whose text names the holder's pid, host and start time)
@@ -271,20 +273,26 @@ class Checkpointer:
         return step
 
     def _newest_good(self, attempt: Callable[[int], Any]):
-        """``attempt(step)`` for the newest step where restoring does not fail;
-        each failing step is warned about, recorded in ``fallbacks`` and (writers) moved
-        aside."""
-        reasons = []
+        """``attempt(step)`` for the newest step where restoring does not fail. Once one
+        succeeds, each newer step that failed is warned about, recorded in ``fallbacks`` and
+        (writers) moved aside. When no step restores, nothing is moved: the likelier cause is
+        then a run that does not fit these checkpoints, and the error names every reason."""
+        failed = []
         for step in reversed(self.all_steps()):
             try:
-                return attempt(step)
+                result = attempt(step)
             except _DamagedStep as e:
-                reasons.append(f"step {step}: {e}")
-                self._set_aside(step, str(e))
-        if not reasons:
+                failed.append((step, str(e)))
+                continue
+            for bad, reason in failed:
+                self._set_aside(bad, reason)
+            return result
+        if not failed:
             raise CheckpointError(f"checkpoint directory {self.directory} holds no checkpoint")
         raise CheckpointError(
-            f"checkpoint directory {self.directory} holds no good checkpoint: " + "; ".join(reasons)
+            f"checkpoint directory {self.directory} holds no good checkpoint (nothing was "
+            "moved; if the files are intact, the run may not fit them): "
+            + "; ".join(f"step {step}: {reason}" for step, reason in failed)
         )
 
     def _set_aside(self, step: int, reason: str) -> None:
