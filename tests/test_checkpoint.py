@@ -96,8 +96,11 @@ def test_corrupt_checkpoint_is_a_clear_error_naming_the_fallback(tmp_path):
         if path.is_file():
             path.write_bytes(b"garbage")
     with Checkpointer(CheckpointConfig(str(tmp_path / "ck")), read_only=True) as ckpt:
-        with pytest.raises(CheckpointError, match=r"step 2 .* corrupt.*resume from step 1"):
-            ckpt.restore(_abstract(_tree()), _abstract({"count": jnp.array(0)}))
+        with pytest.raises(CheckpointError, match=r"step 2 .* corrupt"):
+            ckpt.restore(_abstract(_tree()), _abstract({"count": jnp.array(0)}), step=2)
+        with pytest.warns(UserWarning, match=r"step 2 .* damaged .*next newest"):
+            *_, meta = ckpt.restore(_abstract(_tree()), _abstract({"count": jnp.array(0)}))
+        assert meta["step"] == 1  # the latest falls back to the named step
 
 
 def test_partial_save_directories_are_never_loaded(tmp_path):
@@ -220,7 +223,7 @@ def test_sigkill_after_a_checkpoint_and_mid_save_then_resume_is_exact(tmp_path):
     # Killed mid-save: step 6 exists only as an uncommitted temporary directory.
     leftovers = sorted(p.name for p in (mid / "ckpt").iterdir())
     assert leftovers[0] == "3" and leftovers[1].startswith("6" + atomicity.TMP_DIR_SUFFIX)
-    assert sorted(p.name for p in (after / "ckpt").iterdir()) == ["3"]
+    assert sorted(p.name for p in (after / "ckpt").iterdir()) == ["3", "writer.lock"]
     resumed = [_start("plain", after, cache), _start("plain", mid, cache)]
     outputs = [_wait(proc, 0) for proc in resumed]
     reference = _losses_after_last_resume(ref / "metrics.jsonl")
@@ -231,7 +234,7 @@ def test_sigkill_after_a_checkpoint_and_mid_save_then_resume_is_exact(tmp_path):
         assert sorted(losses) == list(range(4, STEPS + 1))
         # Same programs, same state, same batches: bitwise equal on CPU.
         assert losses == {step: reference[step] for step in losses}
-        assert sorted(p.name for p in (out_dir / "ckpt").iterdir()) == ["6", "8"]
+        assert sorted(p.name for p in (out_dir / "ckpt").iterdir()) == ["6", "8", "writer.lock"]
 
 
 def test_training_on_a_corrupt_checkpoint_directory_fails_clearly(tmp_path):
@@ -243,11 +246,12 @@ def test_training_on_a_corrupt_checkpoint_directory_fails_clearly(tmp_path):
         checkpoint=CheckpointConfig(str(tmp_path / "ckpt"), save_every=1),
     )
     train(config, model_fn=TinyRegressor)
-    for path in (tmp_path / "ckpt" / "2" / "optimizer").rglob("*"):
+    for path in (tmp_path / "ckpt").glob("[0-9]*/optimizer/**/*"):  # every step is damaged
         if path.is_file():
             path.write_bytes(b"\x00")
     longer = dataclasses.replace(config, steps=4)
-    with pytest.raises(CheckpointError, match=r"step 2 .* could not be restored"):
+    reasons = r"no good checkpoint .*: step 2: .* could not be restored.*; step 1: .* could not be"
+    with pytest.raises(CheckpointError, match=reasons):
         train(longer, model_fn=TinyRegressor)
 
 

@@ -241,17 +241,25 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
     ckpt = Checkpointer(config.checkpoint) if config.checkpoint is not None else None
     if ckpt is not None and primary:
         save_task_tokenizer(task, ckpt.directory)  # generate and distill read it back
-    start = 0 if ckpt is None else (ckpt.latest_step() or 0)
+    start = 0
     nonfinite = {"in_a_row": 0, "skipped_total": 0}
-    if start:
-        saved_meta = ckpt.restore_meta(start)
-        check_resumable(saved_meta["run"], record, ckpt.directory)
+    if ckpt is not None and ckpt.latest_step() is not None:
+
+        def abstracts(saved_meta):
+            check_resumable(saved_meta["run"], record, ckpt.directory)
+            model_abstract = _abstract_pure(layout.model_abstract, layout.model_sh)
+            return model_abstract, _abstract_pure(layout.opt_abstract, layout.opt_sh)
+
+        try:  # falls back past damaged steps, moving them aside
+            model_pure, opt_pure, saved_meta = ckpt.restore_latest(abstracts)
+        except BaseException:
+            ckpt.close()  # releases the directory's lock
+            raise
+        finally:
+            for skipped in ckpt.fallbacks:
+                logger.log({"event": "checkpoint_fallback", **skipped}, echo=False)
+        start = saved_meta["step"]
         nonfinite = saved_meta.get("nonfinite", nonfinite)  # absent: saved before skipping
-        model_pure, opt_pure, _ = ckpt.restore(
-            _abstract_pure(layout.model_abstract, layout.model_sh),
-            _abstract_pure(layout.opt_abstract, layout.opt_sh),
-            step=start,
-        )
         nnx.replace_by_pure_dict(model_state, model_pure)
         nnx.replace_by_pure_dict(opt_state, opt_pure)
         logger.log({"event": "resume", "step": start, "directory": ckpt.directory}, echo=False)
@@ -336,12 +344,20 @@ def load_model(
     onto ``mesh`` (default: all devices, FSDP off). Returns ``(model, meta)`` where
     ``meta["run"]`` is the run record (task, model, optimizer, seed, batch).
     """
+    device_mesh = shd.make_mesh(mesh or shd.MeshConfig())
+    templates = []  # (graphdef, state) of the model built for the step being restored
+
+    def abstracts(meta):
+        build = model_fn or spectral_model_fn(model_config_from_record(meta["run"]))
+        templates.append(nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0)))))
+        state = templates[-1][1]
+        return _abstract_pure(state, shd.state_shardings(state, device_mesh)), None
+
     with Checkpointer(CheckpointConfig(directory), read_only=True) as ckpt:
-        meta = ckpt.restore_meta(step)
-        model_fn = model_fn or spectral_model_fn(model_config_from_record(meta["run"]))
-        device_mesh = shd.make_mesh(mesh or shd.MeshConfig())
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
-        shardings = shd.state_shardings(state, device_mesh)
-        pure, _, meta = ckpt.restore(_abstract_pure(state, shardings), step=meta["step"])
+        if step is None:  # the newest good step, skipping damaged ones with a warning
+            pure, _, meta = ckpt.restore_latest(abstracts)
+        else:
+            pure, _, meta = ckpt.restore(*abstracts(ckpt.restore_meta(step)), step=step)
+    graphdef, state = templates[-1]
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), meta
