@@ -16,11 +16,10 @@ Restoring "the latest" (``restore_latest``, ``restore_meta()``) falls back: a st
 items fail to restore for any reason (truncated or missing files, unreadable or wrong
 metadata, a missing item) is skipped for the next newest; once an older step restores, each
 skipped one is reported with a warning and recorded in ``fallbacks``, and a writer moves its
-directory aside to
-``<directory>/corrupt/<step>-<UTC time>`` (a name orbax never lists, so no later save touches
-it; a read-only user moves nothing). No good step at all is a ``CheckpointError`` naming each
-step's reason, and nothing is moved: then the likelier cause is a run that does not fit the
-checkpoints (another model), not damage.
+directory aside to ``<directory>/corrupt/<step>-<UTC time>`` (a name orbax never lists, so no
+later save touches it; a read-only user moves nothing). No good step at all is a
+``CheckpointError`` naming each step's reason, and nothing is moved: then the likelier cause
+is a run that does not fit the checkpoints (another model), not damage.
 
 One writer per directory: a writer holds an exclusive ``fcntl.flock`` on
 ``<directory>/writer.lock`` (whose text names the holder's pid, host and start time)
