@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from spectral_jax.apps.cli import main
+from spectral_jax.apps.cli import describe_input_error, main
 from spectral_jax.train.checkpoint import LOCK_FILE
 
 TINY = [
@@ -81,6 +81,7 @@ def distill(source, out):
 
 # (command, bad input) -> argv from the fixtures, and a phrase the one error line holds.
 ROWS = {
+    "demo/no steps": (lambda f: ["demo", "--steps", "0"], "steps must be an integer >= 1"),
     "train/missing shards": (lambda f: tokens_train(f.missing), "does not exist"),
     "train/checkpoint as shards": (lambda f: tokens_train(f.ckpt), "neither a prepare-data"),
     "train/unknown --set key": (
@@ -191,3 +192,7 @@ def test_bad_input_is_one_line_rc_2_and_changes_nothing(fx, capsys, row):
 def test_debug_reraises_with_the_traceback(fx):
     with pytest.raises(ValueError, match="must not be empty"):
         main(["--debug", "generate", fx.ckpt, "--prompt", ""])
+
+
+def test_a_message_of_several_lines_is_one_line():
+    assert describe_input_error(ValueError("first\n  second\n")) == "first; second"

@@ -272,11 +272,11 @@ INPUT_ERRORS = (
 
 
 def describe_input_error(err: BaseException) -> str:
-    """One line for an error in the input: the message, or for a path the OS refused, the path,
-    the reason and what to do."""
+    """One line for an error in the input: the message (its lines joined by "; "), or for a
+    path the OS refused, the path, the reason and what to do."""
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror}: check the path"
-    return str(err)
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
