@@ -181,7 +181,7 @@ def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(corpus, prepared,
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="nothing is overwritten"):
-        prepare_data([str(root)], str(tmp_path / "mine"))
+        prepare_data([str(root)], str(tmp_path / "mine"), val_percent=10.0)
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
     before = {p.name: p.read_bytes() for p in prepared.iterdir() if p.is_file()}
     with pytest.raises(ValueError, match="other inputs or settings"):

@@ -21,6 +21,7 @@ import jax
 
 from spectral_jax.apps import demo, inference
 from spectral_jax.data.prepare import SHARD_DTYPES, prepare_data
+from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tokenizer import StreamDecoder, encode
 from spectral_jax.decode.generate import Sampling, decode_chunks, prefill
 from spectral_jax.decode.strategy import decode_plan
@@ -54,6 +55,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = presets.apply_overrides(presets.preset(args.preset), args.overrides)
     changes = {}
     if args.checkpoint_dir:
+        require_not_shards(args.checkpoint_dir, "a checkpoint directory")
         changes["checkpoint"] = CheckpointConfig(
             directory=args.checkpoint_dir, save_every=args.save_every, keep=args.keep
         )
@@ -126,6 +128,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:  # undecodable bytes in argv arrive as lone surrogates
+        raise ValueError(
+            f"--prompt is not valid UTF-8 (position {err.start}): pass UTF-8 text"
+        ) from None
     model, meta = inference.load_for_inference(args.checkpoint)
     tokenizer = inference.checkpoint_tokenizer(args.checkpoint, meta)
     plan = decode_plan(model, args.strategy, num_states=args.num_states)
@@ -219,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="spectral-jax",
         description="Spectral state space models in JAX: train, distill to LDS, generate.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error in the input"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_arguments(
         commands.add_parser("demo", help="train, distill and decode a small model on CPU (minutes)")
@@ -249,19 +260,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that describe the user's input (a ValueError names the problem where the input is
+# read; UnicodeDecodeError and JSONDecodeError are ValueErrors); any other exception is a bug.
+INPUT_ERRORS = (
+    ValueError,
+    CheckpointError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+def describe_input_error(err: BaseException) -> str:
+    """One line for an error in the input: the message (its lines joined by "; "), or for a
+    path the OS refused, the path, the reason and what to do."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror}: check the path"
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; an error in the input is one line on stderr and rc 2 (``--debug``:
+    raised, with its traceback)."""
     args = build_parser().parse_args(argv)
+    runners = {
+        "demo": demo.run,
+        "train": run_train,
+        "distill": run_distill,
+        "generate": run_generate,
+        "prepare-data": run_prepare,
+    }
     try:
-        runners = {
-            "demo": demo.run,
-            "train": run_train,
-            "distill": run_distill,
-            "generate": run_generate,
-            "prepare-data": run_prepare,
-        }
         return runners[args.command](args)
-    except (ValueError, CheckpointError) as err:  # bad input: one clear line, no traceback
-        print(f"spectral-jax {args.command}: error: {err}", file=sys.stderr)
+    except INPUT_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"spectral-jax {args.command}: error: {describe_input_error(err)}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES
 from spectral_jax.nn.distillation import distill_model
@@ -87,6 +88,7 @@ def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Mod
 
 def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
     """Load the latest checkpoint in ``directory``, trained or distilled: ``(model, meta)``."""
+    require_not_shards(directory, "a checkpoint directory")
     with Checkpointer(CheckpointConfig(directory), read_only=True) as ckpt:
         meta = ckpt.restore_meta()
         if "distill" not in meta:
@@ -125,6 +127,8 @@ def distill_checkpoint(
     Returns the report of :func:`distill_with_report`, which is also stored in ``out``'s
     metadata. ``out`` must not hold checkpoints yet (nothing is overwritten).
     """
+    require_not_shards(source, "a checkpoint directory")
+    require_not_shards(out, "an output directory for the distilled checkpoint")
     with Checkpointer(CheckpointConfig(source), read_only=True) as ckpt:
         if "distill" in ckpt.restore_meta():
             raise ValueError(f"{source} is already a distilled checkpoint")

@@ -69,6 +69,22 @@ def documents(files: Sequence[pathlib.Path], text_field: str) -> Iterator[str]:
         yield from (d for d in sources.read_documents(file, text_field) if d)
 
 
+def check_splits(docs: Iterator[str], val_percent: float, inputs: list[str]) -> None:
+    """``ValueError`` unless ``docs`` (read to the end, so that an unreadable document fails
+    here) put at least one document in each split."""
+    counts = {"train": 0, "val": 0}
+    for doc in docs:
+        counts["val" if in_val_split(doc, val_percent) else "train"] += 1
+    if not any(counts.values()):
+        raise ValueError(f"the inputs {inputs} hold no non-empty document: empty corpus")
+    for split, count in counts.items():
+        if not count:
+            raise ValueError(
+                f"the {split} split is empty ({counts['train']} train, {counts['val']} val "
+                "documents): change --val-percent or add documents"
+            )
+
+
 def _units(docs: Iterator[str], size: int) -> Iterator[list[str]]:
     unit: list[str] = []
     for doc in docs:
@@ -211,9 +227,9 @@ def prepare_data(
     if not inputs and not stdlib:
         raise ValueError("prepare_data needs at least one input (a file, directory or glob)")
     files = sources.expand_inputs(inputs) + (sources.stdlib_files() if stdlib else [])
-    if next(documents(files, text_field), None) is None:
-        raise ValueError(f"the inputs {list(inputs)} hold no non-empty document: empty corpus")
-    # Every check that can fail on the arguments runs before anything is written.
+    # Every check that can fail on the arguments or the inputs runs before anything is
+    # written: one pass reads (decodes) every document and counts the splits.
+    check_splits(documents(files, text_field), val_percent, list(inputs))
     bpe_vocab = _bpe_vocab(tokenizer)
     tok = None if bpe_vocab else _check_eot(load_tokenizer(tokenizer), tokenizer)
     shard_type = shard_dtype(bpe_vocab or tok.vocab_size, dtype)
@@ -240,6 +256,8 @@ def prepare_data(
         skipped = part.exists()
         if skipped:
             counts = json.loads(part.read_text())
+            for c in counts.values():
+                shards_lib.check_shard_name(str(part), c["file"])
         else:
             counts = write_unit(out_path, index, unit, tok, shard_type, val_percent)
         bar.update(index, counts, skipped)
@@ -249,13 +267,7 @@ def prepare_data(
             if c["tokens"]:
                 totals[split]["shards"].append({"file": c["file"], "tokens": c["tokens"]})
     bar.close()
-    for split, t in totals.items():
-        if not t["tokens"]:
-            raise ValueError(
-                f"the {split} split is empty ({totals['train']['documents']} train, "
-                f"{totals['val']['documents']} val documents): change --val-percent or add "
-                "documents"
-            )
+    for t in totals.values():
         t["bytes_per_token"] = t["bytes"] / t["tokens"]
     manifest = {
         "format": shards_lib.FORMAT,

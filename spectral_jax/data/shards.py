@@ -223,6 +223,27 @@ class ShardDirectory:
         return None if self.manifest is None else self.manifest["tokenizer"]["fingerprint"]
 
 
+def require_not_shards(path: str, expected: str) -> None:
+    """``ValueError`` if ``path`` is a token shard directory, where ``expected`` (e.g. "a
+    checkpoint directory") was asked for: nothing is read from or written into it."""
+    files = _Files(path)
+    if files.is_dir() and (files.exists(MANIFEST) or files.exists(PLAN)):
+        raise ValueError(
+            f"{path} is a token shard directory (prepare-data output), not {expected}: "
+            "pass the directory that `spectral-jax train --checkpoint-dir` wrote"
+        )
+
+
+def check_shard_name(where: str, name: Any) -> None:
+    """``ShardError`` unless ``name``, a shard file named in the record ``where`` (a manifest
+    or a prepare-data part), is a plain file name beside it (no ``..``, no directory)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ShardError(
+            f"{where} names shard {name!r}, which leaves its directory: a shard record may "
+            "only name files beside it; re-run prepare-data into a new directory"
+        )
+
+
 def read_manifest(path: str) -> dict | None:
     """The manifest of a prepare-data directory, checked; ``None`` if there is none."""
     files = _Files(path)
@@ -237,6 +258,9 @@ def read_manifest(path: str) -> dict | None:
             f"{path}/{MANIFEST} has format {manifest.get('format')!r} version "
             f"{manifest.get('version')!r}; this reader needs {FORMAT!r} version {VERSION}"
         )
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            check_shard_name(f"{path}/{MANIFEST}", shard["file"])
     return manifest
 
 

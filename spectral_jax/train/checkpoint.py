@@ -162,7 +162,10 @@ class Checkpointer:
             if path.exists() and not path.is_dir():
                 raise CheckpointError(f"checkpoint path {path} exists but is not a directory")
             if read_only and not path.is_dir():
-                raise CheckpointError(f"checkpoint directory {path} does not exist")
+                raise CheckpointError(
+                    f"checkpoint directory {path} does not exist: pass the directory that "
+                    "`spectral-jax train --checkpoint-dir` wrote"
+                )
             if not read_only and jax.process_index() == 0:
                 self._lock = _lock_writer(path)  # before orbax cleans temporary directories
         options = ocp.CheckpointManagerOptions(
