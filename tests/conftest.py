@@ -11,6 +11,7 @@
   linear algebra), set before numpy is imported; workers that each spin up a thread per core
   would oversubscribe the machine. A value set in the environment is kept.
 * :func:`randomize_ar_output`, for tests that need the output AR recursion to do something.
+* :data:`TINY_LM`: ``--set`` overrides that shrink an LM preset to a 2-step, 2-layer model.
 """
 
 import atexit
@@ -40,6 +41,16 @@ import pytest
 from flax import nnx
 
 from spectral_jax.ops import disk_cache, filters
+
+TINY_LM = [
+    "steps=2",
+    "model.d_model=16",
+    "model.max_len=64",
+    "task.seq_len=64",
+    "model.window=16",
+    "model.num_filters=8",
+    "model.num_layers=2",
+]
 
 
 @pytest.fixture(scope="session")

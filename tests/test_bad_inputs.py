@@ -6,19 +6,10 @@ import shutil
 import types
 
 import pytest
+from conftest import TINY_LM
 
 from spectral_jax.apps.cli import describe_input_error, main
 from spectral_jax.train.checkpoint import LOCK_FILE
-
-TINY = [
-    "steps=2",
-    "model.d_model=16",
-    "model.max_len=64",
-    "task.seq_len=64",
-    "model.window=16",
-    "model.num_filters=8",
-    "model.num_layers=2",
-]
 
 
 def manifest_with_shard_file(shards, out, name):
@@ -45,7 +36,7 @@ def fx(tmp_path_factory):
     prep = ["prepare-data", str(text), "--out", str(bpe), "--tokenizer", "bpe:300"]
     assert main([*prep, "--val-percent", "20"]) == 0
     ckpt = root / "ckpt"
-    sets = [a for o in TINY for a in ("--set", o)]
+    sets = [a for o in TINY_LM for a in ("--set", o)]
     assert main(["train", "lm_bytes_small", *sets, "--checkpoint-dir", str(ckpt)]) == 0
     outside = root / "outside.npy"
     shutil.copy(shards / "val_00000.npy", outside)
@@ -71,7 +62,7 @@ def fx(tmp_path_factory):
 
 
 def tokens_train(path, *extra):
-    sets = [f"task.path={path}", "model.vocab_size=300", *TINY[:2], *TINY[3:], *extra]
+    sets = [f"task.path={path}", "model.vocab_size=300", *TINY_LM[:2], *TINY_LM[3:], *extra]
     return ["train", "lm_tokens_small", *[a for o in sets for a in ("--set", o)]]
 
 

@@ -9,6 +9,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_LM
 
 from spectral_jax.apps.cli import main
 from spectral_jax.apps.inference import load_for_inference
@@ -16,21 +17,11 @@ from spectral_jax.decode.generate import decode, decode_chunks, generate, prefil
 from spectral_jax.train import CheckpointConfig, train
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small, lm_tokens_small
 
-TINY = [
-    "steps=2",
-    "model.d_model=16",
-    "model.max_len=64",
-    "task.seq_len=64",
-    "model.window=16",
-    "model.num_filters=8",
-    "model.num_layers=2",
-]
-
 
 @pytest.fixture(scope="module")
 def byte_checkpoint(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("lm") / "ckpt")
-    config = apply_overrides(lm_bytes_small(), TINY)
+    config = apply_overrides(lm_bytes_small(), TINY_LM)
     train(dataclasses.replace(config, checkpoint=CheckpointConfig(directory, async_save=False)))
     return directory
 
@@ -129,7 +120,7 @@ def test_prepare_train_distill_generate_through_a_bpe_tokenizer(tmp_path, capsys
     assert main([*prep, "--text-field", "body", "--val-percent", "20"]) == 0
     assert "val:" in capsys.readouterr().out
     ckpt, distilled = str(tmp_path / "ckpt"), str(tmp_path / "distilled")
-    overrides = [o for o in TINY if not o.startswith("task.")] + [
+    overrides = [o for o in TINY_LM if not o.startswith("task.")] + [
         f"task.path={shards}",
         "task.seq_len=64",
         "model.vocab_size=300",
