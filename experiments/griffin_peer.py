@@ -45,6 +45,13 @@ class GriffinShape:
     vocab: int
     window: int
 
+    def __post_init__(self) -> None:
+        if not self.pattern or set(self.pattern) - {"R", "A"}:
+            raise ValueError(
+                f"GriffinShape.pattern={self.pattern!r} must be a non-empty string of R "
+                "(recurrent block) and A (attention block)"
+            )
+
     def flops_per_token(self) -> float:
         """Decode FLOPs per token (a multiply-add is 2; norms, gates' nonlinearities, rotary
         embeddings and softmax not counted): head ``2DV``; per block the gated MLP ``6DF``;
@@ -68,8 +75,6 @@ class GriffinPeer:
     def __init__(self, shape: GriffinShape, seed: int = 0):
         import recurrentgemma.jax as rg
 
-        if set(shape.pattern) - {"R", "A"}:
-            raise ValueError(f"pattern {shape.pattern!r} must be letters R and A")
         kinds = {"R": rg.TemporalBlockType.RECURRENT, "A": rg.TemporalBlockType.ATTENTION}
         self.shape = shape
         self.config = rg.GriffinConfig(
