@@ -79,6 +79,8 @@ def test_stream_offsets_are_disjoint_evenly_spaced_and_seeded():
     np.testing.assert_array_equal(ev.cut_streams(tokens, sets[0], 99)[:, 0], sets[0])
     with pytest.raises(ValueError, match=r"too few for 11 disjoint streams of 99 \+ 1 tokens"):
         ev.evenly_spaced_offsets(1000, 11, 99)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        ev.evenly_spaced_offsets(1000, 3, 99, -1)
 
 
 def test_documents_are_joined_as_training_data_joins_them():

@@ -88,6 +88,7 @@ def evaluate_checkpoint(
     stream_len = positive_int("", "--stream-len", stream_len)
     streams = positive_int("", "--streams", streams)
     chunk = positive_int("", "--chunk", chunk)
+    offsets_seed = positive_int("", "--offsets-seed", offsets_seed, minimum=0)
     if not inputs:
         raise ValueError("evaluate needs at least one input (a file, directory or glob)")
     model, meta = inference.load_for_inference(checkpoint)

@@ -204,6 +204,7 @@ def evenly_spaced_offsets(total: int, count: int, length: int, seed: int = 0) ->
     (never a truncation or wrap-around)."""
     positive_int("evenly_spaced_offsets", "streams", count)
     positive_int("evenly_spaced_offsets", "stream length", length)
+    positive_int("evenly_spaced_offsets", "seed", seed, minimum=0)
     stride = total // count
     if stride < length + 1:
         raise ValueError(
