@@ -145,6 +145,10 @@ ROWS = {
         lambda f: evaluate(f.ckpt, f.text, f, "--streams", "1000"),
         "too few for 1000 disjoint streams",
     ),
+    "evaluate/--json is a directory": (
+        lambda f: [*evaluate(f.ckpt, f.text, f)[:-2], "--json", f.ckpt],
+        "is a directory: pass a file name",
+    ),
     "evaluate/STU checkpoint past max_len": (
         lambda f: evaluate(f.ckpt, f.text, f, "--stream-len", "65"),
         "can run at most max_len=64",

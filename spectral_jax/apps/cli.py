@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
 import sys
 
 import jax
@@ -185,7 +186,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs", nargs="*", metavar="INPUT", help="a .txt/.jsonl/.parquet file, directory or glob"
     )
     parser.add_argument(
-        "--stream-len", type=int, required=True, help="tokens per stream (N), any multiple of L"
+        "--stream-len",
+        type=int,
+        required=True,
+        help="tokens per stream (N), at least L/2 (L: the training length)",
     )
     parser.add_argument("--streams", type=int, default=8, help="streams read side by side (B)")
     parser.add_argument(
@@ -207,6 +211,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and pathlib.Path(path).is_dir():  # found now, not after the evaluation
+            raise ValueError(f"{option} {path} is a directory: pass a file name")
     if args.plot:
         evaluation.require_matplotlib("--plot")
     report = evaluation.evaluate_checkpoint(
