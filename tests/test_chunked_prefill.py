@@ -1,9 +1,10 @@
 """Chunked prefill: a prompt run chunk by chunk, each layer continuing from the cache the previous
 chunk left, gives the one-pass prefill's outputs and cache, and the steps after it agree.
 
-Tiny models (d_model 16, two layers, vocab 11) of each kind, a prompt of 23 positions that no
-chunk divides, a ragged batch whose padding runs past the first chunk, chunks shorter and longer
-than the attention window (5). One jitted comparison per model: every chunking's prefill and the
+Tiny models (d_model 16, two layers, vocab 11: STU-only, STU + attention, attention-only,
+distilled, distilled hybrid; AR lags on), a prompt of 23 positions that no chunk divides, a
+ragged batch whose padding runs past the first chunk, chunks shorter and longer than the
+attention window (5). One jitted comparison per model: every chunking's prefill and the
 steps after it are traced into one program.
 """
 
@@ -20,6 +21,7 @@ from spectral_jax.decode import generate as gen
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.mixer import DecodeOptions
 from spectral_jax.nn.model import ModelConfig, SpectralModel
+from spectral_jax.nn.stu import STU, STUConfig
 
 LENGTH, STEPS = 23, 3
 BASE = ModelConfig(
@@ -38,12 +40,14 @@ REL = 1e-5
 def make(kind: str) -> SpectralModel:
     config = {
         "attention": dataclasses.replace(BASE, attention_only=True),
-        "distilled": BASE,
+        "stu": dataclasses.replace(BASE, num_layers=1),  # one layer: fewer programs to compile
+        "hybrid": dataclasses.replace(BASE, layer_pattern="SA"),
+        "distilled": dataclasses.replace(BASE, num_layers=1),
         "distilled_hybrid": dataclasses.replace(BASE, layer_pattern="SA"),
     }[kind]
     model = randomize_ar_output(SpectralModel(config, rngs=nnx.Rngs(1)), jax.random.key(2))
     if kind.startswith("distilled"):
-        model = distill_model(model, num_states=32, arithmetic="plain").model
+        model = distill_model(model, num_states=8, arithmetic="plain").model
     return model
 
 
@@ -75,8 +79,9 @@ def assert_close(got, want, what):
     "kind, chunks, ragged",
     [
         ("attention", (1, 3), True),  # chunk 1; 3 < window: the prefix is the ring buffer
-        ("distilled", (7,), False),  # 3 chunks, then 2 positions
-        ("distilled_hybrid", (7,), True),
+        ("stu", (7,), True),  # 3 chunks, then 2 positions (FutureFill cache)
+        ("hybrid", (3,), False),
+        ("distilled", (7,), False),
     ],
 )
 def test_chunked_prefill_equals_one_pass(kind, chunks, ragged):
@@ -97,8 +102,8 @@ def test_chunked_prefill_equals_one_pass(kind, chunks, ragged):
 
 def test_generate_prefill_forms_only_the_last_logits_in_chunks():
     """generate's prefill (outputs="last") of a ragged batch, chunked, gives the last logits
-    of the one-pass prefill of all outputs."""
-    model = make("attention")
+    of the one-pass prefill of all outputs (a distilled hybrid: LDS and attention layers)."""
+    model = make("distilled_hybrid")
     rows = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 7, 1]]
     tokens, pad = gen.prompt_batch(rows)
     want, _ = nnx.jit(lambda m, t, p: m.prefill(t, DecodeOptions(prefill_chunk=None), p))(
@@ -115,3 +120,13 @@ def test_bad_prefill_chunk_and_outputs_raise():
     model = make("attention")
     with pytest.raises(ValueError, match="outputs must be one of"):
         model.prefill(jnp.zeros((1, 4), jnp.int32), outputs="first")
+
+
+def test_stu_continuation_past_max_len_is_a_clear_error():
+    stu = STU(STUConfig(d_in=2, d_out=2, max_len=8, num_filters=2), rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 5, 2))
+    _, cache = stu.prefill(x)
+    with pytest.raises(ValueError, match="extend: 5 tokens from position 5 pass max_len=8"):
+        stu.prefill(x, cache=cache)
+    with pytest.raises(ValueError, match="cache must be an STUCache"):
+        stu.prefill(x, cache=cache.conv)

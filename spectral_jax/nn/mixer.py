@@ -38,8 +38,11 @@ import jax
 from spectral_jax.validation import DECODE_STRATEGIES, DecodeStrategy, one_of, positive_int
 
 DEFAULT_PREFILL_CHUNK = 8192
-"""Default positions per prefill chunk (see :class:`DecodeOptions`), by measurement on CPU:
-TODO."""
+"""Default positions per prefill chunk (see :class:`DecodeOptions`). Measured on the 2-core CPU
+(32k prompt, batch 1, 4 layers d=128 tensordot, chunked against one pass in the same process):
+8192 was as fast as one pass or faster (distilled STU-only 1.08x, distilled hybrid 1.50x;
+16384: 1.34x and 1.43x), while holding a quarter of the activations; prompts up to 8192 run in
+one pass as before."""
 
 
 @dataclasses.dataclass(frozen=True)

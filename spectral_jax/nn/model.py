@@ -355,7 +355,7 @@ class SpectralModel(nnx.Module):
                 new.append(cache)
             return tuple(new), (h if outputs == "all" else h[:, -1:])
 
-        if chunk is None or length <= chunk or self.length_limit is not None:
+        if chunk is None or length <= chunk:
             caches, h = run(None, x, 0)
         else:
             self.check_length(length, f"SpectralModel: length {length}")

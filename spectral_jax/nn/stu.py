@@ -233,21 +233,34 @@ class STU(nnx.Module):
         pad: jax.Array | None = None,
         cache: STUCache | None = None,
     ) -> tuple[jax.Array, STUCache]:
-        """Run a prompt ``x: [B, L, d_in]`` by the parallel path; returns ``(y [B, L, d_out],
-        cache at position L)`` with room for ``config.max_len`` tokens in all, fed ``x.dtype``.
+        """Run ``x: [B, T, d_in]`` at positions ``pos .. pos + T - 1``; returns ``(y [B, T,
+        d_out], the cache at position pos + T)`` in ``config.dtype``.
+
+        ``cache``: None (``pos`` = 0: an empty cache with room for ``config.max_len`` tokens in
+        all, fed ``x.dtype``, as ``options`` say), or the cache of the positions before (from
+        ``init_cache``, ``prefill`` or ``step``). The convolution continues from its history
+        (:func:`spectral_jax.ops.conv_decode.extend`: FFT convolutions of the history and the
+        chunk) and the AR terms from its input and output lags. Raises ValueError if ``pos + T``
+        exceeds the cache's ``max_len`` (a runtime error under jit).
 
         ``pad`` (left-pad positions per row) needs no handling: the layer is causal and
         time-invariant, and the block feeds it zeros there, so the padding adds nothing.
         """
         del pad
-        if cache is not None:
-            raise ValueError("STU.prefill cannot continue from a cache yet: run the prompt whole")
-        y = self(x)
+        self.check_input(x)
         cfg = self.config
-        cache = self.init_cache(x.shape[0], cfg.max_len, x.dtype, options)
+        if cache is None:
+            cache = self.init_cache(x.shape[0], cfg.max_len, x.dtype, options)
+        elif not isinstance(cache, STUCache):
+            raise ValueError(f"STU.prefill: cache must be an STUCache, got {type(cache).__name__}")
         u = x.astype(cfg.dtype)
         params = self.params()
-        conv = conv_decode.prefill(cache.conv, cfg.projector.conv_input(params, u), params)
+        conv, y = conv_decode.extend(cache.conv, cfg.projector.conv_input(params, u), params)
+        y = y.astype(cfg.dtype)
+        if cfg.k_u:
+            y = y + stu_ops.input_ar(self.M_u[...], u, cache.inputs)
+        if cfg.k_y:
+            y = stu_ops.output_ar(self.M_y[...], y, cache.outputs)
         return y, STUCache(
             conv=conv,
             inputs=stu_ops.most_recent_first(u, cache.inputs),
