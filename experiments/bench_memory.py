@@ -29,7 +29,8 @@ layers, tensordot):
 
 The cases the issue's must-shows need run first. ``--quick``: tiny models and prompts (seconds
 per case). JSON (``--json``, rewritten after every case): ``{"rows": [...], "summary": {...},
-"meta": {...}}``.
+"not_run": [...], "meta": {...}}``
+(``not_run``: the cases a run cut short did not reach; ``meta.partial`` while any remain).
 
 Usage: python experiments/bench_memory.py [--quick] [--json PATH] [--only KIND ...]
        [--case-timeout S] [--max-rss-gib G] [--repeats R]
@@ -336,20 +337,16 @@ def main() -> None:
     rows: list[dict] = []
     todo = [c for c in cases(args.quick) if c["kind"] in args.only]
     for i, case in enumerate(todo):
-        rows.append(run_case(case, args.case_timeout, args.max_rss_gib * GIB, args.repeats))
-        print(describe(rows[-1]), flush=True)
-        if args.json:
-            partial = i + 1 < len(todo)
+        row = run_case(case, args.case_timeout, args.max_rss_gib * GIB, args.repeats)
+        rows.append({**row, "load_after": os.getloadavg()})
+        print(describe(row), flush=True)
+        if args.json:  # the cases not run yet are listed, so a run cut short drops none
+            not_run = [{k: v for k, v in c.items() if k != "config"} for c in todo[i + 1 :]]
             summary = summarize(rows, args.quick)
-            write_json_atomic(args.json, {"rows": rows, "summary": summary,
-                                          "meta": {**meta, "partial": partial}})  # fmt: skip
-    summary = summarize(rows, args.quick)
-    print(json.dumps(summary, indent=1))
-    meta["load_after"] = os.getloadavg()
+            write_json_atomic(args.json, {"rows": rows, "not_run": not_run, "summary": summary,
+                                          "meta": {**meta, "partial": bool(not_run)}})  # fmt: skip
+    print(json.dumps(summarize(rows, args.quick), indent=1))
     if args.json:
-        write_json_atomic(
-            args.json, {"rows": rows, "summary": summary, "meta": meta | {"partial": False}}
-        )
         print(f"wrote {args.json}")
 
 
