@@ -267,7 +267,8 @@ def describe(row: dict) -> str:
     tag = f"{row['kind']:>15} {row['model']:>8} {row['strategy']:>10}"
     tag += f" L={row['prompt']:<8} B={row['batch']:<3}"
     if row["status"] != "ok":
-        return f"{tag} {row['status']}: {row['error']}"
+        watched = f"RSS watched up to {row['watched_rss'] / GIB:.2f} GiB"
+        return f"{tag} {row['status']}: {row['error']} ({watched} in {row['wall_seconds']:.0f} s)"
     if row["kind"] == "chunk_ratio":
         return (f"{tag} chunked {row['chunked_tokens_per_second']:.0f} tok/s, unchunked "
                 f"{row['unchunked_tokens_per_second']:.0f} tok/s: ratio "
@@ -280,23 +281,30 @@ def describe(row: dict) -> str:
 
 
 def summarize(rows: list[dict], quick: bool) -> dict:
-    """The must-show figures, from the rows that ran (None where a case did not)."""
+    """The must-show figures, from the rows that ran (None where a case did not). A case cut
+    short (timeout) adds ``..._watched_gib``: the largest RSS the parent saw before it stopped,
+    a lower bound on its peak."""
     mid, top = (512, 1024) if quick else (2**16, 2**20)
     ok = {(r["kind"], r["model"], r["prompt"], r["batch"]): r for r in rows if r["status"] == "ok"}
+    cut = {(r["kind"], r["model"], r["prompt"], r["batch"]): r for r in rows if r["status"] != "ok"}
 
     def peak(model, prompt, batch):
         row = ok.get(("lds", model, prompt, batch))
         return None if row is None else row["peak_rss"] / GIB
 
     summary: dict = {}
+    big = 2 if quick else 16
     for model in ("headline", "hybrid"):
         low, high = peak(model, mid, 1), peak(model, top, 1)
         summary[f"{model}_rss_ratio_{top}_over_{mid}_batch1"] = (
             None if low is None or high is None else high / low
         )
-        summary[f"{model}_batch{2 if quick else 16}_{top}_gib"] = peak(
-            model, top, 2 if quick else 16
-        )
+        summary[f"{model}_batch{big}_{top}_gib"] = peak(model, top, big)
+        if ("lds", model, top, big) in cut:
+            row = cut[("lds", model, top, big)]
+            summary[f"{model}_batch{big}_{top}_{row['status']}_watched_gib"] = (
+                row["watched_rss"] / GIB
+            )
         ratio = next(
             (r for (k, m, _, _), r in ok.items() if (k, m) == ("chunk_ratio", model)), None
         )
