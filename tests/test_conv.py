@@ -56,8 +56,13 @@ def test_causal_conv_is_causal():
     assert jnp.allclose(y[0, 40:, 0], 1.0, atol=1e-5)
 
 
-def test_causal_conv_project_matches_direct_float64():
+@pytest.mark.parametrize("block_freqs", [None, 1, 7])
+def test_causal_conv_project_matches_direct_float64(block_freqs):
+    """Transfer blocks of every frequency (the default), of one, and of 7 (the 51 frequencies
+    of n = fft_length(99) = 100 do not split evenly)."""
     B, L, D, F, O = 2, 50, 3, 4, 5
+    per_freq = 4 * D * O * 8  # float64 numbers of the transfer block per frequency
+    block_bytes = conv.TRANSFER_BLOCK_BYTES if block_freqs is None else per_freq * block_freqs
     with jax.enable_x64(True):
         keys = jax.random.split(jax.random.key(0), 3)
         u = jax.random.normal(keys[0], (B, L, D), jnp.float64)
@@ -67,7 +72,7 @@ def test_causal_conv_project_matches_direct_float64():
             [conv.causal_conv_direct(u, jnp.tile(filt[:, f : f + 1], (1, D))) for f in range(F)]
         )  # [F, B, L, D]
         ref = jnp.einsum("fbld,fdo->blo", per_filter, w)
-        fast = conv.causal_conv_project(u, filt, w)
+        fast = conv.causal_conv_project(u, filt, w, block_bytes)
         assert jnp.linalg.norm(fast - ref) <= 1e-10 * jnp.linalg.norm(ref)
 
 

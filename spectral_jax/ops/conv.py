@@ -61,19 +61,30 @@ def causal_conv(u: jax.Array, kernels: jax.Array) -> jax.Array:
     return jnp.fft.irfft(u_hat * k_hat, n=n, axis=-2)[..., :L, :].astype(u.dtype)
 
 
-def causal_conv_project(u: jax.Array, filters: jax.Array, weights: jax.Array) -> jax.Array:
+TRANSFER_BLOCK_BYTES = 64 << 20
+"""Bytes of the transfer matrices (and their real product) that :func:`causal_conv_project`
+forms at once: a block of frequencies at a time."""
+
+
+def causal_conv_project(
+    u: jax.Array, filters: jax.Array, weights: jax.Array, block_bytes: int = TRANSFER_BLOCK_BYTES
+) -> jax.Array:
     """Convolve every input channel with every filter, then project:
     ``y[b, t, o] = sum_{f, d} (filters[:, f] * u[b, :, d])_t weights[f, d, o]``.
 
     The projection happens in the frequency domain: ``T[n, d, o] = sum_f F[n, f] W[f, d, o]``
-    is formed once per call (independent of the batch, as one real matrix product on the stacked
+    is formed per call (independent of the batch, as one real matrix product on the stacked
     real and imaginary parts), so only ``B * (D + O)`` FFTs are taken instead of ``B * F * D``
     for convolving before projecting; then ``y[n] = u[n] @ T[n]`` for each frequency ``n``.
+    ``T`` is formed for a block of frequencies at a time (a ``lax.map`` over blocks of
+    ``block_bytes``), so memory is ``O(B N (D + O))`` for the spectra plus the block, never
+    ``N x D x O``; the sum itself is the same for every block size.
 
     Args:
       u: ``[B, L, D]``.
       filters: ``[L, F]``.
       weights: ``[F, D, O]``.
+      block_bytes: bytes of the transfer block (at least one frequency is taken).
     Returns:
       ``[B, L, O]`` in ``u``'s dtype.
     """
@@ -83,10 +94,24 @@ def causal_conv_project(u: jax.Array, filters: jax.Array, weights: jax.Array) ->
     F, D, O = weights.shape
     u_hat = jnp.fft.rfft(u.astype(dtype), n=n, axis=1).transpose(1, 0, 2)  # [N, B, D]
     f_hat = jnp.fft.rfft(filters.astype(dtype), n=n, axis=0)  # [N, F]
-    stacked = jnp.concatenate([f_hat.real, f_hat.imag], axis=0)  # [2N, F]
-    transfer = (stacked @ weights.astype(dtype).reshape(F, D * O)).reshape(2, -1, D, O)
-    y_hat = jnp.einsum("nbd,ndo->nbo", u_hat, jax.lax.complex(transfer[0], transfer[1]))
-    return jnp.fft.irfft(y_hat, n=n, axis=0)[:L].transpose(1, 0, 2).astype(u.dtype)
+    weights = weights.astype(dtype).reshape(F, D * O)
+    freqs = u_hat.shape[0]
+    # per frequency: the stacked real product [2, D * O] and the complex transfer [D, O]
+    per_freq = 4 * D * O * jnp.dtype(dtype).itemsize
+    size = max(1, min(freqs, block_bytes // per_freq))
+    count = -(-freqs // size)
+
+    def project_block(blocks):
+        u_b, f_b = blocks  # [size, B, D], [size, F]
+        stacked = jnp.concatenate([f_b.real, f_b.imag], axis=0)  # [2 size, F]
+        transfer = (stacked @ weights).reshape(2, size, D, O)
+        return jnp.einsum("nbd,ndo->nbo", u_b, jax.lax.complex(transfer[0], transfer[1]))
+
+    pad = count * size - freqs
+    u_blocks = jnp.pad(u_hat, ((0, pad), (0, 0), (0, 0))).reshape(count, size, *u_hat.shape[1:])
+    f_blocks = jnp.pad(f_hat, ((0, pad), (0, 0))).reshape(count, size, F)
+    y_hat = jax.lax.map(project_block, (u_blocks, f_blocks)).reshape(count * size, -1, O)
+    return jnp.fft.irfft(y_hat[:freqs], n=n, axis=0)[:L].transpose(1, 0, 2).astype(u.dtype)
 
 
 def causal_conv_direct(u: jax.Array, kernels: jax.Array) -> jax.Array:
