@@ -1,0 +1,282 @@
+"""Flash STU checkpoints: a state dict written here in flash-stu-2's key layout from known arrays
+loads, maps every key and gives the logits of a float64 NumPy FlashSTU forward written from the
+semantics (issue 17); save then load is the identity; bad files say what is wrong. torch is not
+needed."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+from spectral_jax.interop import flashstu
+from spectral_jax.nn.attention import alibi_slopes
+
+# d_model 12 with 3 heads (not a power of two), window_size 4 (5 keys) < seq_len 16
+BASE = {
+    "n_embd": 12,
+    "n_heads": 3,
+    "seq_len": 16,
+    "window_size": 4,
+    "vocab_size": 23,
+    "mlp_scale": 2,
+    "num_eigh": 5,
+    "softcap": 0.6,  # scores reach ~2: the cap bites (checked below)
+    "torch_dtype": "float32",
+    "use_flash_fft": False,
+    "dropout": 0.0,
+    "bsz": 1,
+}
+VARIANTS = {
+    "approx": {"n_layers": 3, "use_approx": True, "use_hankel_L": False, "use_attn": True},
+    "full": {"n_layers": 2, "use_approx": False, "use_hankel_L": False, "use_attn": True},
+    "hankel_l": {"n_layers": 2, "use_approx": False, "use_hankel_L": True, "use_attn": True},
+    "stu_only": {"n_layers": 2, "use_approx": True, "use_hankel_L": True, "use_attn": False},
+}
+EPS = flashstu.TORCH_RMSNORM_EPS
+# float32 logits against float64: each of <= 3 blocks rounds its norm, matmuls, FFT convolution
+# (or softmax) and residual sum once each at ~eps relative (~10 roundings per block, 3 blocks),
+# with our filters stored in float32 like the checkpoint's: ~30 eps of the logits' scale
+BUDGET = 30 * np.finfo(np.float32).eps
+forward = nnx.jit(lambda model, tokens: model(tokens))
+
+
+def flash_state(config: dict, seed: int = 0, bias: bool = False) -> dict[str, np.ndarray]:
+    """A FlashSTU state dict of random arrays for ``config``: torch layouts (Linear weights
+    ``[out, in]``), ``phi`` as flash-stu-2 stores it (ascending order, arbitrary signs)."""
+    rng = np.random.default_rng(seed)
+    d, K, L, V = config["n_embd"], config["num_eigh"], config["seq_len"], config["vocab_size"]
+    m = d * config["mlp_scale"]
+
+    def w(*shape, scale=1.0):
+        return (rng.standard_normal(shape) * scale / np.sqrt(shape[-1])).astype(np.float32)
+
+    state = {"tok_emb.weight": w(V, d, scale=3.0), "norm.weight": 1 + w(d, scale=0.3)}
+    phi = flashstu.flashstu_filters(L, K, config["use_hankel_L"])
+    state["phi"] = (phi * rng.choice([-1.0, 1.0], K)).astype(np.float32)
+    for i in range(config["n_layers"]):
+        p = f"layers.{i}"
+        attn = config["use_attn"] and i % 2 == 1
+        if attn:
+            state[f"{p}.attn_norm.weight"] = 1 + w(d, scale=0.3)
+            state[f"{p}.attn.c_attn.weight"] = w(3 * d, d, scale=3.0)
+            state[f"{p}.attn.c_proj.weight"] = w(d, d)
+            if bias:
+                state[f"{p}.attn.c_attn.bias"] = w(3 * d, scale=0.3)
+                state[f"{p}.attn.c_proj.bias"] = w(d, scale=0.3)
+        else:
+            state[f"{p}.stu_norm.weight"] = 1 + w(d, scale=0.3)
+            if config["use_approx"]:
+                state[f"{p}.stu.M_inputs"] = w(d, d)
+                state[f"{p}.stu.M_filters"] = w(K, d)
+            else:
+                state[f"{p}.stu.M_phi_plus"] = w(K, d, d)
+                if not config["use_hankel_L"]:
+                    state[f"{p}.stu.M_phi_minus"] = w(K, d, d)
+        state[f"{p}.mlp_norm.weight"] = 1 + w(d, scale=0.3)
+        for name, shape in (("gate", (m, d)), ("up", (m, d)), ("down", (d, m))):
+            state[f"{p}.mlp.{name}_proj.weight"] = w(*shape)
+            if bias:
+                state[f"{p}.mlp.{name}_proj.bias"] = w(shape[0], scale=0.3)
+    if bias:
+        state["lm_head.bias"] = w(V, scale=0.3)
+    return state
+
+
+def write(tmp_path, config: dict, state: dict) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    return str(tmp_path)
+
+
+# ---- the float64 reference, from the semantics in issue 17 -----------------------------------
+
+
+def rms(x, weight):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS) * weight
+
+
+def causal_conv(u, kernel):
+    """``y[t, c] = sum_{s <= t} kernel[t - s, c] u[s, c]``: u [L, C], kernel [L, C]."""
+    L = u.shape[0]
+    return np.stack([np.sum(kernel[t::-1] * u[: t + 1], axis=0) for t in range(L)])
+
+
+def stu_ref(h, state, p, config, phi):
+    L = h.shape[0]
+    sgn = (-1.0) ** np.arange(L)[:, None]
+    if config["use_approx"]:
+        xp, kernel = h @ state[f"{p}.M_inputs"], phi @ state[f"{p}.M_filters"]
+        plus = causal_conv(xp, kernel)
+        minus = sgn * causal_conv(sgn * xp, kernel)
+    else:
+        K = phi.shape[1]
+        # U[t, k, i] = sum_s phi[t - s, k] h[s, i]
+        U = np.stack(
+            [causal_conv(h, np.repeat(phi[:, k : k + 1], h.shape[1], 1)) for k in range(K)], 1
+        )
+        Um = sgn[:, :, None] * np.stack(
+            [causal_conv(sgn * h, np.repeat(phi[:, k : k + 1], h.shape[1], 1)) for k in range(K)], 1
+        )
+        plus = np.einsum("tki,kio->to", U, state[f"{p}.M_phi_plus"])
+        minus = (
+            None
+            if config["use_hankel_L"]
+            else np.einsum("tki,kio->to", Um, state[f"{p}.M_phi_minus"])
+        )
+    return plus if config["use_hankel_L"] else plus + minus
+
+
+def attn_ref(h, state, p, config, caps):
+    L, d = h.shape
+    H = config["n_heads"]
+    hd = d // H
+    qkv = h @ state[f"{p}.c_attn.weight"].T + state.get(f"{p}.c_attn.bias", 0.0)
+    q, k, v = (a.reshape(L, H, hd) for a in np.split(qkv, 3, axis=-1))
+    s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+    caps.append(np.abs(s).max())
+    c = config["softcap"]
+    s = c * np.tanh(s / c)
+    i, j = np.arange(L)[:, None], np.arange(L)[None, :]
+    s = s - alibi_slopes(H)[:, None, None] * (i - j)
+    visible = (j <= i) & (j >= i - config["window_size"])
+    s = np.where(visible, s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    out = np.einsum("hqk,khd->qhd", w, v).reshape(L, d)
+    return out @ state[f"{p}.c_proj.weight"].T + state.get(f"{p}.c_proj.bias", 0.0)
+
+
+def mlp_ref(h, state, p):
+    def lin(name, x):
+        return x @ state[f"{p}.{name}.weight"].T + state.get(f"{p}.{name}.bias", 0.0)
+
+    g = lin("gate_proj", h)
+    gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+    return lin("down_proj", gelu * lin("up_proj", h))
+
+
+def flash_forward(config, state, tokens, caps):
+    """float64 logits [L, V] of one sequence."""
+    st = {k: v.astype(np.float64) for k, v in state.items()}
+    # full mode convolves with the filters it computes itself, approx mode with phi
+    phi = (
+        st["phi"]
+        if config["use_approx"]
+        else flashstu.flashstu_filters(
+            config["seq_len"], config["num_eigh"], config["use_hankel_L"]
+        )
+    )
+    x = st["tok_emb.weight"][tokens]
+    for i in range(config["n_layers"]):
+        p = f"layers.{i}"
+        if config["use_attn"] and i % 2 == 1:
+            x = x + attn_ref(rms(x, st[f"{p}.attn_norm.weight"]), st, f"{p}.attn", config, caps)
+        else:
+            x = x + stu_ref(rms(x, st[f"{p}.stu_norm.weight"]), st, f"{p}.stu", config, phi)
+        x = x + mlp_ref(rms(x, st[f"{p}.mlp_norm.weight"]), st, f"{p}.mlp")
+    return rms(x, st["norm.weight"]) @ st["tok_emb.weight"].T + st.get("lm_head.bias", 0.0)
+
+
+TOKENS = np.random.default_rng(7).integers(0, 23, 16)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_load_maps_every_key_and_matches_the_float64_reference(tmp_path, variant):
+    config = {**BASE, **VARIANTS[variant], "bias": variant == "full"}
+    state = flash_state(config, bias=config["bias"])
+    model, report = flashstu.read(write(tmp_path, config, state))
+    mapped = {key for key, _ in report.mapped}
+    assert mapped | {"phi"} == set(state), "every key but phi maps to a variable"
+    caps = []
+    want = flash_forward(config, state, TOKENS, caps)
+    got = np.asarray(forward(model, jnp.asarray(TOKENS[None])))[0]
+    if config["use_attn"]:
+        assert max(caps) > 2 * config["softcap"], "the softcap must bite"
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=BUDGET * scale)
+    # our filters replaced the checkpoint's: float32 storage of the same vectors
+    assert report.alignment.diffs.max() < 10 * np.finfo(np.float32).eps * 4
+
+
+def test_keep_phi_keeps_the_checkpoints_filters(tmp_path):
+    config = {**BASE, **VARIANTS["approx"]}
+    state = flash_state(config)
+    kept, report = flashstu.read(write(tmp_path, config, state), keep_phi=True)
+    assert report.kept_phi and kept.config.stu_filters == "loaded"
+    np.testing.assert_array_equal(np.asarray(kept.blocks[0].mixer.filters[...]), state["phi"])
+    want = flash_forward(config, state, TOKENS, [])
+    got = np.asarray(forward(kept, jnp.asarray(TOKENS[None])))[0]
+    np.testing.assert_allclose(got, want, atol=BUDGET * np.abs(want).max())
+
+
+@pytest.mark.parametrize("variant", ["approx", "full"])
+def test_save_then_load_is_the_identity(tmp_path, variant):
+    config = {**BASE, **VARIANTS[variant], "bias": True}
+    model = flashstu.load(write(tmp_path / "a", config, flash_state(config, bias=True)))
+    flashstu.save(model, tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert {k: saved[k] for k in config} == {**config, "softcap": 0.6}
+    again = flashstu.load(tmp_path / "b")
+    pairs = zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)), strict=True)
+    for a, b in pairs:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_wrapper_prefixes_and_a_file_path_load(tmp_path):
+    config = {**BASE, **VARIANTS["stu_only"]}
+    state = flash_state(config)
+    prefixed = {f"_orig_mod.module.{k}": v for k, v in state.items()}
+    write(tmp_path, config, prefixed)
+    model = flashstu.load(tmp_path / "model.safetensors")
+    want = flash_forward(config, state, TOKENS, [])
+    got = np.asarray(forward(model, jnp.asarray(TOKENS[None])))[0]
+    np.testing.assert_allclose(got, want, atol=BUDGET * np.abs(want).max())
+
+
+def _error(tmp_path, config, state) -> str:
+    with pytest.raises(ValueError) as err:
+        flashstu.load(write(tmp_path, config, state))
+    return str(err.value)
+
+
+def test_bad_files_say_what_is_wrong(tmp_path):
+    config = {**BASE, **VARIANTS["stu_only"]}
+    state = flash_state(config)
+    missing = {k: v for k, v in state.items() if k != "layers.1.stu.M_inputs"}
+    assert "missing keys ['layers.1.stu.M_inputs']" in _error(tmp_path / "1", config, missing)
+    extra = {**state, "layers.0.stu.M_phi_plus": state["layers.0.stu.M_inputs"]}
+    assert "unknown keys ['layers.0.stu.M_phi_plus']" in _error(tmp_path / "2", config, extra)
+    wrong = {**state, "layers.0.stu.M_filters": state["layers.0.stu.M_inputs"]}
+    assert "layers.0.stu.M_filters has shape (12, 12)" in _error(tmp_path / "3", config, wrong)
+    sandwich = {**config, "stu_enable_mlp_sandwich": True}
+    assert "stu_enable_mlp_sandwich" in _error(tmp_path / "4", sandwich, state)
+    assert "tiling" in _error(tmp_path / "5", {**config, "d_in_tile": 4}, state)
+    untied = {**state, "lm_head.weight": state["tok_emb.weight"] + 1}
+    assert "lm_head.weight differs" in _error(tmp_path / "6", config, untied)
+    noise = {**state, "phi": np.random.default_rng(0).standard_normal((16, 5), np.float32)}
+    assert "keep_phi=True" in _error(tmp_path / "7", config, noise)
+    (tmp_path / "8").mkdir()
+    (tmp_path / "8" / "model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        flashstu.load(tmp_path / "8")
+    (tmp_path / "8" / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"config\.json is missing"):
+        flashstu.load(tmp_path / "8")
+
+
+def test_window_sizes_and_dtypes_of_config_json():
+    assert flashstu.window_keys(1024, 8192) == 1025
+    assert flashstu.window_keys([7, 0], 64) == 8
+    assert flashstu.window_keys(-1, 64) == 64
+    both = {**BASE, **VARIANTS["approx"]}
+    del both["torch_dtype"]
+    assert flashstu.model_config({**both, "dtype": "bfloat16"}).dtype == "bfloat16"
+    assert flashstu.model_config({**both, "torch_dtype": "float32"}).dtype == "float32"
+    with pytest.raises(ValueError, match="window_size"):
+        flashstu.window_keys([1, 2, 3], 64)
