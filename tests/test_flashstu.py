@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
+from spectral_jax.decode.generate import prefill
 from spectral_jax.interop import flashstu
 from spectral_jax.nn.attention import alibi_slopes
 
@@ -280,3 +281,29 @@ def test_window_sizes_and_dtypes_of_config_json():
     assert flashstu.model_config({**both, "torch_dtype": "float32"}).dtype == "float32"
     with pytest.raises(ValueError, match="window_size"):
         flashstu.window_keys([1, 2, 3], 64)
+
+
+def test_alibi_softcap_prefill_and_step_match_the_parallel_forward(tmp_path):
+    """A ragged batch (row 1 left-padded by 3) decodes what each row's own forward gives: ALiBi
+    is relative, so the padding shifts nothing; windows of 5 keys < the 14 positions."""
+    config = {**BASE, **VARIANTS["approx"]}
+    model = flashstu.load(write(tmp_path, config, flash_state(config)))
+    rows = [TOKENS[:14], np.random.default_rng(8).integers(0, 23, 11)]
+    prompts = [row[: len(row) - 5].tolist() for row in rows]
+    logits, cache = prefill(model, prompts)
+    step = nnx.jit(lambda m, c, t: m.step(c, t))
+    got = [logits]
+    for i in range(4):
+        cache, out = step(model, cache, jnp.asarray([row[len(row) - 5 + i] for row in rows]))
+        got.append(out)
+    got = np.stack([np.asarray(g) for g in got], axis=1)  # [B, 5, V]: positions -6 .. -2
+    for b, row in enumerate(rows):
+        want = np.asarray(forward(model, jnp.asarray(row[None])))[0, -6:-1]
+        np.testing.assert_allclose(got[b], want, atol=BUDGET * np.abs(want).max())
+
+
+def test_alibi_slopes_are_flash_stus():
+    # 2^(-8/n) geometric for n = 2^m heads; else the 2 heads' slopes, then every other slope of
+    # 4 heads (2^-2, 2^-6, ...) for the third; all times 0.25
+    np.testing.assert_array_equal(alibi_slopes(8), 0.25 * 2.0 ** -np.arange(1.0, 9.0))
+    np.testing.assert_array_equal(alibi_slopes(3), 0.25 * np.array([2**-4, 2**-8, 2**-2]))
