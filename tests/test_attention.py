@@ -184,3 +184,55 @@ def test_bad_inputs_raise():
         AttentionConfig(d_model=8, num_heads=2, window=0)
     with pytest.raises(ValueError, match=r"dtype must be one of .* got 'int32'"):
         AttentionConfig(d_model=8, num_heads=2, window=2, dtype="int32")
+
+
+def test_prefill_in_chunks_continues_from_the_ring_buffer_float64():
+    """Chunks of a ragged batch, each continuing from the cache of the ones before (shorter
+    than the window, dense, blocked with the ring buffer as prefix, a single position), give
+    the one-pass prefill's outputs and cache; a step after them agrees too."""
+    config = AttentionConfig(d_model=8, num_heads=2, window=4, dtype=jnp.float64)
+    layer = SlidingWindowAttention(config, rngs=nnx.Rngs(7))
+    pads = jnp.asarray([0, 6])  # row 1's padding runs past the first chunk
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 22, 8)))
+        whole, whole_cache = layer.prefill(x[:, :21], pad=pads)
+        cache, outs, start = layer.init_cache(2, 1, jnp.float64), [], 0
+        for size in (3, 7, 10, 1):  # 3 < W, 7 <= 2W dense, 10 > 2W blocked, then one
+            y, cache = layer.prefill(x[:, start : start + size], pad=pads - start, cache=cache)
+            outs.append(y)
+            start += size
+        for name in ("k", "v", "pos", "pad"):
+            np.testing.assert_allclose(getattr(cache, name), getattr(whole_cache, name), atol=TOL64)
+        real = np.arange(21)[None, :, None] >= np.asarray(pads)[:, None, None]
+        got = jnp.concatenate(outs, axis=1)
+        np.testing.assert_allclose(np.where(real, got, 0), np.where(real, whole, 0), atol=TOL64)
+        _, y_next = layer.step(cache, x[:, 21])
+        _, y_whole = layer.step(whole_cache, x[:, 21])
+        np.testing.assert_allclose(y_next, y_whole, atol=TOL64)
+    with pytest.raises(ValueError, match="cache holds 2 rows"):
+        layer.prefill(jnp.ones((3, 2, 8)), cache=cache)
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_blocks_in_groups_equal_one_product(with_prefix):
+    """A budget of one block's scores processes the blocks one group at a time (lax.map);
+    every block computes the same products as in one product over all blocks."""
+    rng = np.random.default_rng(9)
+    b, length, h, dh, w = 2, 29, 2, 4, 3
+    q, k, v = (jnp.asarray(rng.standard_normal((b, length, h, dh)), jnp.float32) for _ in range(3))
+    pad = jnp.asarray([0, 4])
+    prefix, start = None, 0
+    if with_prefix:
+        prefix = tuple(jnp.asarray(rng.standard_normal((b, w, h, dh)), jnp.float32) for _ in "kv")
+        start = jnp.int32(5)
+    one_block = b * h * w * 2 * w * 4  # bytes of one block's float32 logits
+    grouped = [
+        sliding_window_attention(q, k, v, w, pad, prefix, start, score_budget=budget)
+        for budget in (one_block, 3 * one_block, 10**9)  # groups of 1, 3 and all 10 blocks
+    ]
+    # The same operations per block (bitwise equal on CPU); the budget allows XLA another
+    # order for the dh-wide logits and 2W-wide softmax sums: (dh + 2W) float32 roundings of
+    # outputs that are weighted means of N(0, 1) values drawn here (|v| < 4).
+    budget = (dh + 2 * w) * 2.0**-24 * 4
+    for got in grouped[:2]:
+        np.testing.assert_allclose(got, grouped[2], atol=budget, rtol=0)

@@ -1,5 +1,6 @@
-"""Naive and FutureFill decode caches against the direct convolution sum (float64), block
-boundaries and FFT size buckets included, and their errors."""
+"""Naive and FutureFill decode caches against the direct convolution sum (float64 steps and
+prefill; float32 ``extend`` in pieces mixed with steps), block boundaries and FFT size buckets
+included, and their errors."""
 
 import functools
 
@@ -86,6 +87,61 @@ def test_strategies_match_direct_sum_float64(projected):
         np.testing.assert_allclose(got, ref[:, 7:], atol=TOL64 * scale, rtol=0)
 
 
+# chunks of conv inputs, 23 in all: extended from 0, extended again, stepped (across a FutureFill
+# epoch's end at block 5), then extended from mid-epoch
+SCHEDULE = ((4, "extend"), (7, "extend"), (3, "step"), (9, "extend"))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def extend_and_step(h, kernels, weights, strategy):
+    """Decode h: [B, 23, C] by :data:`SCHEDULE` (block 3 naive, 5 FutureFill) and by steps
+    alone. Returns two [B, 23, O] arrays."""
+    projection, params = contraction(weights)
+    B, L, C = h.shape
+    block_len = {"naive": 3, "futurefill": 5}[strategy]
+    empty = conv_decode.init_cache(
+        strategy, projection, kernels, params, B, L, C, h.dtype, block_len
+    )
+    cache, pos, pieces = empty, 0, []
+    for count, how in SCHEDULE:
+        advance = conv_decode.extend if how == "extend" else scan_with
+        cache, y = advance(cache, h[:, pos : pos + count], params)
+        pieces.append(y)
+        pos += count
+    assert pos == L
+    return jnp.concatenate(pieces, axis=1), scan_with(empty, h, params)[1]
+
+
+def scan_with(cache, h, params):
+    """Steps over h: [B, T, C] -> (cache, [B, T, O])."""
+    step = lambda c, h_t: conv_decode.step(c, h_t, params)  # noqa: E731
+    cache, ys = jax.lax.scan(step, cache, h.swapaxes(0, 1))
+    return cache, ys.swapaxes(0, 1)
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_extend_in_pieces_matches_steps_and_direct_sum_float32(projected):
+    rng = np.random.default_rng(10 + int(projected))
+    B, L, C, F, O = 2, 23, 3, 4, 2
+    h = rng.standard_normal((B, L, C)).astype(np.float32)
+    kernels = rng.standard_normal((L, F if projected else C)).astype(np.float32)
+    weights = rng.standard_normal((F, C, O)).astype(np.float32) if projected else None
+    with jax.enable_x64(True):  # float64 reference, and the sum of |terms| of every output
+        ref = np.asarray(reference(*(jnp.asarray(a, jnp.float64) if a is not None else None
+                                     for a in (h, kernels, weights))))  # fmt: skip
+        bound = np.asarray(reference(*(jnp.asarray(np.abs(a), jnp.float64) if a is not None
+                                       else None for a in (h, kernels, weights))))  # fmt: skip
+    # Rounding budget: an output sums at most L products per filter and channel in float32, so
+    # recursive summation errs by at most L * eps32 * (its sum of |terms|); the FFTs (length
+    # <= 64 here) err by ~log2(n) eps32 times the l2 norms, below that.
+    atol = L * np.finfo(np.float32).eps * np.max(bound)
+    for strategy in ("naive", "futurefill"):
+        pieces, steps = (np.asarray(y) for y in extend_and_step(h, kernels, weights, strategy))
+        for got in (pieces, steps):
+            assert got.dtype == np.float32 and got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, atol=atol, rtol=0)
+
+
 def test_epoch_length_one_and_max_len_float32():
     """E = 1 refreshes by FFT every token; E = max_len never after prefill. float32 error of
     sums of <= 16 O(1) terms stays within ~1e-5 of their scale."""
@@ -120,8 +176,15 @@ def test_errors():
         conv_decode.step(cache, jnp.ones((3, 2)), {})
     with pytest.raises(ValueError, match="dtype bfloat16 does not match"):
         conv_decode.step(cache, jnp.ones((2, 2), jnp.bfloat16), {})
-    with pytest.raises(ValueError, match=r"length 5 must be in \[1, max_len=4\]"):
+    with pytest.raises(ValueError, match="extend: 5 tokens from position 0 pass max_len=4"):
         conv_decode.prefill(cache, jnp.ones((2, 5, 2)), {})
+    with pytest.raises(ValueError, match=r"input must be \[2, T >= 1, 2\], got \(2, 0, 2\)"):
+        conv_decode.extend(cache, jnp.ones((2, 0, 2)), {})
+    part = cache.replace(pos=jnp.asarray(2, jnp.int32))
+    with pytest.raises(ValueError, match="3 tokens from position 2 pass max_len=4"):
+        conv_decode.extend(part, jnp.ones((2, 3, 2)), {})
+    with pytest.raises(Exception, match="3 tokens from position 2 pass"):  # runtime under jit
+        jax.block_until_ready(jax.jit(lambda pos: conv_decode.check_room(pos, 4, 3))(2))
     full = conv_decode.prefill(cache, jnp.ones((2, 4, 2)), {})
     with pytest.raises(ValueError, match="cache is full: position 4 >= max_len=4"):
         conv_decode.step(full, jnp.ones((2, 2)), {})

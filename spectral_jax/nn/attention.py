@@ -3,12 +3,14 @@ no positions, and an optional score softcap.
 
 Each query at position ``t`` attends to the keys at positions ``t - window + 1 .. t``.
 The parallel path costs ``O(L * window)`` (blocks of ``window`` queries attend to their
-own block and the previous one); decoding keeps a ring buffer of the last ``window``
-keys and values, so memory and time per generated token do not grow with ``t``.
+own block and the previous one, processed in groups of blocks whose scores fit a byte budget,
+:data:`SCORE_BUDGET_BYTES`); decoding keeps a ring buffer of the last ``window`` keys and values,
+so memory and time per generated token do not grow with ``t``. A prefill may continue from such
+a cache: the ring buffer is the prefix of the chunk's first window, so a long prompt runs in
+chunks of bounded memory (:meth:`SlidingWindowAttention.prefill`).
 
 Math lives in pure functions (``rope``, ``sliding_window_mask``, ``masked_attention``,
-``sliding_window_attention``); :class:`SlidingWindowAttention` holds the projections.
-"""
+``sliding_window_attention``); :class:`SlidingWindowAttention` holds the projections."""
 
 from __future__ import annotations
 
@@ -185,11 +187,22 @@ def relative_distance(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
     return q_pos[..., :, None] - k_pos[..., None, :]
 
 
-def row_positions(length: int, pad: jax.Array | None) -> jax.Array:
-    """Positions of ``length`` left-padded tokens: ``[L]`` (no padding) or ``[B, L]`` with
-    ``t - pad[b]`` (negative at row ``b``'s pad positions). pad: [B] int or None."""
-    positions = jnp.arange(length)
+def row_positions(length: int, pad: jax.Array | None, start: jax.Array | int = 0) -> jax.Array:
+    """Rotary positions of ``length`` tokens at positions ``start .. start + length - 1``:
+    ``[L]`` (no padding) or ``[B, L]`` with ``p - pad[b]`` (negative at row ``b``'s pad
+    positions). pad: [B] int, each row's left-pad count from position 0, or None; start: int or
+    int32 scalar."""
+    positions = start + jnp.arange(length)
     return positions if pad is None else positions[None, :] - pad[:, None]
+
+
+SCORE_BUDGET_BYTES = 64 * 2**20
+"""Bytes of attention logits the blocked path forms at once: its blocks of ``window`` queries
+are processed in groups of ``max(1, SCORE_BUDGET_BYTES // (B * H * W * 2W * itemsize))`` blocks
+(itemsize of the float32 logits), one group after another in a ``lax.map``, so peak memory is
+bounded by the group, not by the length. 64 MiB is one group for every block of a 2^14-token
+chunk at batch 1 with 4 heads and W = 128 (512 KiB a block), so short prompts run as one
+product; the softmax's temporaries add about twice the logits."""
 
 
 def sliding_window_attention(
@@ -198,57 +211,96 @@ def sliding_window_attention(
     v: jax.Array,
     window: int,
     pad: jax.Array | None = None,
+    prefix: tuple[jax.Array, jax.Array] | None = None,
+    start: jax.Array | int = 0,
+    score_budget: int = SCORE_BUDGET_BYTES,
     *,
     softcap: float | None = None,
     slopes: np.ndarray | None = None,
 ) -> jax.Array:
-    """Causal sliding-window attention over one sequence (positions 0..L-1).
+    """Causal sliding-window attention of the queries at positions ``start .. start + T - 1``.
 
-    q, k, v: [B, L, H, Dh], q already scaled and rotated. pad: [B] left-pad positions per row
-    (their keys are masked), or None. softcap, slopes: as in :func:`masked_attention`.
-    Returns [B, L, H, Dh].
-    For ``L <= 2 * window`` one dense masked product; otherwise the sequence is cut into
-    blocks of ``window`` queries that see their own block and the previous one, so the
-    cost is ``O(L * window)`` instead of ``O(L^2)``.
+    q, k, v: [B, T, H, Dh] of those positions, q already scaled and rotated. prefix: the keys
+    and values ``([B, W, H, Dh], [B, W, H, Dh])`` of the ``W = window`` positions
+    ``start - W .. start - 1``, oldest first (a continuation: those before position 0 or a row's
+    pad are masked), or None when ``start`` is 0 (nothing precedes the queries). pad: [B]
+    left-pad count of each row from position 0 (keys at positions ``< pad[b]`` are masked), or
+    None. score_budget: see :data:`SCORE_BUDGET_BYTES`. softcap, slopes: as in
+    :func:`masked_attention`. Returns [B, T, H, Dh].
+
+    For ``T <= 2 * window`` one dense masked product; otherwise the queries are cut into blocks
+    of ``window`` that see their own block and the previous one (the prefix for the first), so
+    the cost is ``O(T * window)`` instead of ``O(T^2)``, and the blocks are processed in groups
+    whose logits fit ``score_budget``.
     """
+    if prefix is None and not (isinstance(start, int) and start == 0):
+        raise ValueError(
+            f"sliding_window_attention: start={start!r} needs the prefix of the {window} keys "
+            "before it (the ring buffer of a KVCache); without a prefix start must be 0"
+        )
     b, length, h, dh = q.shape
     if length <= 2 * window:
-        pos = row_positions(length, pad)
-        mask, distance = sliding_window_mask(pos, pos, window), relative_distance(pos, pos)
+        q_pos = k_pos = row_positions(length, pad, start)
+        if prefix is not None:
+            k, v = (jnp.concatenate([p, a], axis=1) for p, a in zip(prefix, (k, v), strict=True))
+            k_pos = row_positions(window + length, pad, start - window)
+        mask, distance = sliding_window_mask(q_pos, k_pos, window), relative_distance(q_pos, k_pos)
         return masked_attention(q, k, v, mask, softcap=softcap, slopes=slopes, distance=distance)
     n = -(-length // window)
-    extra = n * window - length
+    cdt = jnp.promote_types(q.dtype, jnp.float32)
+    group = max(1, score_budget // (b * h * window * 2 * window * jnp.dtype(cdt).itemsize))
+    groups = -(-n // group)
+    if groups == 1:
+        group = n
 
-    def blocks(a: jax.Array) -> jax.Array:
-        a = jnp.pad(a, ((0, 0), (0, extra), (0, 0), (0, 0)))
-        return a.reshape(b, n, window, h, dh)
+    def blocks(a: jax.Array, before: jax.Array | None) -> jax.Array:
+        """[B, T, ...] -> [B, groups * group + 1, W, ...]: the prefix block (zeros if None), then
+        the blocks of ``a`` padded with zero blocks."""
+        before = jnp.zeros_like(a[:, :window]) if before is None else before.astype(a.dtype)
+        a = jnp.pad(a, ((0, 0), (0, groups * group * window - length), (0, 0), (0, 0)))
+        return jnp.concatenate([before, a], axis=1).reshape(b, groups * group + 1, window, h, dh)
 
-    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    before_k, before_v = (None, None) if prefix is None else prefix
+    kb, vb, qb = blocks(k, before_k), blocks(v, before_v), blocks(q, None)[:, 1:]
+    # per block: queries at block_start + [0, W), keys at block_start - W + [0, 2W); those before
+    # position 0 (the zero prefix block when there is no prefix) are masked by being negative
+    block_start = start + jnp.arange(groups * group)[:, None] * window  # [blocks, 1]
+    q_pos = block_start + jnp.arange(window)
+    k_pos = block_start - window + jnp.arange(2 * window)
 
-    def with_previous(a: jax.Array) -> jax.Array:  # [B, n, W, ...] -> [B, n, 2W, ...]
-        prev = jnp.pad(a[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))
-        return jnp.concatenate([prev, a], axis=2)
+    def attend(qg, prev_k, cur_k, prev_v, cur_v, qp, kp):
+        """One group of ``g`` blocks: qg [B, g, W, H, Dh], keys/values of the previous and the
+        own blocks [B, g, W, H, Dh], positions [g, W] / [g, 2W] -> [B, g, W, H, Dh]."""
+        if pad is not None:  # per-row positions [B, g, W] / [B, g, 2W]
+            qp, kp = qp - pad[:, None, None], kp - pad[:, None, None]
+        keys = jnp.concatenate([prev_k, cur_k], axis=2)
+        values = jnp.concatenate([prev_v, cur_v], axis=2)
+        mask, distance = sliding_window_mask(qp, kp, window), relative_distance(qp, kp)
+        return masked_attention(
+            qg, keys, values, mask, softcap=softcap, slopes=slopes, distance=distance
+        )
 
-    block_start = np.arange(n)[:, None] * window
-    q_pos = jnp.asarray(block_start + np.arange(window))  # [n, W]
-    k_pos = jnp.asarray(block_start - window + np.arange(2 * window))  # [n, 2W]; < 0 in block 0
-    if pad is not None:  # per-row positions [B, n, W] / [B, n, 2W]
-        q_pos, k_pos = q_pos - pad[:, None, None], k_pos - pad[:, None, None]
-    mask = sliding_window_mask(q_pos, k_pos, window)  # [(B,) n, W, 2W]
-    out = masked_attention(
-        qb,
-        with_previous(kb),
-        with_previous(vb),
-        mask,
-        softcap=softcap,
-        slopes=slopes,
-        distance=relative_distance(q_pos, k_pos),
-    )
-    return out.reshape(b, n * window, h, dh)[:, :length]
+    operands = (qb, kb[:, :-1], kb[:, 1:], vb[:, :-1], vb[:, 1:])
+    if groups == 1:
+        out = attend(*operands, q_pos, k_pos)
+    else:
+
+        def by_group(a: jax.Array) -> jax.Array:  # [B, G * g, ...] -> [G, B, g, ...]
+            return a.reshape(b, groups, group, *a.shape[2:]).swapaxes(0, 1)
+
+        def split_positions(p: jax.Array) -> jax.Array:  # [G * g, X] -> [G, g, X]
+            return p.reshape(groups, group, -1)
+
+        out = jax.lax.map(
+            lambda args: attend(*args),
+            (*map(by_group, operands), split_positions(q_pos), split_positions(k_pos)),
+        )
+        out = out.swapaxes(0, 1)
+    return out.reshape(b, groups * group * window, h, dh)[:, :length]
 
 
 class SlidingWindowAttention(nnx.Module):
-    """Multi-head causal sliding-window attention with rotary embeddings.
+    """Multi-head causal sliding-window attention (rotary or ALiBi positions, or none).
 
     x: [B, L, D] -> [B, L, D] in ``config.dtype``; parameters float32. Any length:
     ``length_limit`` is None.
@@ -294,11 +346,19 @@ class SlidingWindowAttention(nnx.Module):
         if x.ndim != 3 or x.shape[-1] != c.d_model or x.shape[1] < 1:
             raise ValueError(f"{where}: x must be [B, L >= 1, {c.d_model}], got shape {x.shape}")
 
-    def _attend(self, x: jax.Array, pad: jax.Array | None):
-        """x: [B, L, D] -> (y [B, L, D], rotated k and v [B, L, H, Dh])."""
+    def _attend(self, x: jax.Array, pad: jax.Array | None, cache: KVCache | None = None):
+        """x: [B, T, D] at positions ``start .. start + T - 1`` -> (y [B, T, D], rotated k and
+        v [B, T, H, Dh]); start is ``cache.pos`` (0 without a cache), whose ring buffer gives the
+        keys before it. pad: [B] each row's left-pad count from position 0, or None."""
         x = x.astype(self.config.dtype)
-        q, k, v = self._project(x, row_positions(x.shape[1], pad))
-        out = sliding_window_attention(q, k, v, self.config.window, pad, **self._scores())
+        w = self.config.window
+        start, prefix = 0, None
+        if cache is not None:
+            start = cache.pos
+            order = (start + jnp.arange(w)) % w  # slot of position start - W + j, j = 0 .. W-1
+            prefix = tuple(a[:, order].astype(x.dtype) for a in (cache.k, cache.v))
+        q, k, v = self._project(x, row_positions(x.shape[1], pad, start))
+        out = sliding_window_attention(q, k, v, w, pad, prefix, start, **self._scores())
         return self.out(out.reshape(x.shape)), k, v
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -327,23 +387,39 @@ class SlidingWindowAttention(nnx.Module):
         x: jax.Array,
         options: DecodeOptions = DEFAULT_DECODE,
         pad: jax.Array | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        """Run the prompt x: [B, L, D]; returns (y [B, L, D], cache at position L).
+        """Run x: [B, T, D] at positions ``pos .. pos + T - 1``; returns (y [B, T, D], the cache
+        at position ``pos + T``).
 
-        pad: [B] int, left-pad positions of each row (their keys are masked; rotary positions
-        start at 0 at each row's first real token), or None. The cache holds K/V in x's dtype.
+        cache: None (``pos`` = 0, today's prompt), or the cache of the positions before (from
+        ``init_cache``, ``prefill`` or ``step``), whose ring buffer is the window's prefix.
+        pad: [B] int, the left-pad positions of each row counted from ``pos`` (row ``b``'s
+        positions ``< pos + pad[b]`` are padding; negative or past ``T`` in a later chunk): their
+        keys are masked and rotary positions start at each row's first real token. None: no
+        padding without a cache, the cache's with one. The cache holds K/V in x's dtype.
         """
         self._check_sequence(x, "prefill")
-        y, k, v = self._attend(x, pad)
         batch, length, w = x.shape[0], x.shape[1], self.config.window
+        if cache is None:
+            start, base = 0, self.init_cache(batch, 1, x.dtype, options)
+        else:
+            if cache.k.shape[0] != batch or cache.k.dtype != x.dtype:
+                raise ValueError(
+                    f"prefill: x is [{batch}, ...] {x.dtype} but the cache holds "
+                    f"{cache.k.shape[0]} rows of {cache.k.dtype}; continue with the batch and "
+                    "dtype it was built for"
+                )
+            start, base = cache.pos, cache
+        row_pad = base.pad if pad is None else start + jnp.asarray(pad, jnp.int32)
+        y, k, v = self._attend(x, None if cache is None and pad is None else row_pad, cache)
         keep = min(length, w)
-        slots = np.arange(length - keep, length) % w  # ring slots of the last `keep` tokens
-        cache = self.init_cache(batch, length, x.dtype, options)
+        slots = (start + jnp.arange(length - keep, length)) % w  # ring slots of the last tokens
         return y, KVCache(
-            k=cache.k.at[:, slots].set(k[:, length - keep :].astype(x.dtype)),
-            v=cache.v.at[:, slots].set(v[:, length - keep :].astype(x.dtype)),
-            pos=jnp.asarray(length, jnp.int32),
-            pad=cache.pad if pad is None else jnp.asarray(pad, jnp.int32),
+            k=base.k.at[:, slots].set(k[:, length - keep :].astype(x.dtype)),
+            v=base.v.at[:, slots].set(v[:, length - keep :].astype(x.dtype)),
+            pos=jnp.asarray(start + length, jnp.int32),
+            pad=row_pad,
         )
 
     def step(self, cache: KVCache, x_t: jax.Array) -> tuple[KVCache, jax.Array]:

@@ -20,6 +20,10 @@ Strategies (both exact: they only reorder the sum):
   ``O(E)`` sum. The FFT covers the smallest length ``E * 2^j >= t0 + E``, so an epoch costs
   ``O(t0 log t0)`` whatever ``max_len``; ``N`` tokens cost ``O(N E + N^2 log N / E)``.
 
+:func:`extend` consumes a chunk of ``T`` positions at once, from any position, by two FFT
+convolutions (the past's contribution and the chunk's own); :func:`prefill` is ``extend`` from
+an empty cache.
+
 Layout for speed on CPU: the history is time-major (``[T, B, C]``) and the taps are stored
 reversed (``taps[T - 1 - l] = K[l]``, then ``block_len`` zero rows), so the taps of a window of
 positions are one ``dynamic_slice`` aligned with the history slice, and a window sum is one
@@ -90,8 +94,14 @@ class NaiveCache:
         z, history = jax.lax.fori_loop(0, t // w + 1, add_block, (z, self.history))
         return self.replace(history=history, pos=t + 1), projection.project(z, params)
 
-    def after_prefill(self, params: Params) -> NaiveCache:
-        """Nothing to precompute after a prompt."""
+    @property
+    def future_len(self) -> int:
+        """Positions past ``pos`` whose contribution from the past :func:`extend` precomputes:
+        none."""
+        return 0
+
+    def start_future(self, block: jax.Array) -> NaiveCache:
+        """Nothing is kept of the (empty) ``block [B, 0, O]``."""
         return self
 
 
@@ -155,11 +165,14 @@ class FutureFillCache:
         cache = self.replace(history=history, block=block, epoch_start=start, pos=t + 1)
         return cache, y + projection.project(z, params)
 
-    def after_prefill(self, params: Params) -> FutureFillCache:
-        """Start an epoch at the position after the prompt."""
-        block = _future_block(
-            self.projection, self.history, self.taps, self.block_len, self.pos, params
-        )
+    @property
+    def future_len(self) -> int:
+        """Positions past ``pos`` whose contribution from the past :func:`extend` precomputes:
+        an epoch, ``E``."""
+        return self.block_len
+
+    def start_future(self, block: jax.Array) -> FutureFillCache:
+        """Start an epoch at ``pos`` whose past contribution is ``block [B, E, O]``."""
         return self.replace(block=block, epoch_start=self.pos)
 
 
@@ -168,7 +181,8 @@ CACHE_BY_STRATEGY: dict[str, type[NaiveCache] | type[FutureFillCache]] = {
     "naive": NaiveCache,
     "futurefill": FutureFillCache,
 }
-"""The one place a strategy name is dispatched: each cache class steps and prefills itself."""
+"""The one place a strategy name is dispatched: each cache class steps itself and says what
+:func:`extend` precomputes for it."""
 
 
 def default_block_len(strategy: DecodeStrategy, max_len: int) -> int:
@@ -266,7 +280,9 @@ def _future_block(
     params: Params,
 ) -> jax.Array:
     """``F[j] = sum_{s<t} K[t+j-s] h_s`` for ``j < e`` by one FFT over the smallest length
-    ``e * 2^j >= t + e``; history slots ``>= t`` are masked out. Returns ``[B, e, O]``."""
+    ``e * 2^j >= t + e`` (zeros without an FFT at ``t = 0``); history slots ``>= t`` are masked
+    out. Returns ``[B, e, O]``. Memory: the projection's bounded ``convolve`` of the first
+    ``size`` history slots, ``O(B size (C + O))`` (:mod:`spectral_jax.ops.conv`)."""
     total = history.shape[0]
     sizes = []
     size = e
@@ -279,29 +295,43 @@ def _future_block(
         def block(history):
             past = (jnp.arange(size) < t)[:, None, None]
             h = jnp.where(past, history[:size], 0).astype(taps.dtype).swapaxes(0, 1)
-            k = jnp.flip(taps[total - size : total], 0)  # lags 0 .. size - 1
-            y = projection.convolve(h, k, params)
+            y = projection.convolve(h, _lags(taps, total, size), params)
             return jax.lax.dynamic_slice_in_dim(y, t, e, axis=1)
 
         return block
 
-    index = jnp.sum(jnp.asarray(sizes) < t + e)
-    return jax.lax.switch(index, [branch(s) for s in sizes], history)
+    def no_past(history):
+        shape = (history.shape[1], e, projection.out_features(params, history.shape[2]))
+        return jnp.zeros(shape, taps.dtype)
+
+    index = jnp.where(t == 0, 0, 1 + jnp.sum(jnp.asarray(sizes) < t + e))
+    return jax.lax.switch(index, [no_past] + [branch(s) for s in sizes], history)
+
+
+def _lags(taps: jax.Array, total: int, count: int) -> jax.Array:
+    """Kernel taps ``[count, F]`` of lags ``0 .. count - 1`` from the reversed ``taps`` of a
+    history of ``total`` slots."""
+    return jnp.flip(taps[total - count : total], 0)
 
 
 # ---- capacity: the one check shared by every decode cache (attention KV, naive, FutureFill)
 
 
-def _raise_if_full(pos: Any, max_len: int) -> None:
+def _raise_if_full(pos: Any, max_len: int, count: int) -> None:
     """Host-side check; ``pos`` is an int or an array of positions (under vmap)."""
-    full = np.asarray(pos) >= max_len
+    full = np.asarray(pos) + count > max_len
     if np.any(full):
         first = int(np.asarray(pos)[full].flat[0])
-        raise ValueError(f"step: cache is full: position {first} >= max_len={max_len}")
+        if count == 1:
+            raise ValueError(f"step: cache is full: position {first} >= max_len={max_len}")
+        raise ValueError(
+            f"extend: {count} tokens from position {first} pass max_len={max_len}: "
+            "feed at most max_len - pos tokens, or make a cache with a larger max_len"
+        )
 
 
-def check_room(pos: jax.Array, max_len: int) -> None:
-    """Raise ValueError if a cache at position ``pos`` cannot take one more token.
+def check_room(pos: jax.Array, max_len: int, count: int = 1) -> None:
+    """Raise ValueError if a cache at position ``pos`` cannot take ``count`` more tokens.
 
     Concrete ``pos``: raises now. Traced ``pos`` (under jit/scan): a host callback raises,
     surfacing as a runtime error naming the position. The callback sits in a ``cond`` so it
@@ -310,13 +340,13 @@ def check_room(pos: jax.Array, max_len: int) -> None:
     """
     if isinstance(pos, jax.core.Tracer):
         jax.lax.cond(
-            pos >= max_len,
-            lambda p: jax.debug.callback(_raise_if_full, p, max_len),
+            pos + count > max_len,
+            lambda p: jax.debug.callback(_raise_if_full, p, max_len, count),
             lambda p: None,
             pos,
         )
     else:
-        _raise_if_full(pos, max_len)
+        _raise_if_full(pos, max_len, count)
 
 
 def _check_step_input(cache: ConvCache, h_t: jax.Array) -> None:
@@ -344,15 +374,37 @@ def step(cache: ConvCache, h_t: jax.Array, params: Params) -> tuple[ConvCache, j
     return cache.step(h_t, params)
 
 
+def extend(cache: ConvCache, h: jax.Array, params: Params) -> tuple[ConvCache, jax.Array]:
+    """Consume the conv inputs ``h: [B, T, C]`` at positions ``pos .. pos + T - 1`` (any
+    ``cache.pos``, 0 included; ``params`` as in :func:`init_cache`), as ``T`` calls of
+    :func:`step` would, and advance the cache to ``pos + T``; FutureFill starts an epoch there.
+
+    Returns the next cache and ``y: [B, T, O]`` in the compute dtype, projected, as :func:`step`
+    returns them. ``h`` is stored in the cache's dtype (the sums then read it as ``step``'s).
+    Raises ValueError if ``h`` is not ``[B, T, C]`` with the cache's ``B`` and ``C`` and
+    ``T >= 1``, or if ``pos + T > max_len`` (a runtime error under jit).
+
+    Work and memory are those of two bounded FFT convolutions: the past (slots ``< pos``) on
+    the ``T + E`` positions from ``pos`` (``E``: the cache's :attr:`future_len`, the epoch that
+    FutureFill starts after the chunk; 0 for naive), over at most the history's length; and the
+    chunk itself on those positions, over ``T + E``.
+    """
+    total, batch, channels = cache.history.shape
+    if h.ndim != 3 or (h.shape[0], h.shape[2]) != (batch, channels) or h.shape[1] < 1:
+        raise ValueError(f"extend: input must be [{batch}, T >= 1, {channels}], got {h.shape}")
+    length, ahead = h.shape[1], cache.future_len
+    check_room(cache.pos, cache.max_len, length)
+    h = h.astype(cache.history.dtype)
+    history = jax.lax.dynamic_update_slice_in_dim(cache.history, h.swapaxes(0, 1), cache.pos, 0)
+    taps, projection, span = cache.taps, cache.projection, length + ahead
+    past = _future_block(projection, history, taps, span, cache.pos, params)  # [B, span, O]
+    chunk = jnp.pad(h.astype(taps.dtype), ((0, 0), (0, ahead), (0, 0)))
+    y = past + projection.convolve(chunk, _lags(taps, total, span), params)
+    cache = cache.replace(history=history, pos=cache.pos + length)
+    return cache.start_future(y[:, length:]), y[:, :length]
+
+
 def prefill(cache: ConvCache, h: jax.Array, params: Params) -> ConvCache:
-    """Write a prompt's conv inputs ``h: [B, L, C]`` (``1 <= L <= max_len``) into an empty
-    cache and advance it to position ``L``; FutureFill starts an epoch there."""
-    _, batch, channels = cache.history.shape
-    length = h.shape[1]
-    if h.ndim != 3 or (h.shape[0], h.shape[2]) != (batch, channels):
-        raise ValueError(f"prefill: input must be [{batch}, L, {channels}], got {h.shape}")
-    if not 1 <= length <= cache.max_len:
-        raise ValueError(f"prefill: length {length} must be in [1, max_len={cache.max_len}]")
-    history = cache.history.at[:length].set(h.swapaxes(0, 1).astype(cache.history.dtype))
-    cache = cache.replace(history=history, pos=jnp.asarray(length, jnp.int32))
-    return cache.after_prefill(params)
+    """:func:`extend` an empty cache by a prompt's conv inputs ``h: [B, L, C]``
+    (``1 <= L <= max_len``), keeping only the cache (at position ``L``)."""
+    return extend(cache, h, params)[0]
