@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
+from spectral_jax.apps import cli
 from spectral_jax.decode.generate import prefill
 from spectral_jax.interop import flashstu
 from spectral_jax.nn.attention import alibi_slopes
@@ -286,7 +287,7 @@ def test_window_sizes_and_dtypes_of_config_json():
 def test_alibi_softcap_prefill_and_step_match_the_parallel_forward(tmp_path):
     """A ragged batch (row 1 left-padded by 3) decodes what each row's own forward gives: ALiBi
     is relative, so the padding shifts nothing; windows of 5 keys < the 14 positions."""
-    config = {**BASE, **VARIANTS["approx"]}
+    config = {**BASE, **VARIANTS["approx"], "n_layers": 2}  # an STU block, an attention block
     model = flashstu.load(write(tmp_path, config, flash_state(config)))
     rows = [TOKENS[:14], np.random.default_rng(8).integers(0, 23, 11)]
     prompts = [row[: len(row) - 5].tolist() for row in rows]
@@ -307,3 +308,22 @@ def test_alibi_slopes_are_flash_stus():
     # 4 heads (2^-2, 2^-6, ...) for the third; all times 0.25
     np.testing.assert_array_equal(alibi_slopes(8), 0.25 * 2.0 ** -np.arange(1.0, 9.0))
     np.testing.assert_array_equal(alibi_slopes(3), 0.25 * np.array([2**-4, 2**-8, 2**-2]))
+
+
+def test_cli_convert_then_export_round_trips(tmp_path, capsys):
+    config = {**BASE, **VARIANTS["stu_only"], "vocab_size": 300}  # byte tokenizer ids fit
+    state = flash_state(config)
+    source = write(tmp_path / "src", config, state)
+    args = ["--set", "task.seq_len=16"]
+    assert cli.main(["convert", source, str(tmp_path / "ckpt"), *args]) == 0
+    printed = capsys.readouterr().out
+    assert "layers.1.stu.M_filters -> blocks.1.mixer.M_filt_plus" in printed
+    assert "spectral-jax train lm_bytes_small --checkpoint-dir" in printed
+    assert cli.main(["export", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
+    assert "tok_emb.weight" in capsys.readouterr().out
+    want = np.asarray(forward(flashstu.load(source), jnp.asarray(TOKENS[None])))
+    got = np.asarray(forward(flashstu.load(tmp_path / "back"), jnp.asarray(TOKENS[None])))
+    np.testing.assert_array_equal(got, want)
+    # bad input: one line, rc 2
+    assert cli.main(["convert", str(tmp_path / "nothing.safetensors"), str(tmp_path / "x")]) == 2
+    assert "nothing.safetensors" in capsys.readouterr().err
