@@ -3,9 +3,9 @@
 
 A converted checkpoint is step 0 of a run: the imported model's state, a fresh optimizer state
 for the run's optimizer, and the run record of ``run`` (a preset with overrides, its model
-replaced by the imported one), so ``generate`` and ``distill`` read it like a trained one and
-``train`` with that preset, those overrides and the model fields printed by :func:`convert`
-resumes from it: fine-tuning starts from the imported weights.
+replaced by the imported one, the preset's ``remat`` kept), so ``generate`` and ``distill``
+read it like a trained one and ``train`` with that preset, those overrides and the model fields
+printed by :func:`convert` resumes from it: fine-tuning starts from the imported weights.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def convert(
                 f"the tokenizer of {name} has {tok.vocab_size} ids, more than the model's "
                 f"vocabulary of {vocab}: it is not the tokenizer this checkpoint was trained with"
             )
+    if run.model is not None:  # remat changes how the run trains, not the model's function
+        model.config = dataclasses.replace(model.config, remat=run.model.remat)
     overrides = model_overrides(model.config, run.model)
     run = dataclasses.replace(run, model=model.config)
     optimizer = nnx.Optimizer(model, make_optimizer(run.optim), wrt=nnx.Param)

@@ -45,9 +45,10 @@ descending order with fixed signs, so :func:`align_filters` matches columns and 
 filter mixtures' rows (``M_filters``, ``M_phi_*``) are permuted and signed to match. The approx
 mode convolves with the checkpoint's ``phi``; the full mode ignores it and uses the filters it
 computes itself at construction (:func:`flashstu_filters`), so those are the reference there,
-and :func:`save` writes ``M_phi_*`` (and ``M_filters``) in that basis. ``keep_phi=True`` keeps
-the reference filters themselves (``stu_filters="loaded"``) for bit-level parity, e.g. for a
-bf16 ``phi``; the :class:`ImportReport` gives each filter's largest difference from ours.
+and :func:`save` writes ``M_phi_*`` in that basis (approx mode: our filters as ``phi``).
+``keep_phi=True`` keeps the reference filters themselves (``stu_filters="loaded"``) for
+bit-level parity, e.g. for a bf16 ``phi``; the :class:`ImportReport` gives each filter's
+largest difference from ours.
 Distillation fits an LDS bank to our computed filters, so distill a model loaded with
 ``keep_phi=False``.
 
@@ -567,10 +568,11 @@ def load(
 def save(model: SpectralModel, directory: str | pathlib.Path) -> list[tuple[str, str]]:
     """Write ``config.json`` and ``model.safetensors`` in Flash STU's layout into ``directory``
     (created; existing files there are not overwritten); returns the (our variable path,
-    checkpoint key) pairs written. Tensors are in the config's ``torch_dtype``; ``phi`` and the
-    filter mixtures are in the basis of the filters Flash STU computes itself
-    (:func:`flashstu_filters`), except an approx-mode model with loaded filters, whose own
-    filters and mixtures are written as they are."""
+    checkpoint key) pairs written. Tensors are in the config's ``torch_dtype``. Approx mode,
+    which convolves with the ``phi`` it loads, gets the model's own filters as ``phi`` and its
+    mixtures unchanged; full mode, which computes its filters itself, gets ``phi`` and
+    ``M_phi_*`` in the basis of :func:`flashstu_filters` (a dense ``eigh``: ``O(seq_len^3)``,
+    minutes at 8192)."""
     from safetensors.numpy import save as to_bytes
 
     config = flashstu_config(model.config)
@@ -585,7 +587,7 @@ def save(model: SpectralModel, directory: str | pathlib.Path) -> list[tuple[str,
     alignment = None
     if stus:
         filters = np.asarray(stus[0].filters[...], np.float64)
-        if model.config.stu_filters == "loaded" and config["use_approx"]:
+        if config["use_approx"]:  # convolves with the phi it loads: ours, mixtures unchanged
             phi = filters
         else:
             cfg = stus[0].config
