@@ -7,12 +7,14 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
 from spectral_jax.apps import cli
+from spectral_jax.apps.inference import load_for_inference
 from spectral_jax.decode.generate import prefill
 from spectral_jax.interop import flashstu
 from spectral_jax.nn.attention import alibi_slopes
@@ -246,7 +248,7 @@ def _error(tmp_path, config, state) -> str:
     return str(err.value)
 
 
-def test_bad_files_say_what_is_wrong(tmp_path):
+def test_bad_files_say_what_is_wrong(tmp_path, capsys):
     config = {**BASE, **VARIANTS["stu_only"]}
     state = flash_state(config)
     missing = {k: v for k, v in state.items() if k != "layers.1.stu.M_inputs"}
@@ -262,6 +264,10 @@ def test_bad_files_say_what_is_wrong(tmp_path):
     assert "lm_head.weight differs" in _error(tmp_path / "6", config, untied)
     noise = {**state, "phi": np.random.default_rng(0).standard_normal((16, 5), np.float32)}
     assert "keep_phi=True" in _error(tmp_path / "7", config, noise)
+    # the run's task (bytes: 257 ids) does not fit a vocabulary of 23
+    source = write(tmp_path / "9", config, state)
+    out = str(tmp_path / "9" / "out")
+    assert cli.main(["convert", source, out, "--set", "task.seq_len=16"]) == 2
     (tmp_path / "8").mkdir()
     (tmp_path / "8" / "model.safetensors").write_bytes(b"not a safetensors file")
     (tmp_path / "8" / "config.json").write_text(json.dumps(config))
@@ -270,6 +276,19 @@ def test_bad_files_say_what_is_wrong(tmp_path):
     (tmp_path / "8" / "config.json").unlink()
     with pytest.raises(ValueError, match=r"config\.json is missing"):
         flashstu.load(tmp_path / "8")
+    assert "has 257 ids, more than the model's vocabulary of 23" in capsys.readouterr().err
+
+
+def test_a_bfloat16_checkpoint_loads_and_reports_its_filters(tmp_path):
+    config = {**BASE, **VARIANTS["stu_only"], "torch_dtype": "bfloat16"}
+    state = {k: v.astype(ml_dtypes.bfloat16) for k, v in flash_state(config).items()}
+    model, report = flashstu.read(write(tmp_path, config, state))
+    assert model.config.dtype == "bfloat16"
+    np.testing.assert_array_equal(
+        np.asarray(model.embed.embedding[...]), state["tok_emb.weight"].astype(np.float32)
+    )
+    # a bf16 phi differs from ours by its rounding: at most 2^-9 of the largest entry
+    assert 0 < report.alignment.diffs.max() <= 2.0**-9
 
 
 def test_window_sizes_and_dtypes_of_config_json():
@@ -327,3 +346,24 @@ def test_cli_convert_then_export_round_trips(tmp_path, capsys):
     # bad input: one line, rc 2
     assert cli.main(["convert", str(tmp_path / "nothing.safetensors"), str(tmp_path / "x")]) == 2
     assert "nothing.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_converted_checkpoint_fine_tunes_generates_and_distills(tmp_path, capsys):
+    config = {**BASE, **VARIANTS["approx"], "vocab_size": 300}
+    source = write(tmp_path / "src", config, flash_state(config))
+    ckpt = str(tmp_path / "ckpt")
+    run = ["--set", "task.seq_len=16", "--set", "steps=2", "--set", "global_batch=2"]
+    assert cli.main(["convert", source, ckpt, *run]) == 0
+    train = capsys.readouterr().out.strip().splitlines()[-1].split()[1:]  # the printed command
+    assert cli.main(train) == 0
+    assert "resumed from step 0" in capsys.readouterr().out
+    assert cli.main(["generate", ckpt, "--prompt", "def ", "--max-new-tokens", "4"]) == 0
+    assert cli.main(["distill", ckpt, str(tmp_path / "lds"), "--num-states", "16"]) == 0
+    report = capsys.readouterr().out
+    assert "distilled vs STU: relative error" in report
+    # the distilled model keeps the MLP and attention choices
+    distilled, _ = load_for_inference(str(tmp_path / "lds"))
+    assert distilled.blocks[1].mixer.config.positions == "alibi"
+    assert distilled.blocks[0].mlp.activation == "geglu"
+    assert type(distilled.blocks[0].mixer).__name__ == "LDSLayer"
