@@ -15,8 +15,10 @@ residual stream at pad positions and masks them in attention, so that each row g
 would generate alone.
 
 The model is any module with ``config.vocab_size``, ``check_length(n, what)``, ``prefill(tokens
-[B, L], options, pad) -> (logits [B, L, V], cache)`` with ``cache.pos`` and ``step(cache, tokens
-[B]) -> (cache, logits [B, V])``, e.g. :class:`spectral_jax.nn.model.SpectralModel`.
+[B, L], options, pad, outputs="last") -> (logits of the last position [B, V], cache)`` with
+``cache.pos`` and ``step(cache, tokens [B]) -> (cache, logits [B, V])``, e.g.
+:class:`spectral_jax.nn.model.SpectralModel`, whose prefill runs a long prompt in chunks of
+``options.prefill_chunk`` positions and never forms the other positions' logits.
 """
 
 from __future__ import annotations
@@ -107,8 +109,7 @@ def _check_num_tokens(num_tokens: Any) -> None:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
 def _prefill(graphdef, state, prompt, pad, options: DecodeOptions):
-    logits, cache = nnx.merge(graphdef, state).prefill(prompt, options, pad)
-    return logits[:, -1], cache
+    return nnx.merge(graphdef, state).prefill(prompt, options, pad, outputs="last")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "sampling"))
@@ -136,7 +137,8 @@ def _feed(graphdef, state, cache, tokens):
 
 def prefill(model: nnx.Module, prompt_tokens: Any, options: DecodeOptions = DEFAULT_DECODE):
     """Run the prompts (``[B, L]``, or a ragged list: see :func:`prompt_batch`) through
-    ``model`` in one jitted call, building every layer's decode cache as ``options`` say.
+    ``model`` in one jitted call, building every layer's decode cache as ``options`` say (and
+    in chunks of ``options.prefill_chunk`` positions, so memory is bounded by the chunk).
 
     Returns ``(logits of the last position [B, V], the model's cache)``. Raises ValueError if a
     layer cannot run a prompt this long (an STU layer past its ``max_len``).

@@ -6,8 +6,8 @@ residual block.
 layer...) and exposes the same four itself; its decode cache is the mixer's cache, since the norms
 and the MLP act on one position at a time and keep no state. Its ``length_limit`` is the mixer's.
 
-Ragged batches: ``prefill(x, options, pad)`` zeroes the residual stream at each row's left-pad
-positions, so that the mixer sees exact zeros there (RMSNorm of 0 is 0) and a causal
+Ragged batches: ``prefill(x, options, pad, cache)`` zeroes the residual stream at each row's
+left-pad positions, so that the mixer sees exact zeros there (RMSNorm of 0 is 0) and a causal
 time-invariant mixer's state is what it would be without the padding.
 """
 
@@ -179,16 +179,21 @@ class ResidualBlock(nnx.Module):
         x: jax.Array,
         options: DecodeOptions = DEFAULT_DECODE,
         pad: jax.Array | None = None,
+        cache: Any = None,
     ) -> tuple[jax.Array, Any]:
-        """x: [B, L, D] -> (y [B, L, D], the mixer's cache after L tokens).
+        """x: [B, T, D] at positions ``pos .. pos + T - 1`` -> (y [B, T, D], the mixer's cache
+        after them).
 
-        pad: [B] int, left-pad positions per row, or None. The stream is zeroed there first, so
-        the mixer's input is exactly zero at pad positions (its outputs there are garbage that the
-        next block zeroes in turn and no real position reads)."""
+        cache: the mixer's cache of the positions before (``pos`` is its position), or None
+        (``pos`` = 0). pad: [B] int, left-pad positions of each row counted from ``pos`` (row
+        ``b``'s positions ``< pos + pad[b]`` are padding: negative or past ``T`` in a later
+        chunk), or None. The stream is zeroed there first, so the mixer's input is exactly zero
+        at pad positions (its outputs there are garbage that the next block zeroes in turn and
+        no real position reads)."""
         if pad is not None:
-            real = jnp.arange(x.shape[1])[None, :, None] >= pad[:, None, None]  # [B, L, 1]
+            real = jnp.arange(x.shape[1])[None, :, None] >= pad[:, None, None]  # [B, T, 1]
             x = jnp.where(real, x, jnp.zeros_like(x))
-        y, cache = self.mixer.prefill(self.mixer_norm(x), options, pad)
+        y, cache = self.mixer.prefill(self.mixer_norm(x), options, pad, cache)
         return self._mlp_residual(x + y.astype(x.dtype)), cache
 
     def step(self, cache: Any, x_t: jax.Array) -> tuple[Any, jax.Array]:

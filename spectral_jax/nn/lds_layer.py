@@ -42,7 +42,7 @@ from spectral_jax.distill.fit import DEFAULT_NUM_STATES, fit_lds_bank
 from spectral_jax.nn.lds_config import LDSConfig, check_bank
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STU_PARAM_AXES
-from spectral_jax.ops import stu_ops
+from spectral_jax.ops import lds, lds_continuation, stu_ops
 from spectral_jax.ops.distilled_lds import DistilledLDS
 from spectral_jax.validation import SCAN_KINDS, Arithmetic, ScanKind, one_of, positive_int
 
@@ -179,12 +179,17 @@ class LDSLayer(nnx.Module):
         x: jax.Array,
         options: DecodeOptions = DEFAULT_DECODE,
         pad: jax.Array | None = None,
+        cache: LDSCache | None = None,
         *,
         scan: ScanKind = "fft",
     ) -> tuple[jax.Array, LDSCache]:
-        """Parallel path over a prompt ``x [B, L, d_in]`` (any ``L >= 1``) that also returns the
-        decode cache after its last position.
+        """Parallel path over ``x [B, T, d_in]`` (any ``T >= 1``) that also returns the decode
+        cache after its last position.
 
+        ``cache``: None (the prompt starts at position 0), or the cache of the positions before
+        (from ``init_cache``, ``prefill`` or ``step``): the outputs continue from its state, in
+        blocks of bounded memory (:func:`spectral_jax.ops.lds_continuation.continue_in_blocks`,
+        for ``scan="fft"``), and the AR terms from its input and output histories.
         ``scan``: ``"fft"`` (default: FFT convolution plus a decay-power matmul for the state),
         ``"parallel"`` or ``"sequential"`` (every state by a scan; slower alternatives).
         ``options`` do not concern the recurrence, and ``pad`` (left-pad positions per row) needs
@@ -196,17 +201,24 @@ class LDSLayer(nnx.Module):
         one_of("LDSLayer.prefill", "scan", scan, SCAN_KINDS)
         cfg = self.config.stu
         x = x.astype(cfg.param_dtype)
-        y, state = self._system().sequence(x, scan)
+        system = self._system()
+        if cache is None:
+            cache = self.init_cache(x.shape[0], 1)
+            y, state = system.sequence(x, scan)
+        elif scan == "fft":
+            state, y = lds_continuation.continue_in_blocks(system, x, cache.state)
+        else:
+            states = system.scan(scan, x, cache.state)
+            y, state = system.read(states), lds.last_state(states)
         m_u, m_y = self._lags()
         if m_u is not None:
-            y = y + stu_ops.input_ar(m_u, x)
+            y = y + stu_ops.input_ar(m_u, x, cache.inputs)
         if m_y is not None:
-            y = stu_ops.output_ar(m_y, y)
-        empty = self.init_cache(x.shape[0], 1)
+            y = stu_ops.output_ar(m_y, y, cache.outputs)
         cache = LDSCache(
             state,
-            stu_ops.most_recent_first(x, empty.inputs),
-            stu_ops.most_recent_first(y, empty.outputs),
+            stu_ops.most_recent_first(x, cache.inputs),
+            stu_ops.most_recent_first(y, cache.outputs),
         )
         return y.astype(cfg.dtype), cache
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,8 @@ from spectral_jax.validation import (
 )
 
 LAYER_KINDS = {"S": "STU", "A": "sliding-window attention"}
+PrefillOutputs = Literal["all", "last"]
+PREFILL_OUTPUTS: tuple[PrefillOutputs, ...] = ("all", "last")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,17 +350,60 @@ class SpectralModel(nnx.Module):
         x: jax.Array,
         options: DecodeOptions = DEFAULT_DECODE,
         pad: jax.Array | None = None,
+        *,
+        outputs: PrefillOutputs = "all",
     ) -> tuple[jax.Array, ModelCache]:
-        """Run a prompt: x as in ``__call__`` -> (outputs [B, L, out_dim], caches).
+        """Run a prompt: x as in ``__call__`` (length L) -> (outputs, caches at position L).
 
-        options: how STU layers decode from here. pad: [B] int, left-pad positions of each row
-        of a ragged batch (outputs there are meaningless), or None."""
-        h = self._embed(x, time_axis=True)
-        caches = []
-        for block in self.blocks:
-            h, cache = block.prefill(h, options, pad)
-            caches.append(cache)
-        return self._head(h), ModelCache(tuple(caches), jnp.asarray(x.shape[1], jnp.int32))
+        outputs: ``"all"``: ``[B, L, out_dim]``; ``"last"``: ``[B, out_dim]``, position L - 1
+        only (the head forms nothing else: generation needs only these).
+        options: how STU layers decode from here, and ``prefill_chunk``: a prompt longer than
+        that runs chunk by chunk, each layer continuing from the cache the previous chunk left
+        (a ``lax.scan`` over the whole chunks, one compiled body, then the rest), so the
+        activations held are ``[B, chunk, d_model]`` whatever L; shorter prompts, or
+        ``prefill_chunk=None``, run in one pass. pad: [B] int, left-pad positions of each row of
+        a ragged batch (outputs there are meaningless), or None."""
+        one_of("SpectralModel.prefill", "outputs", outputs, PREFILL_OUTPUTS)
+        if not isinstance(options, DecodeOptions):
+            raise ValueError(f"options must be a DecodeOptions, got {type(options).__name__}")
+        if x.ndim < 2:
+            self._embed(x, time_axis=True)  # raises: the message names the expected shape
+        batch, length, chunk = x.shape[0], x.shape[1], options.prefill_chunk
+
+        def run(caches, x_chunk, start):
+            """One chunk [B, T(, d_input)] at positions start .. start + T - 1 -> (caches,
+            hidden states [B, T, D] for "all", [B, 1, D] for "last")."""
+            h = self._embed(x_chunk, time_axis=True)
+            chunk_pad = None if pad is None else pad - start
+            caches = caches or (None,) * len(self.blocks)
+            new = []
+            for block, cache in zip(self.blocks, caches, strict=True):
+                h, cache = block.prefill(h, options, chunk_pad, cache)
+                new.append(cache)
+            return tuple(new), (h if outputs == "all" else h[:, -1:])
+
+        if chunk is None or length <= chunk or self.length_limit is not None:
+            caches, h = run(None, x, 0)
+        else:
+            self.check_length(length, f"SpectralModel: length {length}")
+            caches = self.init_cache(batch, None, None, options).layers
+            count, hidden = length // chunk, []
+            chunks = x[:, : count * chunk].reshape(batch, count, chunk, *x.shape[2:])
+
+            def body(caches, xs):
+                x_chunk, start = xs
+                return run(caches, x_chunk, start)
+
+            starts = jnp.arange(count, dtype=jnp.int32) * chunk
+            caches, hs = jax.lax.scan(body, caches, (chunks.swapaxes(0, 1), starts))
+            hidden.append(hs.swapaxes(0, 1).reshape(batch, -1, hs.shape[-1]))  # [B, n*T', D]
+            if count * chunk < length:
+                caches, h = run(caches, x[:, count * chunk :], jnp.int32(count * chunk))
+                hidden.append(h)
+            h = hidden[-1] if outputs == "last" else jnp.concatenate(hidden, axis=1)
+        y = self._head(h)
+        y = y if outputs == "all" else y[:, -1]
+        return y, ModelCache(caches, jnp.asarray(length, jnp.int32))
 
     def step(self, cache: ModelCache, x_t: jax.Array) -> tuple[ModelCache, jax.Array]:
         """One position: x_t tokens [B] or vectors [B, d_input] -> (caches, y_t [B, out_dim])."""

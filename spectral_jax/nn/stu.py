@@ -266,6 +266,7 @@ class STU(nnx.Module):
         x: jax.Array,
         options: DecodeOptions = DEFAULT_DECODE,
         pad: jax.Array | None = None,
+        cache: STUCache | None = None,
     ) -> tuple[jax.Array, STUCache]:
         """Run a prompt ``x: [B, L, d_in]`` by the parallel path; returns ``(y [B, L, d_out],
         cache at position L)`` with room for ``config.max_len`` tokens in all, fed ``x.dtype``.
@@ -274,6 +275,8 @@ class STU(nnx.Module):
         time-invariant, and the block feeds it zeros there, so the padding adds nothing.
         """
         del pad
+        if cache is not None:
+            raise ValueError("STU.prefill cannot continue from a cache yet: run the prompt whole")
         y = self(x)
         cfg = self.config
         cache = self.init_cache(x.shape[0], cfg.max_len, x.dtype, options)

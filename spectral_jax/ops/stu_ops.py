@@ -83,29 +83,34 @@ def spectral_part(
     return projection.convolve(projection.conv_input(params, u), kernels, params)
 
 
-def input_ar(m_u: jax.Array, u: jax.Array) -> jax.Array:
-    """``sum_{i<k_u} M_u[i] u_{t-i}`` with zeros before the sequence start.
+def input_ar(m_u: jax.Array, u: jax.Array, history: jax.Array | None = None) -> jax.Array:
+    """``sum_{i<k_u} M_u[i] u_{t-i}``, with ``history`` (or zeros) before the sequence start.
 
     Args:
       m_u: ``[k_u, d_in, d_out]``.
       u: ``[B, L, d_in]``.
+      history: ``[B, k_u - 1, d_in]`` the inputs before ``u``, most recent first (as kept by
+        :func:`most_recent_first`), or None for zeros.
     Returns:
       ``[B, L, d_out]``.
     """
-    L = u.shape[1]
-    padded = jnp.pad(u, ((0, 0), (m_u.shape[0] - 1, 0), (0, 0)))
-    k_u = m_u.shape[0]
+    L, k_u = u.shape[1], m_u.shape[0]
+    if history is None:
+        padded = jnp.pad(u, ((0, 0), (k_u - 1, 0), (0, 0)))
+    else:
+        padded = jnp.concatenate([history[:, ::-1].astype(u.dtype), u], axis=1)
     lagged = jnp.stack([padded[:, k_u - 1 - i : k_u - 1 - i + L] for i in range(k_u)], axis=2)
     return jnp.einsum("blid,ido->blo", lagged, m_u.astype(u.dtype))
 
 
-def output_ar(m_y: jax.Array, drive: jax.Array) -> jax.Array:
-    """Solve ``y_t = drive_t + sum_{1<=i<=k_y} M_y[i-1] y_{t-i}`` (zero initial outputs) by a
-    sequential scan over time.
+def output_ar(m_y: jax.Array, drive: jax.Array, history: jax.Array | None = None) -> jax.Array:
+    """Solve ``y_t = drive_t + sum_{1<=i<=k_y} M_y[i-1] y_{t-i}`` by a sequential scan over
+    time, from the outputs ``history`` before the sequence (zeros if None).
 
     Args:
       m_y: ``[k_y, d_out, d_out]`` (``y_{t-i} @ M_y[i-1]``).
       drive: ``[B, L, d_out]``.
+      history: ``[B, k_y, d_out]`` the previous outputs, most recent first, or None.
     Returns:
       ``[B, L, d_out]``.
     """
@@ -117,8 +122,8 @@ def output_ar(m_y: jax.Array, drive: jax.Array) -> jax.Array:
         y_t = x_t + jnp.einsum("bio,ioz->bz", history, m_y)
         return jnp.concatenate([y_t[:, None], history[:, : k_y - 1]], axis=1), y_t
 
-    init = jnp.zeros((B, k_y, d_out), drive.dtype)
-    _, ys = jax.lax.scan(advance, init, jnp.swapaxes(drive, 0, 1))
+    init = jnp.zeros((B, k_y, d_out), drive.dtype) if history is None else history
+    _, ys = jax.lax.scan(advance, init.astype(drive.dtype), jnp.swapaxes(drive, 0, 1))
     return jnp.swapaxes(ys, 0, 1)
 
 
