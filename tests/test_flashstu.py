@@ -18,6 +18,7 @@ from spectral_jax.apps.inference import load_for_inference
 from spectral_jax.decode.generate import prefill
 from spectral_jax.interop import flashstu
 from spectral_jax.nn.attention import alibi_slopes
+from spectral_jax.nn.mixer import DecodeOptions
 
 # d_model 12 with 3 heads (not a power of two), window_size 4 (5 keys) < seq_len 16
 BASE = {
@@ -303,14 +304,16 @@ def test_window_sizes_and_dtypes_of_config_json():
         flashstu.window_keys([1, 2, 3], 64)
 
 
-def test_alibi_softcap_prefill_and_step_match_the_parallel_forward(tmp_path):
-    """A ragged batch (row 1 left-padded by 3) decodes what each row's own forward gives: ALiBi
-    is relative, so the padding shifts nothing; windows of 5 keys < the 14 positions."""
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_alibi_softcap_prefill_and_step_match_the_parallel_forward(tmp_path, chunk):
+    """A ragged batch (row 1 left-padded by 3) decodes what each row's own forward gives, with
+    the prompt in one piece or in chunks of 4 continuing from the cache: ALiBi is relative, so
+    the padding shifts nothing; windows of 5 keys < the 14 positions."""
     config = {**BASE, **VARIANTS["approx"], "n_layers": 2}  # an STU block, an attention block
     model = flashstu.load(write(tmp_path, config, flash_state(config)))
     rows = [TOKENS[:14], np.random.default_rng(8).integers(0, 23, 11)]
     prompts = [row[: len(row) - 5].tolist() for row in rows]
-    logits, cache = prefill(model, prompts)
+    logits, cache = prefill(model, prompts, DecodeOptions(prefill_chunk=chunk))
     step = nnx.jit(lambda m, c, t: m.step(c, t))
     got = [logits]
     for i in range(4):
