@@ -80,6 +80,10 @@ TORCH_RMSNORM_EPS = float(np.finfo(np.float32).eps)
 LIGER_RMSNORM_EPS = 1e-6
 """Liger's RMSNorm epsilon, which Flash STU uses when liger_kernel is installed."""
 
+FLOAT32_FILTER_TOLERANCE = 1e-6
+"""Filter differences (relative to the largest entry) above float32 storage and ``eigh``
+round-off: the report names such filters."""
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PREFIXES = ("_orig_mod.", "module.")
@@ -152,9 +156,8 @@ def model_config(
     tiling = {k: config[k] for k in ("d_in_tile", "d_out_tile") if config.get(k)}
     if tiling:
         raise ValueError(f"config.json: STU tiling {tiling} is not supported by spectral_jax")
-    dtype = config.get("torch_dtype", config.get("dtype"))
-    if "dtype" in flash and "torch_dtype" not in flash:
-        dtype = flash["dtype"]  # transformers 5.x writes "dtype"
+    # transformers 4.x writes "torch_dtype", 5.x "dtype"; FlashSTUConfig reads None as float32
+    dtype = flash.get("torch_dtype", flash.get("dtype", DEFAULTS["torch_dtype"]))
     dtype = "float32" if dtype is None else str(dtype).removeprefix("torch.")
     if dtype not in DTYPES:
         raise ValueError(f"config.json: dtype {dtype!r} must be one of {sorted(DTYPES)}")
@@ -420,6 +423,8 @@ def read_state(path: str | pathlib.Path) -> dict[str, np.ndarray]:
         except ImportError:
             raise ValueError(f"{path}: reading a .pt file needs torch installed") from None
         raw = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(raw, dict) or not all(torch.is_tensor(v) for v in raw.values()):
+            raise ValueError(f"{path} does not hold a state dict {{key: tensor}}")
         raw = {k: v.to(torch.float32).numpy() for k, v in raw.items()}
     else:
         from safetensors import SafetensorError
@@ -456,6 +461,14 @@ class ImportReport:
     alignment: FilterAlignment | None
     kept_phi: bool
 
+    def differing_filters(self) -> list[int]:
+        """The checkpoint's filters (its column order) whose difference from ours exceeds
+        :data:`FLOAT32_FILTER_TOLERANCE`: a bf16 ``phi``, or smallest eigenvalues that the
+        dense ``eigh`` does not resolve."""
+        if self.alignment is None:
+            return []
+        return [int(j) for j in np.flatnonzero(self.alignment.diffs > FLOAT32_FILTER_TOLERANCE)]
+
     def lines(self) -> list[str]:
         c = self.config
         lines = [
@@ -476,6 +489,13 @@ class ImportReport:
                     f"relative to the largest entry)"
                 )
             lines.append(line)
+            differ = self.differing_filters()
+            if differ and not self.kept_phi:
+                lines.append(
+                    f"filters {differ} differ from ours by more than float32 rounding "
+                    f"({FLOAT32_FILTER_TOLERANCE:.0e}): load with keep_phi=True (--keep-phi) "
+                    "for flash-stu-2's exact function"
+                )
         return lines
 
 
