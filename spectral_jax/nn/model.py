@@ -81,20 +81,20 @@ class ModelConfig:
     num_filters: int = 24
     stu_variant: Variant = "standard"
     stu_projection: Projection = "full"
-    stu_shared_mixture: bool = False
-    stu_filters: FilterSource = "computed"
     k_u: int = 0
     k_y: int = 0
     num_heads: int = 4
     window: int = 128
     rope_base: float = 10_000.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+    remat: Remat = "none"
+    stu_shared_mixture: bool = False
+    stu_filters: FilterSource = "computed"
     attention_positions: Positions = "rope"
     attention_softcap: float | None = None
     mlp_activation: MLPActivation = "swiglu"
     bias: bool = False
-    norm_eps: float = 1e-6
-    dtype: str = "float32"
-    remat: Remat = "none"
 
     def __post_init__(self) -> None:
         for field in ("d_model", "num_layers", "max_len"):

@@ -66,12 +66,12 @@ class STUConfig:
     num_filters: int = 24
     variant: Variant = "standard"
     projection: Projection = "full"
-    shared_mixture: bool = False
-    filters: FilterSource = "computed"
     k_u: int = 0
     k_y: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    shared_mixture: bool = False
+    filters: FilterSource = "computed"
 
     def __post_init__(self):
         for name in ("d_in", "d_out", "num_filters"):
