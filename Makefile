@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint format bench device-check clean
+.PHONY: demo test test-slow lint format bench bench-peers device-check clean
 
 # (Re)create the virtualenv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -36,7 +36,25 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_stu.py --quick
 	$(BIN)/python experiments/bench_distill.py --quick
 	$(BIN)/python experiments/bench_decode.py --quick
+	$(BIN)/python experiments/bench_decode.py batch --quick
 	$(BIN)/python experiments/bench_train.py --quick
+
+# The batch decode benchmark with its peer, recurrentgemma's Griffin (experiments/griffin_peer.py,
+# the only module that imports it). recurrentgemma 1.0.1 pins absl-py<2 and numpy<2.4, which
+# orbax's absl-py 2 and our numpy conflict with, so it is installed without its pins (--no-deps),
+# with the modules its JAX code imports that we lack, pinned. The freezes before and after must
+# differ only by added lines: nothing already installed may change.
+PEERS := recurrentgemma==1.0.1 einops==0.8.2 jaxtyping==0.3.11 wadler-lindig==0.1.8 \
+	typeguard==2.13.3 sentencepiece==0.2.3
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip freeze | sort > $(VENV)/.freeze-before
+	$(BIN)/python -m pip install --quiet --no-deps $(PEERS)
+	$(BIN)/python -m pip freeze | sort > $(VENV)/.freeze-after
+	@if comm -23 $(VENV)/.freeze-before $(VENV)/.freeze-after | grep .; then \
+		echo "bench-peers changed the packages above; reinstall them with make"; exit 1; fi
+	$(BIN)/python -c "import recurrentgemma.jax"
+	$(BIN)/python experiments/bench_decode.py batch --json results/bench/decode_batch.json \
+		--repeats 2
 
 # The accelerator check (docs/accelerators.md): on a GPU or TPU host whose jax sees only the CPU
 # it installs .[cuda12] or .[tpu] and re-runs itself; then the tests that matter there and quick

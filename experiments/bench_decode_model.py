@@ -27,7 +27,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-from decode_bench_common import D, K, Mode, Record, lds_arithmetic, main, predicted_seconds
+from decode_bench_common import (
+    D,
+    K,
+    Mode,
+    Record,
+    lds_arithmetic,
+    main,
+    predicted_seconds,
+    time_decode,
+)
 from flax import nnx
 
 from spectral_jax.decode import generate as gen
@@ -53,33 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="model mode")
 
 
-def cache_bytes_per_sequence(cache, batch: int) -> int:
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) // batch
-
-
 def time_model(plan: DecodePlan, prompt, new_tokens: int, repeats: int) -> dict:
-    """Prefill ``prompt [B, L]`` and decode ``new_tokens``: timings and cache size."""
-    model, options = plan.model, plan.options
-    logits, cache = jax.block_until_ready(gen.prefill(model, prompt, options))  # compiles
-    start = time.perf_counter()
-    jax.block_until_ready(gen.prefill(model, prompt, options))
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    jax.block_until_ready(gen.decode(model, cache, logits, new_tokens))  # compiles
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(gen.decode(model, cache, logits, new_tokens))
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    return {
-        "seconds": seconds,
-        "tokens_per_second": prompt.shape[0] * new_tokens / seconds,
-        "prefill_seconds": prefill_s,
-        "compile_seconds": max(first - seconds, 0.0),
-        "cache_bytes": cache_bytes_per_sequence(cache, prompt.shape[0]),
-    }
+    """Prefill ``prompt [B, L]`` and decode ``new_tokens`` with ``plan``: timings and cache
+    size (:func:`decode_bench_common.time_decode`)."""
+    return time_decode(
+        lambda p: gen.prefill(plan.model, p, plan.options),
+        lambda cache, logits, n: gen.decode(plan.model, cache, logits, n),
+        prompt,
+        new_tokens,
+        repeats,
+    )
 
 
 def bench(args: argparse.Namespace, record: Record) -> dict:

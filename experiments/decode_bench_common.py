@@ -1,5 +1,6 @@
-"""What the decode benchmarks share: ``bench_decode_layer.py``, ``bench_decode_model.py`` and
-``bench_decode.py`` (both in one run). Each script is a list of :class:`Mode` handed to
+"""What the decode benchmarks share: ``bench_decode_layer.py``, ``bench_decode_model.py``,
+``bench_decode.py`` (both in one run) and ``bench_decode_batch.py`` (its own JSON; it uses
+:func:`time_decode` and :func:`load`). Each script but the last is a list of :class:`Mode` handed to
 :func:`main`, which parses the shared flags, rewrites the JSON after every row and draws one plot
 panel per mode (``from decode_bench_common import ...``: the scripts run as
 ``python experiments/NAME.py``, so this folder is on the path).
@@ -14,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -48,6 +51,40 @@ class Mode(NamedTuple):
 def load() -> str:
     """The machine's 1/5/15-minute load averages, to report next to the timings."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
+
+
+def cache_bytes_per_sequence(cache, batch: int) -> int:
+    """Bytes of a decode cache pytree (every leaf) per sequence of its ``batch``."""
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) // batch
+
+
+def time_decode(prefill: Callable, decode: Callable, prompt, new_tokens: int, repeats: int) -> dict:
+    """Time one model's decode: ``prefill(prompt [B, L]) -> (last logits [B, V], cache)`` and
+    ``decode(cache, logits, new_tokens) -> tokens [B, new_tokens]`` (one compiled loop).
+
+    Returns seconds (median of ``repeats`` decode runs after a compiling one), tokens/s (all
+    rows counted), prefill seconds (second call), compile seconds of the decode loop (first
+    call minus the median) and cache bytes per sequence."""
+    logits, cache = jax.block_until_ready(prefill(prompt))  # compiles
+    start = time.perf_counter()
+    jax.block_until_ready(prefill(prompt))
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    jax.block_until_ready(decode(cache, logits, new_tokens))  # compiles
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(decode(cache, logits, new_tokens))
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {
+        "seconds": seconds,
+        "tokens_per_second": prompt.shape[0] * new_tokens / seconds,
+        "prefill_seconds": prefill_s,
+        "compile_seconds": max(first - seconds, 0.0),
+        "cache_bytes": cache_bytes_per_sequence(cache, prompt.shape[0]),
+    }
 
 
 def predicted_seconds(past: list[float]) -> float:

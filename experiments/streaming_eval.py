@@ -1,46 +1,61 @@
-"""Streaming evaluation past the training length: bits/byte over long held-out streams.
+"""Streaming evaluation past the training length: bits/byte per position bucket, with confidence
+intervals over sets of held-out streams.
 
-Three byte-level models of the ``lm_bytes_small`` size (4 layers, d_model 96, trained on
-256-byte windows of the standard-library corpus):
+Rows (models of the ``lm_bytes_small`` size: 4 layers, d_model 96, trained on 256-byte windows
+of the standard-library corpus), each built by a function in :data:`ROWS`, so that later rows
+(horizon policies, streaming STUs, carried-state training) are one entry more:
 
 * ``stu``: the trained hybrid STU + attention model (``lm_bytes_small``): its STU filters end
-  at 256 positions, so it is evaluated at 1x only;
+  at 256 positions, so it reads the first ``L`` positions only;
 * ``distilled``: the same model with every STU distilled into an LDS (plain float32): no layer
-  has a length limit, so it reads 1x, 2x, 4x, 8x and 16x the training length;
+  has a length limit;
 * ``attention``: ``lm_bytes_small`` with ``model.attention_only=true``, trained the same way
-  (sliding-window attention, window 64): no length limit either.
+  (sliding-window attention, window 64).
 
-Each model reads ``--streams`` held-out streams of ``16 x 256`` bytes (contiguous slices of the
-validation files, at evenly spaced offsets) chunk by chunk with its decode state carried
-(:func:`spectral_jax.decode.evaluate.stream_losses`). Reported per length ``N``: bits/byte over the
-first ``N`` bytes, and over the last half ``(N/2, N]`` (where a model that degrades past its
-training length shows it).
+Every row reads the same streams: for each seed of ``--offset-seeds`` (at least 3), ``--streams``
+disjoint streams of ``--multiple x 256`` bytes of the validation files at evenly spaced offsets
+(:func:`~spectral_jax.decode.evaluate.evenly_spaced_offsets`, the seed picks the phase), decoded
+chunk by chunk with carried state (:func:`~spectral_jax.decode.evaluate.stream_losses`) and
+summarised per bucket ``[0, L/2)``, ``[L/2, L)``, ``[L, 2L)``, ``[2L, 4L)``, ...
+(:func:`~spectral_jax.decode.evaluate.bucket_summary`, the function ``spectral-jax evaluate``
+uses). A cell is the mean bits/byte over the offset sets with a 95% Student-t interval over
+them; us/token and the state floats per sequence per layer come from the same run.
 
 Checkpoints are read from ``--stu-checkpoint`` / ``--attention-checkpoint``; a missing one is
 trained there first, ``--steps`` steps (default: the preset's 2000, ~30 min each on a 2-core CPU).
+``--quick`` is a smoke run (30 training steps into ``runs/quick_*``, 4 streams of 4 x 256
+bytes, output in ``runs/streaming_eval_quick``): its numbers mean nothing.
 Writes ``results.json``, ``results.md`` and ``plot.png`` to ``--out``.
 
-Usage: python experiments/streaming_eval.py [--steps N] [--streams B] [--out DIR]
+Usage: python experiments/streaming_eval.py [--steps N] [--streams B] [--multiple M]
+  [--offset-seeds S S S ...] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
+from scipy import stats
 
-from spectral_jax.atomic_files import write_atomic, write_json_atomic, write_text_atomic
-from spectral_jax.decode.evaluate import bits_per_byte, stream_losses
+from spectral_jax.apps.evaluate import plot_buckets
+from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
+from spectral_jax.data.tokenizer import token_byte_lengths
+from spectral_jax.decode import evaluate as ev
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
 from spectral_jax.train.config import task_from_record
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small
 
-MULTIPLES = (1, 2, 4, 8, 16)
+CONFIDENCE = 0.95
 
 
 def ensure_checkpoint(directory: str, overrides: list[str], steps: int | None) -> None:
@@ -61,48 +76,84 @@ def ensure_checkpoint(directory: str, overrides: list[str], steps: int | None) -
     print(f"trained in {time.perf_counter() - start:.0f} s")
 
 
-def held_out_streams(task, count: int, length: int) -> np.ndarray:
-    """``count`` contiguous slices ``[count, length + 1]`` of the validation bytes."""
-    valid = task.corpus().valid
-    if valid.size < length + 1:
-        raise ValueError(f"the validation stream has {valid.size} bytes, fewer than {length + 1}")
-    starts = np.linspace(0, valid.size - length - 1, count).astype(np.int64)
-    return np.stack([valid[s : s + length + 1] for s in starts]).astype(np.int32)
+# A row: (name, build(args) -> (model, checkpoint meta)). Later parts of issue 16 add theirs.
+Row = tuple[str, Callable[[argparse.Namespace], tuple[nnx.Module, dict[str, Any]]]]
 
 
-def summarize(losses: np.ndarray, train_len: int) -> dict[str, dict[str, float]]:
-    """bits/byte of every multiple ``N`` that ``losses [B, T]`` covers: prefix and last half."""
-    out = {}
-    for m in MULTIPLES:
-        n = m * train_len
-        if n <= losses.shape[1]:
-            out[str(m)] = {
-                "bytes": n,
-                "prefix": bits_per_byte(losses[:, :n]),
-                "last_half": bits_per_byte(losses[:, n // 2 : n]),
-            }
-    return out
+def stu_row(args):
+    return load_model(args.stu_checkpoint)
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
+def distilled_row(args):
+    model, meta = load_model(args.stu_checkpoint)
+    return distill_model(model, num_states=args.num_states, arithmetic="plain").model, meta
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in results["models"].items():
-        xs = [int(m) for m in rows["bits_per_byte"]]
-        ys = [rows["bits_per_byte"][m]["last_half"] for m in rows["bits_per_byte"]]
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("stream length / training length (256 bytes)")
-    ax.set_ylabel("bits/byte over the last half of the stream")
-    ax.set_title(f"Streaming evaluation, {results['streams']} held-out streams")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+def attention_row(args):
+    return load_model(args.attention_checkpoint)
+
+
+ROWS: list[Row] = [("stu", stu_row), ("distilled", distilled_row), ("attention", attention_row)]
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean of ``values`` (one per offset set) and the half-width of its 95% Student-t
+    interval (``t_{0.975, n-1} * std / sqrt(n)``)."""
+    values = np.asarray(values, np.float64)
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, values.size - 1) * values.std(ddof=1)
+    return float(values.mean()), float(half / math.sqrt(values.size))
+
+
+def evaluate_row(model, offset_sets, valid, target_bytes, train_len, args) -> dict[str, Any]:
+    """One row over every offset set: per bucket the mean and CI of bits/byte and bits/token,
+    the per-set values, us/token (mean over sets) and state floats per sequence per layer."""
+    limit = model.length_limit
+    length = args.multiple * train_len if limit is None else min(limit, args.multiple * train_len)
+    buckets = ev.position_buckets(train_len, length)
+    per_set, timings = [], []
+    for seed, offsets in offset_sets.items():
+        streams = ev.cut_streams(valid, offsets, args.multiple * train_len)[:, : length + 1]
+        clock = ev.StreamProgress(f"  offsets seed {seed}", streams.shape[0])
+        losses = ev.stream_losses(model, streams, chunk=args.chunk, progress=clock)
+        per_set.append(ev.bucket_summary(losses, target_bytes[seed][:, :length], buckets))
+        timings.append(clock.us_per_token)
+    cells = []
+    for index, bucket in enumerate(per_set[0]):
+        cell = {k: bucket[k] for k in ("start", "stop", "label", "cut", "tokens")}
+        for key in ("bits_per_byte", "bits_per_token"):
+            values = [summary[index][key] for summary in per_set]
+            cell[key], cell[f"{key}_ci"] = interval(values)
+            cell[f"{key}_per_set"] = values
+        cells.append(cell)
+    return {
+        "length_limit": limit,
+        "stream_len": length,
+        "num_params": model.num_params(),
+        "us_per_token": float(np.mean(timings)),
+        "state_floats_per_sequence": ev.state_floats(model, length),
+        "mixers": [type(block.mixer).__name__ for block in model.blocks],
+        "buckets": cells,
+    }
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    """The markdown table: one row per model, one column per bucket (mean +- CI half-width)."""
+    longest = max(results["rows"].values(), key=lambda r: r["stream_len"])
+    labels = [b["label"] for b in longest["buckets"]]
+    lines = [
+        "| model (training step) | "
+        + " | ".join(labels)
+        + " | us/token | state floats/seq/layer |",
+        "| --- " * (len(labels) + 3) + "|",
+    ]
+    for name, row in results["rows"].items():
+        cells = [f"{b['bits_per_byte']:.4f} ± {b['bits_per_byte_ci']:.4f}" for b in row["buckets"]]
+        cells += ["- (length limit)"] * (len(labels) - len(cells))
+        layers = zip(row["mixers"], row["state_floats_per_sequence"], strict=True)
+        state = "; ".join(sorted({f"{mixer} {floats:,}" for mixer, floats in layers}))
+        cells += [f"{row['us_per_token']:.1f}", state]
+        lines.append(f"| {name} ({row['checkpoint_step']}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -110,76 +161,75 @@ def main() -> None:
     parser.add_argument("--stu-checkpoint", default="runs/lm_bytes_small")
     parser.add_argument("--attention-checkpoint", default="runs/lm_bytes_small_attention")
     parser.add_argument("--steps", type=int, help="train missing checkpoints this many steps")
-    parser.add_argument("--streams", type=int, default=8, help="held-out streams read")
+    parser.add_argument("--streams", type=int, default=8, help="held-out streams per offset set")
+    parser.add_argument("--multiple", type=int, default=16, help="stream length / training length")
+    parser.add_argument("--offset-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--chunk", type=int, default=256, help="tokens per jitted call")
     parser.add_argument("--num-states", type=int, default=120, help="LDS states per channel")
     parser.add_argument("--out", type=Path, default=Path("results/streaming_eval"))
+    parser.add_argument("--quick", action="store_true", help="a smoke run (see the docstring)")
     args = parser.parse_args()
+    if args.quick:
+        args.steps = args.steps or 30
+        args.streams, args.multiple = 4, 4
+        args.stu_checkpoint, args.attention_checkpoint = "runs/quick_lm", "runs/quick_attention"
+        args.out = Path("runs/streaming_eval_quick")
+    if len(set(args.offset_seeds)) < 3:
+        parser.error("--offset-seeds needs at least 3 different seeds (one interval per cell)")
 
     ensure_checkpoint(args.stu_checkpoint, [], args.steps)
     ensure_checkpoint(args.attention_checkpoint, ["model.attention_only=true"], args.steps)
-    stu, meta = load_model(args.stu_checkpoint)
-    attention, attention_meta = load_model(args.attention_checkpoint)
+    _, meta = load_model(args.stu_checkpoint)
     task = task_from_record(meta["run"])
-    train_len = task.seq_len
-    distilled = distill_model(stu, num_states=args.num_states, arithmetic="plain").model
-    streams = held_out_streams(task, args.streams, MULTIPLES[-1] * train_len)
-
-    runs = {
-        "stu": (stu, meta),
-        "distilled": (distilled, meta),
-        "attention": (attention, attention_meta),
+    train_len, stream_len = task.seq_len, args.multiple * task.seq_len
+    valid = task.corpus().valid.astype(np.int32)
+    offset_sets = {
+        seed: ev.evenly_spaced_offsets(valid.size, args.streams, stream_len, seed)
+        for seed in args.offset_seeds
+    }
+    if len({tuple(o) for o in offset_sets.values()}) < len(offset_sets):
+        raise SystemExit("two seeds gave the same stream offsets: the text leaves no room")
+    lengths = token_byte_lengths(task.text_tokenizer())
+    target_bytes = {
+        seed: lengths[ev.cut_streams(valid, offsets, stream_len)[:, 1:]]
+        for seed, offsets in offset_sets.items()
     }
     results = {
         "train_len": train_len,
+        "stream_len": stream_len,
         "streams": args.streams,
-        "bytes_per_stream": streams.shape[1] - 1,
+        "offset_seeds": args.offset_seeds,
+        "offsets": {str(seed): o.tolist() for seed, o in offset_sets.items()},
+        "confidence": CONFIDENCE,
         "device": jax.devices()[0].device_kind,
         "command": "python experiments/streaming_eval.py"
+        + (" --quick" if args.quick else "")
         + (f" --steps {args.steps}" if args.steps else "")
         + f" --stu-checkpoint {args.stu_checkpoint}"
-        + f" --attention-checkpoint {args.attention_checkpoint} --streams {args.streams}",
-        "models": {},
+        + f" --attention-checkpoint {args.attention_checkpoint} --streams {args.streams}"
+        + f" --multiple {args.multiple} --offset-seeds {' '.join(map(str, args.offset_seeds))}",
+        "rows": {},
     }
-    for name, (model, m) in runs.items():
-        limit = model.length_limit
-        length = streams.shape[1] - 1 if limit is None else min(limit, streams.shape[1] - 1)
-        start = time.perf_counter()
-        losses = stream_losses(model, streams[:, : length + 1], chunk=args.chunk)
-        seconds = time.perf_counter() - start
-        results["models"][name] = {
-            "checkpoint_step": m["step"],
-            "length_limit": limit,
-            "num_params": model.num_params(),
-            "seconds": seconds,
-            "bits_per_byte": summarize(losses, train_len),
-        }
-        print(f"{name}: {length} bytes x {args.streams} streams in {seconds:.1f} s")
+    for name, build in ROWS:
+        model, row_meta = build(args)
+        print(f"{name}:")
+        row = evaluate_row(model, offset_sets, valid, target_bytes, train_len, args)
+        results["rows"][name] = {"checkpoint_step": row_meta["step"], **row}
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", results)
-    header = "| model (training step) | " + " | ".join(
-        f"{m}x ({m * train_len} B)" for m in MULTIPLES
-    )
     lines = [
-        f"bits/byte over the last half of each stream length (prefix bits/byte in brackets); "
-        f"{args.streams} held-out streams, training length {train_len} bytes; "
-        f"`{results['command']}`.",
+        f"bits/byte per position bucket (L = {train_len} bytes, the training length), mean ± "
+        f"half-width of the {CONFIDENCE:.0%} interval over {len(args.offset_seeds)} sets of "
+        f"{args.streams} held-out streams of {stream_len} bytes; us/token with the streams of a "
+        f"set side by side ({results['device']}); `{results['command']}`.",
         "",
-        header + " |",
-        "| --- " * (len(MULTIPLES) + 1) + "|",
+        *table(results),
     ]
-    for name, rows in results["models"].items():
-        cells = [
-            f"{rows['bits_per_byte'][str(m)]['last_half']:.4f} "
-            f"({rows['bits_per_byte'][str(m)]['prefix']:.4f})"
-            if str(m) in rows["bits_per_byte"]
-            else "- (length limit)"
-            for m in MULTIPLES
-        ]
-        lines.append(f"| {name} ({rows['checkpoint_step']}) | " + " | ".join(cells) + " |")
     write_text_atomic(args.out / "results.md", "\n".join(lines) + "\n")
-    plot(results, args.out / "plot.png")
+    rows = {name: row["buckets"] for name, row in results["rows"].items()}
+    title = f"{len(args.offset_seeds)} x {args.streams} held-out streams of {stream_len} bytes"
+    plot_buckets(rows, train_len, str(args.out / "plot.png"), title)
     print("\n".join(lines))
 
 

@@ -70,6 +70,14 @@ def distill(source, out):
     return ["distill", source, out, "--num-states", "40"]
 
 
+def evaluate(checkpoint, text, f, *extra):
+    """``spectral-jax evaluate`` of ``text`` (None: no input), 64-token streams by default,
+    its report asked for in the fixture's directory (so that the table sees it if written)."""
+    inputs = [] if text is None else [text]
+    args = ["evaluate", checkpoint, *inputs, "--stream-len", "64", "--json", f"{f.new}.json"]
+    return [*args, *extra]
+
+
 # (command, bad input) -> argv from the fixtures, and a phrase the one error line holds.
 ROWS = {
     "demo/no steps": (lambda f: ["demo", "--steps", "0"], "steps must be an integer >= 1"),
@@ -118,6 +126,32 @@ ROWS = {
     "generate/non-UTF-8 prompt": (
         lambda f: ["generate", f.ckpt, "--prompt", "caf\udce9"],
         "not valid UTF-8",
+    ),
+    "evaluate/missing checkpoint": (
+        lambda f: evaluate(f.missing, f.text, f),
+        "does not exist: pass the directory",
+    ),
+    "evaluate/shards as checkpoint": (
+        lambda f: evaluate(f.shards, f.text, f),
+        "token shard directory",
+    ),
+    "evaluate/no input": (lambda f: evaluate(f.ckpt, None, f), "needs at least one input"),
+    "evaluate/non-UTF-8 input": (lambda f: evaluate(f.ckpt, f.latin1, f), "is not UTF-8 text"),
+    "evaluate/stream shorter than one bucket": (
+        lambda f: evaluate(f.ckpt, f.text, f, "--stream-len", "10"),
+        "shorter than the first position bucket [0, 32)",
+    ),
+    "evaluate/more streams than the text allows": (
+        lambda f: evaluate(f.ckpt, f.text, f, "--streams", "1000"),
+        "too few for 1000 disjoint streams",
+    ),
+    "evaluate/--json is a directory": (
+        lambda f: [*evaluate(f.ckpt, f.text, f)[:-2], "--json", f.ckpt],
+        "is a directory: pass a file name",
+    ),
+    "evaluate/STU checkpoint past max_len": (
+        lambda f: evaluate(f.ckpt, f.text, f, "--stream-len", "65"),
+        "can run at most max_len=64",
     ),
     "prepare-data/missing input": (
         lambda f: ["prepare-data", f.missing, "--out", f.new],

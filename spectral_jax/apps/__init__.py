@@ -1,2 +1,2 @@
 """Apps on top of the library: inference checkpoints (load, distill, save), the ``spectral-jax``
-command line, and the demo."""
+command line, its streaming evaluation (``evaluate``), and the demo."""

@@ -7,6 +7,9 @@
   checkpoint and print the error report.
 - ``spectral-jax generate CKPT --prompt TEXT --strategy naive|futurefill|lds``: stream text from a
   language model as it is produced, through the tokenizer saved with the checkpoint.
+- ``spectral-jax evaluate CKPT INPUT... --stream-len N``: bits/token and bits/byte per position
+  bucket of the training length over long streams of local text, decoded with carried state
+  (see :mod:`spectral_jax.apps.evaluate`).
 - ``spectral-jax prepare-data INPUT... --out DIR --tokenizer bytes|PATH|bpe:VOCAB``: tokenize
   local text into memory-mappable token shards (see :mod:`spectral_jax.data.prepare`).
 - ``spectral-jax convert SRC OUT [--tokenizer PATH/tokenizer.json]``: a flash-stu-2 checkpoint as
@@ -18,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
 import sys
 
 import jax
 
 from spectral_jax.apps import convert, demo, inference
+from spectral_jax.apps import evaluate as evaluation
+from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.data.prepare import SHARD_DTYPES, prepare_data
 from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tokenizer import StreamDecoder, encode
@@ -178,6 +184,65 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="directory of a trained or distilled checkpoint")
+    parser.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="a .txt/.jsonl/.parquet file, directory or glob"
+    )
+    parser.add_argument(
+        "--stream-len",
+        type=int,
+        required=True,
+        help="tokens per stream (N), at least L/2 (L: the training length)",
+    )
+    parser.add_argument("--streams", type=int, default=8, help="streams read side by side (B)")
+    parser.add_argument(
+        "--offsets-seed", type=int, default=0, help="phase of the evenly spaced stream offsets"
+    )
+    parser.add_argument("--text-field", default="text", help="JSONL field / parquet column")
+    parser.add_argument(
+        "--strategy",
+        choices=GENERATION_STRATEGIES,
+        help="STU decoding (default: the checkpoint as it is: lds if distilled, else "
+        "futurefill, which stops at max_len); lds on a trained checkpoint distills it here",
+    )
+    parser.add_argument(
+        "--num-states", type=int, default=DEFAULT_NUM_STATES, help="LDS states (lds strategy)"
+    )
+    parser.add_argument("--chunk", type=int, default=256, help="tokens decoded per jitted call")
+    parser.add_argument("--json", help="write the report here (JSON)")
+    parser.add_argument("--plot", help="plot bits/byte per bucket here (PNG; needs matplotlib)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and pathlib.Path(path).is_dir():  # found now, not after the evaluation
+            raise ValueError(f"{option} {path} is a directory: pass a file name")
+    if args.plot:
+        evaluation.require_matplotlib("--plot")
+    report = evaluation.evaluate_checkpoint(
+        args.checkpoint,
+        args.inputs,
+        stream_len=args.stream_len,
+        streams=args.streams,
+        offsets_seed=args.offsets_seed,
+        text_field=args.text_field,
+        strategy=args.strategy,
+        num_states=args.num_states,
+        chunk=args.chunk,
+    )
+    print(evaluation.format_report(report))
+    if args.json:
+        write_json_atomic(args.json, report)
+        print(f"wrote {args.json}")
+    if args.plot:
+        rows = {report["model"]["kind"]: report["buckets"]}
+        title = f"{args.checkpoint}: {report['streams']} streams of {report['stream_len']} tokens"
+        evaluation.plot_buckets(rows, report["train_len"], args.plot, title)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs", nargs="*", metavar="INPUT", help="a .txt/.jsonl/.parquet file, directory or glob"
@@ -313,6 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(
         commands.add_parser("generate", help="stream text from a language-model checkpoint")
     )
+    add_evaluate_arguments(
+        commands.add_parser(
+            "evaluate",
+            help="bits/token and bits/byte per position bucket over long streams of text",
+            description=evaluation.__doc__,
+        )
+    )
     add_prepare_arguments(
         commands.add_parser(
             "prepare-data",
@@ -353,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": run_train,
         "distill": run_distill,
         "generate": run_generate,
+        "evaluate": run_evaluate,
         "prepare-data": run_prepare,
         "convert": run_convert,
         "export": run_export,

@@ -6,6 +6,9 @@
   byte-level BPE trained here with ``train_bpe``). Special tokens are never parsed out of text,
   so ``decode(encode(text)) == text`` for a byte-level BPE.
 
+``token_byte_lengths`` says how many bytes of text each id stands for, where the tokenizer
+maps ids to whole bytes (bytes, and byte-level BPE), so that losses can be reported per byte.
+
 Both are saved as one file, ``tokenizer.json`` in a directory (``save_tokenizer``), and loaded
 back by ``load_tokenizer``; ``fingerprint`` is a sha256 that names the exact tokenizer, so data
 and checkpoints written with different tokenizers are told apart. Nothing is downloaded.
@@ -18,6 +21,8 @@ import json
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Protocol
+
+import numpy as np
 
 from spectral_jax.atomic_files import write_text_atomic
 from spectral_jax.validation import positive_int
@@ -85,6 +90,34 @@ class HFTokenizer:
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     """The ids of one text."""
     return tokenizer.encode_batch([text])[0]
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray | None:
+    """``[vocab_size]`` int64: the number of UTF-8 bytes of text each id stands for (0 for
+    end-of-text and other special tokens), or ``None`` when ids are not whole bytes.
+
+    Known for ``ByteTokenizer`` (one byte per id) and for Hugging Face tokenizers whose decoder
+    is byte-level (GPT-2 style BPE, ``train_bpe``): there each character of a token's string
+    stands for one byte. For any text these tokenizers encode, the lengths of its ids add up
+    to its UTF-8 length.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        lengths = np.ones(tokenizer.vocab_size, np.int64)
+        lengths[tokenizer.eot_id] = 0
+        return lengths
+    if not isinstance(tokenizer, HFTokenizer):
+        return None
+    from tokenizers import decoders
+
+    raw = tokenizer._tok
+    if not isinstance(raw.decoder, decoders.ByteLevel):
+        return None
+    lengths = np.zeros(tokenizer.vocab_size, np.int64)
+    for token, index in raw.get_vocab(with_added_tokens=False).items():
+        lengths[index] = len(token)
+    for index, added in raw.get_added_tokens_decoder().items():  # text as written, not bytes
+        lengths[index] = 0 if added.special else len(added.content.encode("utf-8"))
+    return lengths
 
 
 def fingerprint(tokenizer: Tokenizer) -> str:
