@@ -1,4 +1,4 @@
-"""RMSNorm, SwiGLU and the residual block (with sliding-window attention as its mixer)."""
+"""RMSNorm, the gated MLP (SwiGLU, GeGLU), the residual block (attention as its mixer)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,25 +7,33 @@ import pytest
 from flax import nnx
 
 from spectral_jax.nn.attention import AttentionConfig, KVCache, SlidingWindowAttention
-from spectral_jax.nn.blocks import BlockConfig, ResidualBlock, rms_norm, swiglu
+from spectral_jax.nn.blocks import BlockConfig, ResidualBlock, gated_mlp, rms_norm
 
 TOL64 = 1e-12  # float64 reorderings of O(1) sums: a few ulps
 
 
-def test_rms_norm_and_swiglu_match_numpy_float64():
+def test_rms_norm_and_gated_mlps_match_numpy_float64():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 8))
     scale = rng.standard_normal(8)
     wg, wu = rng.standard_normal((8, 5)), rng.standard_normal((8, 5))
     wd = rng.standard_normal((5, 8))
+    bg, bu, bd = rng.standard_normal(5), rng.standard_normal(5), rng.standard_normal(8)
     ref_norm = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6) * scale
     g = x @ wg
-    ref_mlp = (g / (1 + np.exp(-g)) * (x @ wu)) @ wd
+    ref_swiglu = (g / (1 + np.exp(-g)) * (x @ wu)) @ wd
+    gb = g + bg  # GeGLU with biases, the tanh form of GELU
+    gelu = 0.5 * gb * (1 + np.tanh(np.sqrt(2 / np.pi) * (gb + 0.044715 * gb**3)))
+    ref_geglu = (gelu * (x @ wu + bu)) @ wd + bd
     with jax.enable_x64(True):
         got_norm = np.asarray(rms_norm(jnp.asarray(x), jnp.asarray(scale), 1e-6))
-        got_mlp = np.asarray(swiglu(*map(jnp.asarray, (x, wg, wu, wd))))
+        weights = tuple(map(jnp.asarray, (wg, wu, wd)))
+        got_swiglu = np.asarray(gated_mlp(jnp.asarray(x), *weights))
+        biases = tuple(map(jnp.asarray, (bg, bu, bd)))
+        got_geglu = np.asarray(gated_mlp(jnp.asarray(x), *weights, "geglu", biases))
     np.testing.assert_allclose(got_norm, ref_norm, atol=TOL64)
-    np.testing.assert_allclose(got_mlp, ref_mlp, atol=TOL64 * np.abs(ref_mlp).max())
+    for got, ref in ((got_swiglu, ref_swiglu), (got_geglu, ref_geglu)):
+        np.testing.assert_allclose(got, ref, atol=TOL64 * np.abs(ref).max())
 
 
 def test_rms_norm_keeps_bfloat16():

@@ -67,6 +67,7 @@ FLOORS = (
     ("spectral_jax.data", 2),
     ("spectral_jax.nn", 3),
     ("spectral_jax.decode", 4),
+    ("spectral_jax.interop", 4),
     ("spectral_jax.train", 5),
     ("spectral_jax.apps", 6),
 )

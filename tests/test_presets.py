@@ -94,28 +94,59 @@ def test_lm_bytes_small_validation_bits_per_byte_fall():
     assert len(bpb) == 2 and bpb[1] < bpb[0] < first_loss_bits, (first_loss_bits, bpb)
 
 
-def test_pod_preset_is_a_340m_flash_stu_like_hybrid():
+def _abstract_count(model_config) -> int:
     import jax
     from flax import nnx
 
     from spectral_jax.nn.model import SpectralModel
+
+    # abstract shapes only: nothing is allocated
+    abstract = nnx.eval_shape(lambda: SpectralModel(model_config, rngs=nnx.Rngs(0)))
+    count = sum(p.size for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    assert count == abstract.num_params()
+    return count
+
+
+def test_flashstu_pod_is_flash_stu_2s_training_architecture():
+    from spectral_jax.interop.flashstu import flashstu_config
+
+    config = preset("flashstu_pod")
+    flash = flashstu_config(config.model)  # what export writes
+    assert {k: flash[k] for k in ("n_embd", "n_layers", "window_size", "mlp_scale")} == {
+        "n_embd": 1536,
+        "n_layers": 26,
+        "window_size": 1024,
+        "mlp_scale": 12,
+    }
+    assert (flash["softcap"], flash["use_approx"], flash["use_attn"]) == (50.0, True, True)
+    assert (flash["vocab_size"], flash["num_eigh"], flash["n_heads"]) == (200_064, 24, 8)
+    assert config.model.attention_positions == "alibi" and config.model.tie_embeddings
+    # by hand: tied embedding 200064 x 1536; per layer GeGLU 3 x 1536 x 18432 and 2 norms;
+    # 13 approx STU (M_inputs 1536^2, one shared M_filters 24 x 1536), 13 attention
+    # (c_attn 3 x 1536^2, c_proj 1536^2), no biases; final norm
+    d = 1536
+    hand = 200_064 * d + 26 * (3 * d * 12 * d + 2 * d) + 13 * (d * d + 24 * d) + 13 * 4 * d * d + d
+    assert _abstract_count(config.model) == hand == 2_669_514_240
+
+
+def test_pod_preset_is_flash_stus_architecture_at_340m():
+    import jax
+
     from spectral_jax.train.sharding import logical_partition_spec
 
     config = preset("lm_tokens_tpu_pod")
     model = config.model
     assert model.layer_kinds == ("S", "A") * 6 and model.max_len == config.task.seq_len == 8192
     assert model.remat == "full" and config.microbatches == 2 and model.dtype == "bfloat16"
-    # abstract shapes only: nothing is allocated
-    abstract = nnx.eval_shape(lambda: SpectralModel(model, rngs=nnx.Rngs(0)))
-    params = jax.tree.leaves(nnx.state(abstract, nnx.Param))
-    count = sum(p.size for p in params)
-    assert count == abstract.num_params()
-    # by hand: tied embedding 200064 x 1024; per layer SwiGLU 3 x 1024 x 2736 and 2 norms;
-    # 6 STU (M_in 1024^2, M_filt +/- 2 x 24 x 1024), 6 attention (4 x 1024^2); final norm
+    assert (model.mlp_activation, model.attention_positions) == ("geglu", "alibi")
+    assert model.stu_shared_mixture and model.attention_softcap == 50.0
+    count = _abstract_count(model)
+    # by hand: tied embedding 200064 x 1024; per layer GeGLU 3 x 1024 x 3072 and 2 norms;
+    # 6 STU (M_in 1024^2, one shared M_filt 24 x 1024), 6 attention (4 x 1024^2); final norm
     hand = (
         200_064 * 1024
-        + 12 * (3 * 1024 * 2736 + 2 * 1024)
-        + 6 * (1024 * 1024 + 2 * 24 * 1024)
+        + 12 * (3 * 1024 * 3072 + 2 * 1024)
+        + 6 * (1024 * 1024 + 24 * 1024)
         + 6 * 4 * 1024 * 1024
         + 1024
     )

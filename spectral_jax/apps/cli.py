@@ -12,6 +12,9 @@
   (see :mod:`spectral_jax.apps.evaluate`).
 - ``spectral-jax prepare-data INPUT... --out DIR --tokenizer bytes|PATH|bpe:VOCAB``: tokenize
   local text into memory-mappable token shards (see :mod:`spectral_jax.data.prepare`).
+- ``spectral-jax convert SRC OUT [--tokenizer PATH/tokenizer.json]``: a flash-stu-2 checkpoint as
+  a spectral_jax checkpoint; ``spectral-jax export CKPT OUT``: back to flash-stu-2's layout
+  (see :mod:`spectral_jax.apps.convert`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 
 import jax
 
-from spectral_jax.apps import demo, inference
+from spectral_jax.apps import convert, demo, inference
 from spectral_jax.apps import evaluate as evaluation
 from spectral_jax.atomic_files import write_json_atomic
 from spectral_jax.data.prepare import SHARD_DTYPES, prepare_data
@@ -32,6 +35,7 @@ from spectral_jax.data.tokenizer import StreamDecoder, encode
 from spectral_jax.decode.generate import Sampling, decode_chunks, prefill
 from spectral_jax.decode.strategy import decode_plan
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES
+from spectral_jax.interop import flashstu
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
 from spectral_jax.validation import ARITHMETICS, GENERATION_STRATEGIES, positive_int
 
@@ -287,6 +291,65 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="a save_pretrained directory or a .safetensors/.pt file")
+    parser.add_argument("out", help="new, empty directory for the spectral_jax checkpoint")
+    parser.add_argument("--tokenizer", help="PATH/tokenizer.json to save with it (for generate)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(presets.PRESETS),
+        default="lm_bytes_small",
+        help="the run the checkpoint starts (its task, optimizer, seed, batch; the model is the "
+        "imported one): train that preset to fine-tune (default lm_bytes_small)",
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a field of the preset, as for train (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--norm-eps",
+        type=float,
+        default=flashstu.TORCH_RMSNORM_EPS,
+        help="RMSNorm epsilon (not in the checkpoint): float32 machine epsilon for torch's "
+        f"RMSNorm (default), {flashstu.LIGER_RMSNORM_EPS} if trained with liger_kernel",
+    )
+    parser.add_argument(
+        "--keep-phi", action="store_true", help="keep the checkpoint's filters instead of ours"
+    )
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    run = presets.apply_overrides(presets.preset(args.preset), args.overrides)
+    report, overrides = convert.convert(
+        args.source,
+        args.out,
+        run,
+        tokenizer=args.tokenizer,
+        norm_eps=args.norm_eps,
+        keep_phi=args.keep_phi,
+    )
+    print("\n".join(report.lines()))
+    for key, path in report.mapped:
+        print(f"  {key} -> {path}")
+    print(f"wrote {args.out} (step 0 of {args.preset}); fine-tune with:")
+    sets = " ".join(f"--set {item}" for item in [*args.overrides, *overrides])
+    print(f"  spectral-jax train {args.preset} --checkpoint-dir {args.out} {sets}")
+    return 0
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="directory of a spectral_jax checkpoint")
+    parser.add_argument("out", help="new directory for config.json and model.safetensors")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    written = convert.export(args.checkpoint, args.out)
+    for path, key in written:
+        print(f"  {path} -> {key}")
+    print(f"wrote {args.out}: {len(written)} tensors in flash-stu-2's layout")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spectral-jax",
@@ -329,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
             description=prepare_data.__doc__,
         )
     )
+    add_convert_arguments(commands.add_parser("convert", help="import a flash-stu-2 checkpoint"))
+    add_export_arguments(commands.add_parser("export", help="write a flash-stu-2 checkpoint"))
     return parser
 
 
@@ -362,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         "generate": run_generate,
         "evaluate": run_evaluate,
         "prepare-data": run_prepare,
+        "convert": run_convert,
+        "export": run_export,
     }
     try:
         return runners[args.command](args)

@@ -1,4 +1,5 @@
-"""Causal sliding-window multi-head attention with rotary position embeddings.
+"""Causal sliding-window multi-head attention with rotary position embeddings, ALiBi biases or
+no positions, and an optional score softcap.
 
 Each query at position ``t`` attends to the keys at positions ``t - window + 1 .. t``.
 The parallel path costs ``O(L * window)`` (blocks of ``window`` queries attend to their
@@ -15,24 +16,53 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
-from spectral_jax.validation import float_dtype, positive_int
+from spectral_jax.validation import finite_float, float_dtype, one_of, positive_int
+
+Positions = Literal["rope", "alibi", "none"]
+"""How attention sees positions: rotary embeddings, ALiBi distance biases (Flash STU's), none."""
+POSITIONS: tuple[str, ...] = get_args(Positions)
+ALIBI_SCALE = 0.25  # Flash STU multiplies the ALiBi slopes by this interpolation factor
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """Flash STU's ALiBi slopes ``[H]`` (float64): for ``n = 2^m`` heads the geometric sequence
+    ``r, r^2, ..., r^n`` with ``r = 2^(-8/n)``; otherwise those of the largest power of two
+    ``n < H``, then every other slope of ``2n`` heads (``r^1, r^3, ...`` of ``r = 2^(-4/n)``)
+    for the ``H - n`` remaining heads; all times :data:`ALIBI_SCALE`."""
+    positive_int("alibi_slopes", "num_heads", num_heads)
+
+    def geometric(n: int) -> np.ndarray:
+        return 2.0 ** (-8.0 / n * np.arange(1, n + 1))
+
+    n = 1 << (num_heads.bit_length() - 1)
+    slopes = geometric(n)
+    if n != num_heads:
+        slopes = np.concatenate([slopes, geometric(2 * n)[0::2][: num_heads - n]])
+    return slopes * ALIBI_SCALE
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Sliding-window attention hyper-parameters.
 
-    d_model: width of the input and output; num_heads must divide it and the head width
-    ``d_model // num_heads`` must be even (rotary embeddings rotate pairs of channels).
-    window: number of keys each query sees, itself included (>= 1).
+    d_model: width of the input and output; num_heads must divide it and, with rotary
+    positions, the head width ``d_model // num_heads`` must be even (pairs of channels rotate).
+    window: number of keys each query sees, itself included (>= 1); flash-attn's
+    ``window_size=(W, 0)`` is ``window = W + 1``.
+    positions: ``"rope"`` (rotary embeddings of q and k), ``"alibi"`` (the score of query ``i``
+    and key ``j`` gets ``-slope_h * (i - j)``, slopes of :func:`alibi_slopes`) or ``"none"``.
     rope_base: base of the rotary frequencies ``base ** (-2i / head_dim)``.
+    softcap: None, or ``c > 0``: scores ``s = q.k / sqrt(Dh)`` become ``c * tanh(s / c)``
+    before the ALiBi bias is added (flash-attn's order).
+    bias: biases in the q/k/v and output projections.
     dtype: activation dtype of the projections and attention values; parameters are
     float32 and softmax statistics are always computed in float32.
 
@@ -45,6 +75,9 @@ class AttentionConfig:
     window: int
     rope_base: float = 10_000.0
     dtype: Any = jnp.float32
+    positions: Positions = "rope"
+    softcap: float | None = None
+    bias: bool = False
 
     def __post_init__(self) -> None:
         for field in ("d_model", "num_heads", "window"):
@@ -53,7 +86,12 @@ class AttentionConfig:
             raise ValueError(
                 f"AttentionConfig.num_heads={self.num_heads} must divide d_model={self.d_model}"
             )
-        if self.head_dim % 2:
+        one_of("AttentionConfig", "positions", self.positions, POSITIONS)
+        if self.softcap is not None:
+            finite_float("AttentionConfig", "softcap", self.softcap, strict=True)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"AttentionConfig.bias={self.bias!r} must be True or False")
+        if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(
                 f"head width d_model // num_heads = {self.head_dim} must be even for rotary "
                 f"embeddings (d_model={self.d_model}, num_heads={self.num_heads})"
@@ -112,19 +150,41 @@ def sliding_window_mask(q_pos: jax.Array, k_pos: jax.Array, window: int) -> jax.
     return (diff >= 0) & (diff < window) & (k_pos[..., None, :] >= 0)
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with a boolean mask.
+def masked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    softcap: float | None = None,
+    slopes: np.ndarray | None = None,
+    distance: jax.Array | None = None,
+) -> jax.Array:
+    """Softmax attention with a boolean mask, an optional score softcap and ALiBi biases.
 
     q: [..., Lq, H, Dh] (already scaled); k, v: [..., Lk, H, Dh]; mask: broadcastable to
-    [..., Lq, Lk]. Logits and softmax in float32 (float64 for float64 inputs).
-    Returns [..., Lq, H, Dh] in v's dtype. Masked keys get weight exactly 0; a query that sees
-    no key at all (a left-pad position) gets a finite output that callers discard.
+    [..., Lq, Lk]. softcap: ``c``, scores ``s`` become ``c * tanh(s / c)``; slopes: [H] ALiBi
+    slopes with distance: query minus key position, broadcastable to [..., Lq, Lk]: the capped
+    scores get ``-slopes[h] * distance`` (flash-attn's order). Logits and softmax in float32
+    (float64 for float64 inputs). Returns [..., Lq, H, Dh] in v's dtype. Masked keys get weight
+    exactly 0; a query that sees no key at all (a left-pad position) gets a finite output that
+    callers discard.
     """
     cdt = jnp.promote_types(q.dtype, jnp.float32)
     logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=cdt)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    if slopes is not None:
+        bias = jnp.asarray(slopes, cdt)[:, None, None] * distance[..., None, :, :].astype(cdt)
+        logits = logits - bias
     logits = jnp.where(mask[..., None, :, :], logits, jnp.finfo(cdt).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("...hqk,...khd->...qhd", probs, v)
+
+
+def relative_distance(q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """``q - k`` for positions q_pos: [..., Lq] and k_pos: [..., Lk] -> [..., Lq, Lk]."""
+    return q_pos[..., :, None] - k_pos[..., None, :]
 
 
 def row_positions(length: int, pad: jax.Array | None, start: jax.Array | int = 0) -> jax.Array:
@@ -154,6 +214,9 @@ def sliding_window_attention(
     prefix: tuple[jax.Array, jax.Array] | None = None,
     start: jax.Array | int = 0,
     score_budget: int = SCORE_BUDGET_BYTES,
+    *,
+    softcap: float | None = None,
+    slopes: np.ndarray | None = None,
 ) -> jax.Array:
     """Causal sliding-window attention of the queries at positions ``start .. start + T - 1``.
 
@@ -162,7 +225,8 @@ def sliding_window_attention(
     ``start - W .. start - 1``, oldest first (a continuation: those before position 0 or a row's
     pad are masked), or None when ``start`` is 0 (nothing precedes the queries). pad: [B]
     left-pad count of each row from position 0 (keys at positions ``< pad[b]`` are masked), or
-    None. score_budget: see :data:`SCORE_BUDGET_BYTES`. Returns [B, T, H, Dh].
+    None. score_budget: see :data:`SCORE_BUDGET_BYTES`. softcap, slopes: as in
+    :func:`masked_attention`. Returns [B, T, H, Dh].
 
     For ``T <= 2 * window`` one dense masked product; otherwise the queries are cut into blocks
     of ``window`` that see their own block and the previous one (the prefix for the first), so
@@ -180,7 +244,8 @@ def sliding_window_attention(
         if prefix is not None:
             k, v = (jnp.concatenate([p, a], axis=1) for p, a in zip(prefix, (k, v), strict=True))
             k_pos = row_positions(window + length, pad, start - window)
-        return masked_attention(q, k, v, sliding_window_mask(q_pos, k_pos, window))
+        mask, distance = sliding_window_mask(q_pos, k_pos, window), relative_distance(q_pos, k_pos)
+        return masked_attention(q, k, v, mask, softcap=softcap, slopes=slopes, distance=distance)
     n = -(-length // window)
     cdt = jnp.promote_types(q.dtype, jnp.float32)
     group = max(1, score_budget // (b * h * window * 2 * window * jnp.dtype(cdt).itemsize))
@@ -210,7 +275,10 @@ def sliding_window_attention(
             qp, kp = qp - pad[:, None, None], kp - pad[:, None, None]
         keys = jnp.concatenate([prev_k, cur_k], axis=2)
         values = jnp.concatenate([prev_v, cur_v], axis=2)
-        return masked_attention(qg, keys, values, sliding_window_mask(qp, kp, window))
+        mask, distance = sliding_window_mask(qp, kp, window), relative_distance(qp, kp)
+        return masked_attention(
+            qg, keys, values, mask, softcap=softcap, slopes=slopes, distance=distance
+        )
 
     operands = (qb, kb[:, :-1], kb[:, 1:], vb[:, :-1], vb[:, 1:])
     if groups == 1:
@@ -232,7 +300,7 @@ def sliding_window_attention(
 
 
 class SlidingWindowAttention(nnx.Module):
-    """Multi-head causal sliding-window attention with rotary embeddings.
+    """Multi-head causal sliding-window attention (rotary or ALiBi positions, or none).
 
     x: [B, L, D] -> [B, L, D] in ``config.dtype``; parameters float32. Any length:
     ``length_limit`` is None.
@@ -242,12 +310,14 @@ class SlidingWindowAttention(nnx.Module):
         self.config = config
         d = config.d_model
         self.qkv = nnx.Linear(
-            d, 3 * d, use_bias=False, dtype=config.dtype, rngs=rngs,
+            d, 3 * d, use_bias=config.bias, dtype=config.dtype, rngs=rngs,
             kernel_metadata={"logical_axes": ("embed", "qkv")},
+            bias_metadata={"logical_axes": ("qkv",)},
         )  # fmt: skip
         self.out = nnx.Linear(
-            d, d, use_bias=False, dtype=config.dtype, rngs=rngs,
+            d, d, use_bias=config.bias, dtype=config.dtype, rngs=rngs,
             kernel_metadata={"logical_axes": ("heads", "embed")},
+            bias_metadata={"logical_axes": ("embed",)},
         )  # fmt: skip
 
     @property
@@ -256,13 +326,20 @@ class SlidingWindowAttention(nnx.Module):
         return None
 
     def _project(self, x: jax.Array, positions: jax.Array):
-        """x: [B, L, D] -> rotated, scaled q and rotated k, plain v: each [B, L, H, Dh].
-        positions: [L] or [B, L] (see :func:`rope`)."""
+        """x: [B, L, D] -> scaled q, k, v: each [B, L, H, Dh], q and k rotated with rotary
+        positions. positions: [L] or [B, L] (see :func:`rope`)."""
         c = self.config
         qkv = self.qkv(x).reshape(*x.shape[:-1], 3, c.num_heads, c.head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        q = rope(q, positions, c.rope_base) * jnp.asarray(1.0 / math.sqrt(c.head_dim), q.dtype)
-        return q, rope(k, positions, c.rope_base), v
+        if c.positions == "rope":
+            q, k = rope(q, positions, c.rope_base), rope(k, positions, c.rope_base)
+        return q * jnp.asarray(1.0 / math.sqrt(c.head_dim), q.dtype), k, v
+
+    def _scores(self) -> dict[str, Any]:
+        """The score options of :func:`masked_attention`: softcap and ALiBi slopes."""
+        c = self.config
+        slopes = alibi_slopes(c.num_heads) if c.positions == "alibi" else None
+        return {"softcap": c.softcap, "slopes": slopes}
 
     def _check_sequence(self, x: jax.Array, where: str) -> None:
         c = self.config
@@ -281,7 +358,7 @@ class SlidingWindowAttention(nnx.Module):
             order = (start + jnp.arange(w)) % w  # slot of position start - W + j, j = 0 .. W-1
             prefix = tuple(a[:, order].astype(x.dtype) for a in (cache.k, cache.v))
         q, k, v = self._project(x, row_positions(x.shape[1], pad, start))
-        out = sliding_window_attention(q, k, v, w, pad, prefix, start)
+        out = sliding_window_attention(q, k, v, w, pad, prefix, start, **self._scores())
         return self.out(out.reshape(x.shape)), k, v
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -365,6 +442,13 @@ class SlidingWindowAttention(nnx.Module):
         # position is >= pad[b] (which also excludes slots not yet written)
         held = cache.pos - (cache.pos - jnp.arange(w)) % w  # [W]
         valid = held[None, :] >= cache.pad[:, None]  # [B, W]
-        out = masked_attention(q, new_k.astype(c.dtype), new_v.astype(c.dtype), valid[:, None, :])
+        out = masked_attention(
+            q,
+            new_k.astype(c.dtype),
+            new_v.astype(c.dtype),
+            valid[:, None, :],
+            distance=(cache.pos - held)[None, :],
+            **self._scores(),
+        )
         y = self.out(out.reshape(batch, c.d_model))
         return KVCache(k=new_k, v=new_v, pos=cache.pos + 1, pad=cache.pad), y

@@ -1,4 +1,5 @@
-"""Building blocks shared by every model: RMSNorm, SwiGLU MLP, pre-norm residual block.
+"""Building blocks shared by every model: RMSNorm, gated MLP (SwiGLU or GeGLU), pre-norm
+residual block.
 
 :class:`ResidualBlock` wraps any sequence mixer with the four entry points of
 :class:`~spectral_jax.nn.mixer.SequenceMixer` (STU, sliding-window attention, a distilled LDS
@@ -13,14 +14,19 @@ time-invariant mixer's state is what it would be without the padding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions, SequenceMixer
-from spectral_jax.validation import positive_int
+from spectral_jax.validation import one_of, positive_int
+
+MLPActivation = Literal["swiglu", "geglu"]
+"""The gate of the MLP: SiLU (SwiGLU) or the tanh-approximate GELU (GeGLU, as in Flash STU)."""
+MLP_ACTIVATIONS: tuple[str, ...] = get_args(MLPActivation)
+GATES = {"swiglu": jax.nn.silu, "geglu": lambda g: jax.nn.gelu(g, approximate=True)}
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -36,14 +42,25 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (xc * inv * scale.astype(cdt)).astype(x.dtype)
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """``(silu(x @ w_gate) * (x @ w_up)) @ w_down``, computed in x's dtype.
+def gated_mlp(
+    x: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    activation: MLPActivation = "swiglu",
+    biases: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+    """``(gate(x @ w_gate + b_gate) * (x @ w_up + b_up)) @ w_down + b_down``, in x's dtype.
 
-    x: [..., D]; w_gate, w_up: [D, M]; w_down: [M, D]. Returns [..., D].
+    x: [..., D]; w_gate, w_up: [D, M]; w_down: [M, D]; biases: ``(b_gate [M], b_up [M],
+    b_down [D])`` or None. ``gate`` is SiLU (``"swiglu"``) or the tanh-approximate GELU
+    (``"geglu"``). Returns [..., D].
     """
+    one_of("gated_mlp", "activation", activation, MLP_ACTIVATIONS)
     dt = x.dtype
-    hidden = jax.nn.silu(x @ w_gate.astype(dt)) * (x @ w_up.astype(dt))
-    return hidden @ w_down.astype(dt)
+    b_gate, b_up, b_down = (0.0, 0.0, 0.0) if biases is None else (b.astype(dt) for b in biases)
+    hidden = GATES[activation](x @ w_gate.astype(dt) + b_gate) * (x @ w_up.astype(dt) + b_up)
+    return hidden @ w_down.astype(dt) + b_down
 
 
 class RMSNorm(nnx.Module):
@@ -58,10 +75,21 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.scale[...], self.eps)
 
 
-class SwiGLU(nnx.Module):
-    """Gated MLP ``d_model -> d_hidden -> d_model`` without biases; float32 parameters."""
+class GatedMLP(nnx.Module):
+    """Gated MLP ``d_model -> d_hidden -> d_model`` (:func:`gated_mlp`); float32 parameters,
+    biases (zero-initialised) only if ``bias``."""
 
-    def __init__(self, d_model: int, d_hidden: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        d_hidden: int,
+        *,
+        rngs: nnx.Rngs,
+        activation: MLPActivation = "swiglu",
+        bias: bool = False,
+    ):
+        one_of("GatedMLP", "activation", activation, MLP_ACTIVATIONS)
+        self.activation = activation
         init = nnx.initializers.lecun_normal()
         up, down = ("embed", "mlp"), ("mlp", "embed")  # logical axes (train.sharding)
         self.w_gate = nnx.Param(
@@ -73,25 +101,40 @@ class SwiGLU(nnx.Module):
         self.w_down = nnx.Param(
             init(rngs.params(), (d_hidden, d_model), jnp.float32), logical_axes=down
         )
+        if bias:
+            self.b_gate = nnx.Param(jnp.zeros((d_hidden,), jnp.float32), logical_axes=("mlp",))
+            self.b_up = nnx.Param(jnp.zeros((d_hidden,), jnp.float32), logical_axes=("mlp",))
+            self.b_down = nnx.Param(jnp.zeros((d_model,), jnp.float32), logical_axes=("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., D] -> [..., D], computed in x's dtype."""
-        return swiglu(x, self.w_gate[...], self.w_up[...], self.w_down[...])
+        biases = None
+        if hasattr(self, "b_gate"):
+            biases = (self.b_gate[...], self.b_up[...], self.b_down[...])
+        weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        return gated_mlp(x, *weights, self.activation, biases)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """d_model: residual width; d_hidden: SwiGLU hidden width; norm_eps: RMSNorm epsilon."""
+    """d_model: residual width; d_hidden: the MLP's hidden width; norm_eps: RMSNorm epsilon
+    (Flash STU: float32 machine epsilon with torch's RMSNorm, 1e-6 with Liger's);
+    activation: the MLP's gate (SwiGLU or GeGLU); bias: biases in the MLP's linear layers."""
 
     d_model: int
     d_hidden: int
     norm_eps: float = 1e-6
+    activation: MLPActivation = "swiglu"
+    bias: bool = False
 
     def __post_init__(self) -> None:
         for field in ("d_model", "d_hidden"):
             positive_int("BlockConfig", field, getattr(self, field))
         if not 0.0 < self.norm_eps < 1.0:
             raise ValueError(f"BlockConfig.norm_eps={self.norm_eps!r} must be in (0, 1)")
+        one_of("BlockConfig", "activation", self.activation, MLP_ACTIVATIONS)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"BlockConfig.bias={self.bias!r} must be True or False")
 
 
 class ResidualBlock(nnx.Module):
@@ -105,7 +148,13 @@ class ResidualBlock(nnx.Module):
         self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = mixer
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.d_hidden, rngs=rngs)
+        self.mlp = GatedMLP(
+            config.d_model,
+            config.d_hidden,
+            rngs=rngs,
+            activation=config.activation,
+            bias=config.bias,
+        )
 
     def _mlp_residual(self, h: jax.Array) -> jax.Array:
         return h + self.mlp(self.mlp_norm(h))

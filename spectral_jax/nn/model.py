@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from spectral_jax.nn.attention import AttentionConfig, SlidingWindowAttention
-from spectral_jax.nn.blocks import BlockConfig, ResidualBlock, RMSNorm
+from spectral_jax.nn.attention import AttentionConfig, Positions, SlidingWindowAttention
+from spectral_jax.nn.blocks import BlockConfig, MLPActivation, ResidualBlock, RMSNorm
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
-from spectral_jax.nn.stu import STU, STUConfig, make_filters
+from spectral_jax.nn.stu import STU, FilterSource, STUConfig, make_filters
 from spectral_jax.validation import (
     REMATS,
     Projection,
@@ -56,12 +56,16 @@ class ModelConfig:
     puts attention every third layer. ``attention_only=True`` ignores the pattern and makes every
     mixer an attention layer: a Transformer of the same depth and widths, same blocks.
 
-    ``d_hidden``: SwiGLU width (default: 8/3 * d_model rounded up to a multiple of 8).
+    ``d_hidden``: the MLP's width (default: 8/3 * d_model rounded up to a multiple of 8);
+    ``mlp_activation``: its gate, ``"swiglu"`` or ``"geglu"`` (tanh GELU, Flash STU's).
+    ``bias``: biases in every linear layer (MLPs, attention projections, the LM head; a tied
+    head gets its own bias vector ``[V]``). ``norm_eps``: every RMSNorm's epsilon.
     ``dtype``: activation dtype name, "float32" or "bfloat16" ("float64" is for equivalence
     tests under ``jax.enable_x64``). ``remat``: per-block rematerialization in training
     (:func:`block_runner`). STU fields (``num_filters``, ``stu_variant``,
-    ``stu_projection``, ``k_u``, ``k_y``) and attention fields (``num_heads``, ``window``,
-    ``rope_base``) are validated by the layer configs they build.
+    ``stu_projection``, ``stu_shared_mixture``, ``stu_filters``, ``k_u``, ``k_y``) and attention
+    fields (``num_heads``, ``window``, ``rope_base``, ``attention_positions``,
+    ``attention_softcap``) are validated by the layer configs they build.
     """
 
     d_model: int
@@ -85,6 +89,12 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dtype: str = "float32"
     remat: Remat = "none"
+    stu_shared_mixture: bool = False
+    stu_filters: FilterSource = "computed"
+    attention_positions: Positions = "rope"
+    attention_softcap: float | None = None
+    mlp_activation: MLPActivation = "swiglu"
+    bias: bool = False
 
     def __post_init__(self) -> None:
         for field in ("d_model", "num_layers", "max_len"):
@@ -111,7 +121,7 @@ class ModelConfig:
             )
         object.__setattr__(self, "dtype", float_dtype("ModelConfig", "dtype", self.dtype).name)
         one_of("ModelConfig", "remat", self.remat, REMATS)
-        BlockConfig(self.d_model, self.hidden_dim, self.norm_eps)
+        self.block_config()
         if "S" in self.layer_kinds:
             self.stu_config()
         if "A" in self.layer_kinds:
@@ -139,6 +149,11 @@ class ModelConfig:
     def activation_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
+    def block_config(self) -> BlockConfig:
+        return BlockConfig(
+            self.d_model, self.hidden_dim, self.norm_eps, self.mlp_activation, self.bias
+        )
+
     def stu_config(self) -> STUConfig:
         return STUConfig(
             d_in=self.d_model,
@@ -147,6 +162,8 @@ class ModelConfig:
             num_filters=self.num_filters,
             variant=self.stu_variant,
             projection=self.stu_projection,
+            shared_mixture=self.stu_shared_mixture,
+            filters=self.stu_filters,
             k_u=self.k_u,
             k_y=self.k_y,
             dtype=self.activation_dtype,
@@ -159,6 +176,9 @@ class ModelConfig:
             window=self.window,
             rope_base=self.rope_base,
             dtype=self.activation_dtype,
+            positions=self.attention_positions,
+            softcap=self.attention_softcap,
+            bias=self.bias,
         )
 
 
@@ -216,7 +236,7 @@ class SpectralModel(nnx.Module):
                 kernel_metadata={"logical_axes": ("input", "embed")},
                 bias_metadata={"logical_axes": ("embed",)},
             )  # fmt: skip
-        block_config = BlockConfig(d, config.hidden_dim, config.norm_eps)
+        block_config = config.block_config()
         # one copy of the fixed spectral filters, shared by every STU layer
         filters = make_filters(config.stu_config()) if "S" in config.layer_kinds else None
         blocks = []
@@ -231,11 +251,15 @@ class SpectralModel(nnx.Module):
         self.out_dtype = jnp.promote_types(act, jnp.float32)
         if config.tie_embeddings:
             self.head = None
+            if config.bias:
+                self.head_bias = nnx.Param(
+                    jnp.zeros((config.out_dim,), jnp.float32), logical_axes=("vocab",)
+                )
         else:
             self.head = nnx.Linear(
                 d,
                 config.out_dim,
-                use_bias=config.d_output is not None,  # regression heads get a bias
+                use_bias=config.bias or config.d_output is not None,  # regression: a bias
                 dtype=act,
                 preferred_element_type=self.out_dtype,
                 rngs=rngs,
@@ -270,7 +294,10 @@ class SpectralModel(nnx.Module):
         h = self.final_norm(h)
         if self.head is None:
             table = self.embed.embedding[...].astype(h.dtype)
-            return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=self.out_dtype)
+            logits = jnp.einsum("...d,vd->...v", h, table, preferred_element_type=self.out_dtype)
+            if self.config.bias:
+                logits = logits + self.head_bias[...].astype(self.out_dtype)
+            return logits
         return self.head(h).astype(self.out_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
@@ -24,6 +25,11 @@ from spectral_jax.validation import (
     positive_int,
 )
 
+FilterSource = Literal["computed", "loaded"]
+"""Where an STU's fixed filters come from: :func:`~spectral_jax.ops.filters.spectral_filters`, or
+a checkpoint's own array (e.g. a Flash STU ``phi`` kept bit for bit), restored with the state."""
+FILTER_SOURCES: tuple[str, ...] = get_args(FilterSource)
+
 
 @dataclasses.dataclass(frozen=True)
 class STUConfig:
@@ -38,6 +44,14 @@ class STUConfig:
       variant: ``"standard"`` (plus and alternating-sign branches) or ``"hankel_l"`` (one branch).
       projection: ``"full"`` (``M: [2K, d_in, d_out]``) or ``"tensordot"`` (project inputs, then one
         learned filter mixture per output channel).
+      shared_mixture: tensordot mode only, standard variant: one learned filter mixture
+        ``M_filt_plus`` serves both branches (Flash STU's approx mode, whose ``M_filters`` feeds
+        the plus and the alternating-sign convolution alike); ``params()`` reports it under both
+        names, so every consumer of the parameters (decode caches, distillation) sees the usual
+        two-branch layer.
+      filters: ``"computed"`` (the spectral filters of ``max_len``, ``num_filters``,
+        ``variant``) or ``"loaded"``: the layer starts with zero filters that a checkpoint's
+        state (or an importer) fills; they are saved and restored with the model's state.
       k_u, k_y: number of autoregressive input / output lags (0 disables them).
       dtype: activation dtype; FFTs always run in at least float32.
       param_dtype: parameter (and filter) dtype: float32, or float64 for references under x64.
@@ -56,6 +70,8 @@ class STUConfig:
     k_y: int = 0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    shared_mixture: bool = False
+    filters: FilterSource = "computed"
 
     def __post_init__(self):
         for name in ("d_in", "d_out", "num_filters"):
@@ -65,6 +81,15 @@ class STUConfig:
         positive_int("STUConfig", "k_y", self.k_y, minimum=0)
         one_of("STUConfig", "variant", self.variant, VARIANTS)
         one_of("STUConfig", "projection", self.projection, PROJECTIONS)
+        one_of("STUConfig", "filters", self.filters, FILTER_SOURCES)
+        if self.shared_mixture not in (False, True):
+            raise ValueError(f"STUConfig.shared_mixture={self.shared_mixture!r} must be a bool")
+        if self.shared_mixture and (self.projection, self.variant) != ("tensordot", "standard"):
+            raise ValueError(
+                "STUConfig.shared_mixture=True shares the two branches' filter mixture: it needs "
+                f"projection='tensordot' and variant='standard', got {self.projection!r} and "
+                f"{self.variant!r}"
+            )
         limit = max_num_filters(self.max_len, self.variant)
         if self.num_filters > limit:
             raise ValueError(
@@ -117,8 +142,12 @@ class SpectralFilters(nnx.Variable):
 
 
 def make_filters(config: STUConfig) -> SpectralFilters:
-    """The filter variable for ``config``; pass it to several layers to share one copy."""
-    phi, _ = spectral_filters(config.max_len, config.num_filters, config.variant)
+    """The filter variable ``[max_len, K]`` for ``config``; pass it to several layers to share
+    one copy. ``config.filters == "loaded"``: zeros, for a checkpoint's filters to replace."""
+    if config.filters == "loaded":
+        phi = np.zeros((config.max_len, config.num_filters))
+    else:
+        phi, _ = spectral_filters(config.max_len, config.num_filters, config.variant)
     # never sharded along time: every position's convolution needs the whole filter
     return SpectralFilters(
         jnp.asarray(phi, dtype=config.param_dtype), logical_axes=("time", "filters")
@@ -145,6 +174,8 @@ class STU(nnx.Module):
             return nnx.Param(jax.random.normal(rngs.params(), shape, pdt) / jnp.sqrt(fan_in))
 
         spectral = config.projector.stu_params(K, d_in, d_out, config.two_branch)
+        if config.shared_mixture:
+            del spectral["M_filt_minus"]  # params() reads M_filt_plus for both branches
         for name, (shape, fan_in) in spectral.items():
             setattr(self, name, normal(shape, fan_in))
         if config.k_u:
@@ -157,10 +188,14 @@ class STU(nnx.Module):
                 value.set_metadata(logical_axes=STU_PARAM_AXES[name])
 
     def params(self) -> dict[str, jax.Array]:
-        """The learned parameter arrays by name (the keys :mod:`~.ops.stu_ops` expects)."""
-        return {
+        """The learned parameter arrays by name (the keys :mod:`~.ops.stu_ops` expects); with
+        ``shared_mixture``, ``M_filt_minus`` is ``M_filt_plus``."""
+        params = {
             name: value[...] for name, value in vars(self).items() if isinstance(value, nnx.Param)
         }
+        if self.config.shared_mixture:
+            params["M_filt_minus"] = params["M_filt_plus"]
+        return params
 
     def check_input(self, x: jax.Array) -> None:
         """Raise ``ValueError`` unless ``x`` is ``[B, L, d_in]`` with ``1 <= L <= max_len``."""

@@ -13,11 +13,20 @@ Presets:
   (data-parallel x FSDP). Documented, not run here.
 - ``lm_bytes_tpu_pod``: the same model on a TPU v4/v5 pod slice, every host a process
   (``jax.distributed`` auto-detection), FSDP over 4 chips. Documented, not run here.
-- ``lm_tokens_tpu_pod``: a ~340M-parameter Flash STU-like hybrid (12 layers alternating
-  tensordot STU and sliding-window attention, d_model 1024, o200k-sized vocabulary, tied
-  embeddings), seq 8192, bf16 activations, full per-block remat, 2 microbatches, on a TPU pod
-  slice. Reads a token-shard directory and tokenizer given by ``--set task.path=...
-  --set task.tokenizer=...``. Launch notes: ``experiments/tpu/README.md``. Not run here.
+- ``flashstu_small``: flash-stu-2's architecture (:func:`flashstu_lm`) at CPU size (d_model 96,
+  4 layers, K=16, window 64) on the standard-library BPE shards of ``lm_tokens_small``; CPU,
+  minutes.
+- ``flashstu_pod``: exactly the architecture of flash-stu-2's training config: d_model 1536,
+  26 layers alternating approx STU and attention (8 heads, ALiBi, softcap 50, window_size
+  1024), GeGLU with mlp_scale 12, tied o200k embeddings, seq 8192, K=24 (~2.67B parameters),
+  bf16 activations, full remat, 4 microbatches, FSDP over 8 chips of a TPU pod slice; its
+  ``spectral-jax export`` is a checkpoint flash-stu-2 loads. Not run here.
+- ``lm_tokens_tpu_pod``: the same architecture scaled to ~350M parameters (d_model 1024,
+  12 layers, 16 heads, mlp_scale 3), seq 8192, bf16 activations, full per-block remat,
+  2 microbatches, on a TPU pod slice. Launch notes: ``experiments/tpu/README.md``. Not run here.
+
+The pod presets read a token-shard directory and tokenizer given by ``--set task.path=...
+--set task.tokenizer=...``.
 
 Overrides name a field by its dotted path, e.g. ``steps=2000``, ``model.d_model=256``,
 ``task.seq_len=512``, ``optim.learning_rate=1e-3``; an unknown key is an error.
@@ -32,6 +41,7 @@ from typing import Any
 
 from spectral_jax.data.lm_tasks import ByteCorpusLM, TokenShardLM
 from spectral_jax.data.tasks import LDSRegression
+from spectral_jax.interop.flashstu import TORCH_RMSNORM_EPS
 from spectral_jax.nn.model import ModelConfig
 from spectral_jax.train.config import TrainConfig
 from spectral_jax.train.optim import OptimConfig
@@ -126,27 +136,81 @@ POD_VOCAB = 200_064
 divide every ``fsdp`` size up to 64 (flash-stu-2 pads it the same way)."""
 
 
-def lm_tokens_tpu_pod() -> TrainConfig:
-    seq_len = 8192
-    model = hybrid_lm(
-        1024, 12, seq_len, POD_VOCAB, num_filters=24, num_heads=16, window=1024,
-        dtype="bfloat16", remat="full",
-    )  # fmt: skip
+def flashstu_lm(
+    d_model: int, num_layers: int, max_len: int, vocab_size: int, mlp_scale: int, **fields
+) -> ModelConfig:
+    """flash-stu-2's ``FlashSTU``: approx-mode STU (tensordot, one filter mixture shared by both
+    branches) alternating with sliding-window attention with ALiBi and a score softcap of 50,
+    GeGLU MLPs of width ``d_model * mlp_scale``, tied embeddings, no biases, torch's RMSNorm
+    epsilon; ``fields`` set the rest (``num_heads``, ``window``, ``num_filters``, ``dtype``,
+    ``remat``). :func:`spectral_jax.interop.flashstu.save` exports it as flash-stu-2 loads it."""
+    return ModelConfig(
+        d_model=d_model,
+        num_layers=num_layers,
+        max_len=max_len,
+        vocab_size=vocab_size,
+        tie_embeddings=True,
+        layer_pattern="SA",
+        d_hidden=d_model * mlp_scale,
+        mlp_activation="geglu",
+        stu_projection="tensordot",
+        stu_shared_mixture=True,
+        attention_positions="alibi",
+        attention_softcap=50.0,
+        norm_eps=TORCH_RMSNORM_EPS,
+        **fields,
+    )
+
+
+def flashstu_small() -> TrainConfig:
+    task = TokenShardLM(path="data/stdlib_bpe4k", seq_len=128, document_mask=True)
+    model = flashstu_lm(96, 4, 128, 4096, 4, num_heads=4, window=64, num_filters=16)
+    optim = OptimConfig(learning_rate=2e-3, warmup_steps=50, decay_steps=601)
+    return TrainConfig(
+        task=task,
+        model=model,
+        optim=optim,
+        steps=600,
+        global_batch=16,
+        log_every=50,
+        eval_every=200,
+        eval_batches=8,
+    )
+
+
+def _pod_run(model: ModelConfig, microbatches: int, fsdp: int) -> TrainConfig:
     optim = OptimConfig(learning_rate=3e-4, warmup_steps=1000, decay_steps=20_000)
     return TrainConfig(
         # Set task.path to your prepare-data (or flash-stu-2) shard directory and, for a
         # directory without one, task.tokenizer to its tokenizer.json.
-        task=TokenShardLM(path="data/pod_shards", seq_len=seq_len, document_mask=True),
+        task=TokenShardLM(path="data/pod_shards", seq_len=model.max_len, document_mask=True),
         model=model,
         optim=optim,
         steps=20_000,
         global_batch=64,  # 64 x 8192 = 524,288 tokens per step
-        microbatches=2,
-        mesh=MeshConfig(data=-1, fsdp=4),
+        microbatches=microbatches,
+        mesh=MeshConfig(data=-1, fsdp=fsdp),
         distributed=DistributedConfig(auto=True),
         log_every=50,
         eval_every=1000,
     )
+
+
+def flashstu_pod() -> TrainConfig:
+    # flash-stu-2's training config; n_heads 8, seq_len 8192 and num_eigh 24 are its defaults
+    model = flashstu_lm(
+        1536, 26, 8192, POD_VOCAB, 12, num_heads=8, window=1025, num_filters=24,
+        dtype="bfloat16", remat="full",
+    )  # fmt: skip
+    return _pod_run(model, microbatches=4, fsdp=8)
+
+
+def lm_tokens_tpu_pod() -> TrainConfig:
+    model = flashstu_lm(
+        1024, 12, 8192, POD_VOCAB, 3, num_heads=16, window=1025, num_filters=24,
+        dtype="bfloat16", remat="full",
+    )  # fmt: skip
+    return _pod_run(model, microbatches=2, fsdp=4)
 
 
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
@@ -156,6 +220,8 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "lm_bytes_gpu8": lm_bytes_gpu8,
     "lm_bytes_tpu_pod": lm_bytes_tpu_pod,
     "lm_tokens_tpu_pod": lm_tokens_tpu_pod,
+    "flashstu_small": flashstu_small,
+    "flashstu_pod": flashstu_pod,
 }
 
 
