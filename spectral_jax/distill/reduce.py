@@ -98,12 +98,6 @@ def _balanced_eigs(factor: np.ndarray, readout: np.ndarray) -> tuple[np.ndarray,
     return np.take_along_axis(lam, order, -1), np.take_along_axis(w, order[:, None, :], -1)
 
 
-def hankel_singular_values(decays: np.ndarray, readout: np.ndarray) -> np.ndarray:
-    """Hankel singular values ``[C, N]`` (descending) of the channels ``readout [C, N]`` over
-    ``decays [N]``."""
-    return np.abs(_balanced_eigs(gramian_factor(decays), readout)[0])
-
-
 def _truncated_decays(a, factor, r, lam, w, k: int) -> np.ndarray:
     """Eigenvalues ``[k]`` of one channel's balanced truncation to ``k`` states, from its
     readout ``r [N]`` and eigenpairs ``lam [N], w [N, N]`` (:func:`_balanced_eigs`)."""
