@@ -250,8 +250,9 @@ def reduce_readout(
 
 def slot_tables(decays: np.ndarray, readout: np.ndarray, length: int) -> tuple:
     """Host-side float64 arrays of a reduced layer from its slots ``decays, readout [C, m]``
-    (complex): ``(decay table [C, m, 4]`` of real part, imaginary part, ``log|decay|`` and
-    ``arg(decay)``, ``readout [C, m, 2]`` of real and imaginary parts, ``kernels [length, C])``.
+    (complex): ``(decay table [C, m, 5]`` of real part, imaginary part, ``log|decay|``,
+    ``phi`` and ``sign`` (``decay = sign |decay| exp(i phi)``, ``|phi| <= pi / 2``),
+    ``readout [C, m, 2]`` of real and imaginary parts, ``kernels [length, C])``.
     ``log|decay|`` and the argument come from float64, so the float32 powers of the prefill are
     accurate to ``~eps (1 + t |log decay|)`` also for ``|decay|`` near 1."""
     decays = np.asarray(decays, np.complex128)
@@ -260,7 +261,10 @@ def slot_tables(decays: np.ndarray, readout: np.ndarray, length: int) -> tuple:
     if np.any(modulus >= 1):
         raise ValueError("reduced decays must lie inside the unit circle for a stable LDS")
     log_abs = np.where(modulus > 0, np.log(np.where(modulus > 0, modulus, 1.0)), PAD_LOG_ABS)
-    table = np.stack([decays.real, decays.imag, log_abs, np.angle(decays)], axis=-1)
+    # decay = sign |decay| exp(i phi) with |phi| <= pi / 2: the powers' phase error is
+    # ~n eps |phi|, and a negative real decay has phi = 0 exactly
+    sign = np.where(decays.real < 0, -1.0, 1.0)
+    table = np.stack([decays.real, decays.imag, log_abs, np.angle(sign * decays), sign], axis=-1)
     kernels = np.stack(
         [(_powers(d, length) @ r).real for d, r in zip(decays, readout, strict=True)], 1
     )

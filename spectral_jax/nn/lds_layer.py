@@ -62,7 +62,7 @@ class LDSCache(NamedTuple):
 
 class LDSDecays(nnx.Variable):
     """Fixed decays ``[S, n]`` of the distilled LDS (not trained); a reduced layer's slot table
-    ``[C, slots, 4]`` (:func:`~spectral_jax.distill.reduce.slot_tables`)."""
+    ``[C, slots, 5]`` (:func:`~spectral_jax.distill.reduce.slot_tables`)."""
 
 
 class LDSReadout(nnx.Variable):

@@ -117,15 +117,17 @@ SLOT_CHUNK = 512
 
 
 def slot_decays(table: jax.Array) -> jax.Array:
-    """The complex decays ``[C, m]`` of a reduced layer's ``table [C, m, 4]``."""
+    """The complex decays ``[C, m]`` of a reduced layer's ``table [C, m, 5]``."""
     return jax.lax.complex(table[..., 0], table[..., 1])
 
 
 def slot_powers(table: jax.Array, n: jax.Array) -> jax.Array:
     """``decay^n`` (complex) for integer ``n >= 0`` broadcastable against ``[C, m]``, as
-    ``exp(n log|decay|) (cos + i sin)(n arg decay)`` from the float64-derived table."""
+    ``sign^n exp(n log|decay|) (cos + i sin)(n phi)`` from the float64-derived table (phase
+    error ``~n eps |phi|``, ``|phi| <= pi / 2``)."""
+    odd = (n % 2 == 1) & (table[..., 4] < 0)
     n = n.astype(table.dtype)
-    magnitude = jnp.exp(n * table[..., 2])
+    magnitude = jnp.where(odd, -1.0, 1.0) * jnp.exp(n * table[..., 2])
     phase = n * table[..., 3]
     return jax.lax.complex(magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
 
@@ -136,10 +138,10 @@ class ReducedLDS(DistilledLDS):
     channel ``c`` has ``m`` complex slots ``z' = decay[c, m] z + drive[c]`` read out as
     ``y[c] = Re(sum_m readout[c, m] z[m])``. Plain arithmetic only.
 
-    Attributes (beyond :class:`DistilledLDS`'s): ``decays`` is the table ``[C, m, 4]`` (real
-    part, imaginary part, ``log|decay|``, argument); ``readout`` is ``[1, C, m, 2]`` (real and
-    imaginary parts). States are complex ``[B, C, m]``; a padded slot (decay 0, readout 0) holds
-    only the last drive and is never read.
+    Attributes (beyond :class:`DistilledLDS`'s): ``decays`` is the table ``[C, m, 5]`` (real
+    part, imaginary part, ``log|decay|``, ``phi``, ``sign``); ``readout`` is ``[1, C, m, 2]``
+    (real and imaginary parts). States are complex ``[B, C, m]``; a padded slot (decay 0,
+    readout 0) holds only the last drive and is never read.
     """
 
     def _readout(self) -> jax.Array:
