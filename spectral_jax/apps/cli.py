@@ -35,6 +35,7 @@ from spectral_jax.data.tokenizer import StreamDecoder, encode
 from spectral_jax.decode.generate import Sampling, decode_chunks, prefill
 from spectral_jax.decode.strategy import decode_plan
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES
+from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.interop import flashstu
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
 from spectral_jax.validation import ARITHMETICS, GENERATION_STRATEGIES, positive_int
@@ -99,11 +100,32 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         help="plain float32 recurrences (default: fastest, ~2e-5 relative to the float64 STU) or "
         "float32 pairs (compensated: the exact mode, ~1e-7; slower to compile and run)",
     )
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=DEFAULT_TOL,
+        help="reduce each channel of a tensordot layer (plain arithmetic) to the fewest states "
+        f"whose kernel error at max_len is at most this, relative (default {DEFAULT_TOL:g}); "
+        "0 keeps the bank's states",
+    )
+    parser.add_argument(
+        "--states",
+        type=int,
+        default=None,
+        help="at most this many states per channel when reducing (default: as --tol needs)",
+    )
 
 
 def run_distill(args: argparse.Namespace) -> int:
+    if args.tol < 0 or args.tol >= 1:
+        raise ValueError(f"--tol must be in [0, 1) (0: no reduction), got {args.tol:g}")
     report = inference.distill_checkpoint(
-        args.checkpoint, args.out, num_states=args.num_states, arithmetic=args.arithmetic
+        args.checkpoint,
+        args.out,
+        num_states=args.num_states,
+        arithmetic=args.arithmetic,
+        tol=args.tol or None,
+        max_states=args.states,
     )
     print(inference.format_distill_report(report))
     print(f"wrote {args.out}")

@@ -1,9 +1,10 @@
 """Checkpoints for inference: load a trained or distilled model; distill a trained checkpoint.
 
 A distilled checkpoint holds the distilled model's state (no optimizer) and, in its metadata,
-the source run's record plus ``"distill": {"num_states", "arithmetic", "source", "report"}``.
-Loading one rebuilds the same structure (the bank fit is deterministic and cached) and restores
-the saved arrays into it.
+the source run's record plus ``"distill": {"num_states", "arithmetic", "tol", "max_states",
+"slots", "source", "report"}`` (``slots``: each layer's reduced size, 0 where not reduced).
+Loading one rebuilds the same structure (the bank fit is deterministic and cached; reduced
+layers are built empty at their saved sizes) and restores the saved arrays into it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from flax import nnx
 from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES
-from spectral_jax.nn.distillation import distill_model
+from spectral_jax.distill.reduce import DEFAULT_TOL
+from spectral_jax.distill.report import reduction_lines
+from spectral_jax.nn.distillation import distill_model, layer_slots
 from spectral_jax.nn.model import SpectralModel
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
 from spectral_jax.train import CheckpointConfig, Checkpointer, load_model
@@ -28,7 +31,13 @@ from spectral_jax.validation import Arithmetic
 
 
 def distill_with_report(
-    model: nnx.Module, record: dict[str, Any], *, num_states: int, arithmetic: Arithmetic
+    model: nnx.Module,
+    record: dict[str, Any],
+    *,
+    num_states: int,
+    arithmetic: Arithmetic,
+    tol: float | None = DEFAULT_TOL,
+    max_states: int | None = None,
 ) -> tuple[nnx.Module, dict[str, Any]]:
     """Distill every STU of ``model`` (:func:`~spectral_jax.nn.distillation.distill_model`) and
     measure the result.
@@ -38,7 +47,9 @@ def distill_with_report(
     ``rel_err`` (``||y_lds - y_stu|| / ||y_stu||`` of the model outputs) and, for token models,
     ``argmax_agreement`` (fraction of positions whose most likely next token is the same).
     """
-    distilled, banks = distill_model(model, num_states=num_states, arithmetic=arithmetic)
+    distilled, banks = distill_model(
+        model, num_states=num_states, arithmetic=arithmetic, tol=tol, max_states=max_states
+    )
 
     task = task_from_record(record)
     inputs = jnp.asarray(task.batch(seed=0, step=0, rows=range(4), split="eval").inputs)
@@ -74,15 +85,21 @@ def format_distill_report(report: dict[str, Any]) -> str:
     )
     if "argmax_agreement" in report:
         line += f"; same most likely next token at {report['argmax_agreement']:.2%} of positions"
-    return "\n".join([*lines, line])
+    return "\n".join([*lines, *reduction_lines(report["banks"]), line])
 
 
 def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Module:
     model = SpectralModel(model_config_from_record(record), rngs=nnx.Rngs(0))
     if distill is None:
         return model
+    # checkpoints written before the reduction have no slots: every layer unreduced
+    slots = distill.get("slots")
     return distill_model(
-        model, num_states=distill["num_states"], arithmetic=distill["arithmetic"]
+        model,
+        num_states=distill["num_states"],
+        arithmetic=distill["arithmetic"],
+        tol=None if slots is None else DEFAULT_TOL,
+        slots=slots,
     ).model
 
 
@@ -120,7 +137,13 @@ def checkpoint_tokenizer(directory: str, meta: dict[str, Any]) -> Tokenizer:
 
 
 def distill_checkpoint(
-    source: str, out: str, *, num_states: int = DEFAULT_NUM_STATES, arithmetic: Arithmetic = "plain"
+    source: str,
+    out: str,
+    *,
+    num_states: int = DEFAULT_NUM_STATES,
+    arithmetic: Arithmetic = "plain",
+    tol: float | None = DEFAULT_TOL,
+    max_states: int | None = None,
 ) -> dict[str, Any]:
     """Distill every STU layer of the model in ``source`` into a new checkpoint in ``out``.
 
@@ -134,11 +157,19 @@ def distill_checkpoint(
             raise ValueError(f"{source} is already a distilled checkpoint")
     model, meta = load_model(source)
     distilled, report = distill_with_report(
-        model, meta["run"], num_states=num_states, arithmetic=arithmetic
+        model,
+        meta["run"],
+        num_states=num_states,
+        arithmetic=arithmetic,
+        tol=tol,
+        max_states=max_states,
     )
     distill = {
         "num_states": num_states,
         "arithmetic": arithmetic,
+        "tol": tol,
+        "max_states": max_states,
+        "slots": layer_slots(report["banks"]),
         "source": source,
         "report": report,
     }

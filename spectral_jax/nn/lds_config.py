@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from spectral_jax.distill.bank import LDSBank
+from spectral_jax.distill.reduce import reducible
 from spectral_jax.nn.stu import STUConfig
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME, LDSArithmetic
 from spectral_jax.validation import ARITHMETICS, STATE_DTYPES, Arithmetic, float_dtype, one_of
@@ -23,10 +24,14 @@ class LDSConfig:
         ``param_dtype`` is the dtype of the LDS parameters and states: float32, or float64 for
         references under ``jax.enable_x64`` (plain arithmetic only).
       arithmetic: ``"plain"`` (default) or ``"compensated"`` (float32 pairs; float32 only).
+      slots: 0 for the bank's shared states ``[C, S, n]``; else the complex slots per channel
+        of a per-channel reduction (:mod:`spectral_jax.distill.reduce`), states ``[C, slots]``
+        (tensordot projections in plain arithmetic only).
     """
 
     stu: STUConfig
     arithmetic: Arithmetic = "plain"
+    slots: int = 0
 
     def __post_init__(self):
         if not isinstance(self.stu, STUConfig):
@@ -39,16 +44,24 @@ class LDSConfig:
             self.stu.param_dtype,
             self.lds_arithmetic.param_dtypes,
         )
+        if not isinstance(self.slots, int) or isinstance(self.slots, bool) or self.slots < 0:
+            raise ValueError(f"LDSConfig.slots must be a non-negative integer, got {self.slots!r}")
+        if self.slots and not reducible(self.stu.projection, self.arithmetic):
+            raise ValueError(
+                f"LDSConfig.slots={self.slots}: only tensordot layers in plain arithmetic are "
+                f"reduced per channel, not {self.stu.projection} in {self.arithmetic}; use slots=0"
+            )
 
     @classmethod
-    def for_stu(cls, stu: STUConfig, arithmetic: Arithmetic = "plain") -> LDSConfig:
-        """The config of ``stu`` distilled in ``arithmetic``; parameters become float32 where the
-        arithmetic needs it (compensated), else keep the STU's ``param_dtype``."""
+    def for_stu(cls, stu: STUConfig, arithmetic: Arithmetic = "plain", slots: int = 0) -> LDSConfig:
+        """The config of ``stu`` distilled in ``arithmetic`` (``slots``: as the attribute);
+        parameters become float32 where the arithmetic needs it (compensated), else keep the
+        STU's ``param_dtype``."""
         one_of("LDSConfig", "arithmetic", arithmetic, ARITHMETICS)
         allowed = ARITHMETICS_BY_NAME[arithmetic].param_dtypes
         if jnp.dtype(stu.param_dtype).name not in allowed:
             stu = dataclasses.replace(stu, param_dtype=jnp.dtype(allowed[0]))
-        return cls(stu, arithmetic)
+        return cls(stu, arithmetic, slots)
 
     @property
     def lds_arithmetic(self) -> LDSArithmetic:

@@ -39,17 +39,19 @@ from flax import nnx
 from spectral_jax.distill.bank import LDSBank
 from spectral_jax.distill.convert import stu_to_lds
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES, fit_lds_bank
+from spectral_jax.distill.reduce import DEFAULT_TOL, reduce_readout, reducible, slot_tables
 from spectral_jax.nn.lds_config import LDSConfig, check_bank
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STU_PARAM_AXES
 from spectral_jax.ops import lds, lds_continuation, stu_ops
-from spectral_jax.ops.distilled_lds import DistilledLDS
+from spectral_jax.ops.distilled_lds import DistilledLDS, ReducedLDS
 from spectral_jax.validation import SCAN_KINDS, Arithmetic, ScanKind, one_of, positive_int
 
 
 class LDSCache(NamedTuple):
     """Decode state: the LDS ``state`` ``[B, C, S, n]`` in the layer's arithmetic (one array for
-    plain, a :class:`~spectral_jax.ops.lds_compensated.DoubleFloat` pair for compensated), the
+    plain, a :class:`~spectral_jax.ops.lds_compensated.DoubleFloat` pair for compensated;
+    complex ``[B, C, slots]`` for a reduced layer), the
     last ``k_u - 1`` inputs ``[B, k_u - 1, d_in]`` and the last ``k_y`` outputs
     ``[B, k_y, d_out]`` (most recent first)."""
 
@@ -59,7 +61,8 @@ class LDSCache(NamedTuple):
 
 
 class LDSDecays(nnx.Variable):
-    """Fixed decays ``[S, n]`` of the distilled LDS (not trained)."""
+    """Fixed decays ``[S, n]`` of the distilled LDS (not trained); a reduced layer's slot table
+    ``[C, slots, 5]`` (:func:`~spectral_jax.distill.reduce.slot_tables`)."""
 
 
 class LDSReadout(nnx.Variable):
@@ -89,12 +92,30 @@ class LDSLayer(nnx.Module):
             param = nnx.Param(jnp.asarray(params[name], pdt), logical_axes=STU_PARAM_AXES[name])
             setattr(self, name, param)
         # readout weights and kernels in float64 on the host (full: the bank's coeffs and
-        # filters; tensordot: the folded readout and its channels' kernels)
-        weights, kernels = cfg.projector.lds_fixed(bank.responses(), bank.coeffs, params)
+        # filters; tensordot: the folded readout and its channels' kernels; reduced: each
+        # channel's slots)
+        if config.slots:
+            table, weights, kernels = self._reduced_arrays(config, params)
+            self.decays = LDSDecays(jnp.asarray(table, pdt), logical_axes=(None, None, None))
+        else:
+            weights, kernels = cfg.projector.lds_fixed(bank.responses(), bank.coeffs, params)
         # fixed arrays, replicated (the kernels are never split along time)
         readout = jnp.asarray(arithmetic.pack(weights, pdt))
         self.readout = LDSReadout(readout, logical_axes=(None,) * readout.ndim)
         self.kernels = LDSKernels(jnp.asarray(kernels, pdt), logical_axes=("time", None))
+
+    @staticmethod
+    def _reduced_arrays(config: LDSConfig, params: dict[str, Any]) -> tuple:
+        """The reduced layer's float64 ``(decay table, readout, kernels)`` from its slots
+        ``params["reduced_decays"]``, ``params["reduced_readout"]`` ``[C, slots]`` (complex)."""
+        shape = (config.channels, config.slots)
+        for name in ("reduced_decays", "reduced_readout"):
+            if name not in params or np.shape(params[name]) != shape:
+                raise ValueError(
+                    f"a reduced LDSLayer needs {name} of shape {shape}, got "
+                    f"{np.shape(params[name]) if name in params else 'none'}"
+                )
+        return slot_tables(params["reduced_decays"], params["reduced_readout"], config.stu.max_len)
 
     @classmethod
     def from_stu(
@@ -104,16 +125,14 @@ class LDSLayer(nnx.Module):
         *,
         num_states: int = DEFAULT_NUM_STATES,
         arithmetic: Arithmetic = "plain",
+        tol: float | None = DEFAULT_TOL,
+        max_states: int | None = None,
     ) -> LDSLayer:
-        """Distill ``stu``: fit (or take) a bank for its filters and convert its parameters."""
-        cfg = stu.config
-        if bank is None:
-            bank, _ = fit_lds_bank(
-                cfg.max_len, cfg.num_filters, cfg.variant, num_states, arithmetic=arithmetic
-            )
-        check_bank(bank, cfg)
-        params = stu_to_lds(stu.params(), bank, cfg.projection)
-        return cls(LDSConfig.for_stu(cfg, arithmetic), bank, params)
+        """Distill ``stu``: fit (or take) a bank for its filters and convert its parameters
+        (:func:`distill_stu`, whose reduction report this drops)."""
+        return distill_stu(
+            stu, bank, num_states=num_states, arithmetic=arithmetic, tol=tol, max_states=max_states
+        )[0]
 
     @property
     def length_limit(self) -> None:
@@ -134,12 +153,14 @@ class LDSLayer(nnx.Module):
         return (self.M_u[...] if cfg.k_u else None), (self.M_y[...] if cfg.k_y else None)
 
     def _system(self) -> DistilledLDS:
-        """The layer's LDS over its current arrays (:mod:`spectral_jax.ops.distilled_lds`)."""
+        """The layer's LDS over its current arrays (:mod:`spectral_jax.ops.distilled_lds`):
+        reduced per channel when the config has slots, else over the shared bank."""
         cfg = self.config.stu
         shapes = cfg.projector.lds_param_shapes(
             cfg.num_filters, cfg.d_in, cfg.d_out, cfg.two_branch
         )
-        return DistilledLDS(
+        system = ReducedLDS if self.config.slots else DistilledLDS
+        return system(
             cfg.projector,
             self.config.lds_arithmetic,
             self.decays[...],
@@ -167,9 +188,8 @@ class LDSLayer(nnx.Module):
         positive_int("LDSLayer.init_cache", "batch", batch)
         positive_int("LDSLayer.init_cache", "max_len", max_len)
         cfg, pdt = self.config.stu, jnp.dtype(self.config.stu.param_dtype)
-        shape = (batch, self.config.channels, *self.decays.shape)
         return LDSCache(
-            self.config.lds_arithmetic.zeros(shape, pdt),
+            self._system().zeros(batch, self.config.channels),
             jnp.zeros((batch, max(cfg.k_u - 1, 0), cfg.d_in), pdt),
             jnp.zeros((batch, cfg.k_y, cfg.d_out), pdt),
         )
@@ -230,3 +250,41 @@ class LDSLayer(nnx.Module):
         state, y = self._system().step(cache.state, x_t)
         y, inputs, outputs = stu_ops.ar_step(*self._lags(), x_t, y, cache.inputs, cache.outputs)
         return LDSCache(state, inputs, outputs), y.astype(cfg.dtype)
+
+
+def distill_stu(
+    stu: STU,
+    bank: LDSBank | None = None,
+    *,
+    num_states: int = DEFAULT_NUM_STATES,
+    arithmetic: Arithmetic = "plain",
+    tol: float | None = DEFAULT_TOL,
+    max_states: int | None = None,
+    slots: int | None = None,
+) -> tuple[LDSLayer, dict[str, Any] | None]:
+    """Distill ``stu`` into an :class:`LDSLayer` and its reduction report.
+
+    A tensordot STU in plain arithmetic is reduced per channel
+    (:func:`~spectral_jax.distill.reduce.reduce_channels`) to a relative kernel error of at most
+    ``tol`` at its ``max_len`` (and at most ``max_states`` states per channel); ``tol=None``
+    keeps the bank's shared states, and so do full projections and compensated layers (their
+    report is None). ``slots``: build an empty reduced layer of that many slots instead (a
+    template that a checkpoint's arrays are restored into; nothing is reduced).
+    """
+    cfg = stu.config
+    if bank is None:
+        bank, _ = fit_lds_bank(
+            cfg.max_len, cfg.num_filters, cfg.variant, num_states, arithmetic=arithmetic
+        )
+    check_bank(bank, cfg)
+    params = stu_to_lds(stu.params(), bank, cfg.projection)
+    if tol is None or not reducible(cfg.projection, arithmetic):
+        return LDSLayer(LDSConfig.for_stu(cfg, arithmetic), bank, params), None
+    if slots is not None:
+        zeros = np.zeros((cfg.d_out, slots), np.complex128)
+        params = {**params, "reduced_decays": zeros, "reduced_readout": zeros}
+        return LDSLayer(LDSConfig.for_stu(cfg, arithmetic, slots), bank, params), None
+    reduced = reduce_readout(params["readout"], bank.branch_decays(), cfg.max_len, tol, max_states)
+    params = {**params, "reduced_decays": reduced.decays, "reduced_readout": reduced.readout}
+    layer = LDSLayer(LDSConfig.for_stu(cfg, arithmetic, reduced.slots), bank, params)
+    return layer, {"tol": tol, "max_states": max_states, **reduced.summary()}

@@ -80,8 +80,19 @@ class PlainArithmetic:
     def step(self, decays: jax.Array, state: jax.Array, u_t: jax.Array) -> jax.Array:
         return lds.step(decays, state, u_t)
 
+    def drive_step(self, decays: jax.Array, state: jax.Array, drive: jax.Array) -> jax.Array:
+        """One step of states ``[B, C, *S]`` whose channel's drive ``[B, C]`` feeds every state
+        (``decays [*S]``), both broadcast inside one fused update."""
+        return decays * state + drive.reshape(*drive.shape, *(1,) * decays.ndim)
+
     def readout(self, states: jax.Array, weights: jax.Array) -> jax.Array:
         return jnp.matmul(states[..., None, :], weights, precision=lds.HIGHEST)[..., 0, :]
+
+    def channel_readout(self, states: jax.Array, weights: jax.Array) -> jax.Array:
+        """Each channel read out with its own weights: ``states [..., C, N]``, ``weights
+        [C, N] -> [..., C]``, one pass over the states (a matmul would broadcast the weights
+        to the batch first)."""
+        return jnp.sum(states * weights, axis=-1)
 
     def continue_block(self, system: DistilledLDS, state: jax.Array, xb: jax.Array):
         """One block past the kernels: FFT convolution plus the state's free response
@@ -126,8 +137,17 @@ class CompensatedArithmetic:
     def step(self, decays: jax.Array, state: lc.DoubleFloat, u_t: jax.Array) -> lc.DoubleFloat:
         return lc.step(decays, state, u_t)
 
+    def drive_step(self, decays: jax.Array, state: lc.DoubleFloat, drive: jax.Array):
+        """As :meth:`PlainArithmetic.drive_step`, by the exact pair step."""
+        u = jnp.broadcast_to(drive.reshape(*drive.shape, *(1,) * decays.ndim), state.hi.shape)
+        return lc.step(jnp.broadcast_to(decays, state.hi.shape[1:]), state, u)
+
     def readout(self, states: lc.DoubleFloat, weights: lc.DoubleFloat) -> jax.Array:
         return lc.readout(states, weights)
+
+    def channel_readout(self, states: lc.DoubleFloat, weights: lc.DoubleFloat) -> jax.Array:
+        """As :meth:`PlainArithmetic.channel_readout`, error-free."""
+        return lc.readout(states, jax.tree.map(lambda w: w[..., None], weights))[..., 0]
 
     def continue_block(self, system: DistilledLDS, state: lc.DoubleFloat, xb: jax.Array):
         """One block past the kernels by the pair scan, read out error-free

@@ -237,7 +237,7 @@ class TensordotProjection:
         lead = jax.tree.leaves(states)[0].shape[:-3]
         channels = jax.tree.leaves(states)[0].shape[-3]
         flat = jax.tree.map(lambda s: s.reshape(*lead, channels, -1), states)
-        return arithmetic.readout(flat, weights)[..., 0]
+        return arithmetic.channel_readout(flat, jax.tree.map(lambda w: w[..., 0], weights))
 
     def free_response(
         self, decay_powers: jax.Array, state: jax.Array, weights: jax.Array, params: Params

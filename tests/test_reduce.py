@@ -1,0 +1,104 @@
+"""Per-channel reduction of tensordot distilled layers (:mod:`spectral_jax.distill.reduce`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spectral_jax.distill.fit import fit_lds_bank
+from spectral_jax.distill.reduce import reduce_channels
+from spectral_jax.nn.distillation import distill_model, layer_slots
+from spectral_jax.nn.lds_layer import distill_stu
+from spectral_jax.nn.model import ModelConfig, SpectralModel
+from spectral_jax.nn.stu import STU, STUConfig
+
+U32 = 2.0**-24
+L, K, STATES = 64, 6, 40
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPECTRAL_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return fit_lds_bank(L, K, "standard", STATES)[0]
+
+
+def test_a_small_system_reduces_to_itself():
+    decays = np.asarray([0.9, 0.5, -0.3], np.float32).astype(np.float64)
+    readout = np.asarray([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]])
+    reduced = reduce_channels(decays, readout, length=L, tol=1e-9)
+    assert list(reduced.states) == [3, 3] and reduced.slots == 3
+    for c in range(2):
+        order = np.argsort(reduced.decays[c].real)
+        # the balanced eigenvalues are the decays to float64 round-off, which the float32
+        # rounding removes exactly: the decays come back bit for bit
+        np.testing.assert_array_equal(reduced.decays[c, order], np.sort(decays))
+        # the refit readout is exact up to the float64 least squares' round-off (~1e-13 here)
+        np.testing.assert_allclose(reduced.readout[c, order].real, readout[c, np.argsort(decays)],
+                                   rtol=0, atol=1e-10)  # fmt: skip
+    assert reduced.error.max() <= 1e-12
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_the_bound_holds_on_random_channels(bank, tol):
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(2, K, 8)) / np.sqrt(K)  # M_filt of both branches, 8 channels
+    readout = np.concatenate([bank.coeffs @ mix[0], bank.coeffs @ mix[1]]).T  # [C, S * n]
+    reduced = reduce_channels(bank.branch_decays().reshape(-1), readout, L, tol)
+    # measured (with float32-rounded decays, refitted) <= the balanced-truncation bound <= tol
+    assert np.all(reduced.error <= reduced.bound)
+    assert np.all(reduced.bound <= tol)
+    assert reduced.states.max() < bank.num_states
+    # the padded slots are empty
+    for c, slots in enumerate(reduced.decays):
+        used = np.flatnonzero(slots)
+        assert np.all(reduced.readout[c, used.size :] == 0) and used.size <= reduced.states[c]
+
+
+@pytest.mark.slow  # ~40 s on the shared CPU; test_lds_layer.py's tensordot-plain cases (reduced
+# by default) cover step == prefill, past max_len, within the fast suite
+def test_reduced_layer_steps_as_it_prefills_past_max_len(bank):
+    cfg = STUConfig(3, 4, L, K, "standard", "tensordot", k_u=2, k_y=1)
+    stu = STU(cfg, rngs=nnx.Rngs(0))
+    layer, report = distill_stu(stu, bank, tol=1e-6)
+    assert 0 < layer.config.slots < bank.num_states and report["error_max"] <= 1e-6
+    x = jax.random.normal(jax.random.key(1), (2, 2 * L + 3, 3))
+    y, cache = layer.prefill(x)
+    reference, _ = layer.prefill(x, scan="sequential")
+    step = nnx.jit(lambda layer, carry, x_t: layer.step(carry, x_t))
+    carry, outs = layer.init_cache(2, 1), []
+    for t in range(x.shape[1]):
+        carry, y_t = step(layer, carry, x[:, t])
+        outs.append(y_t)
+    scale = float(jnp.abs(y).max())
+    # float32 sums over at most 2L+3 positions of decaying slots read by a readout of norm
+    # ~1 per channel: a few sqrt(T) float32 round-offs of the largest output
+    atol = 8 * np.sqrt(x.shape[1]) * U32 * scale
+    np.testing.assert_allclose(jnp.stack(outs, 1), y, rtol=0, atol=atol)
+    np.testing.assert_allclose(reference, y, rtol=0, atol=atol)
+    state_scale = float(jnp.abs(cache.state).max())
+    np.testing.assert_allclose(carry.state, cache.state, rtol=0, atol=atol / scale * state_scale)
+    # the reduced kernels match the STU's within the tolerance (plus float32 FFT rounding)
+    y_stu = np.asarray(stu(x[:, :L]), np.float64)
+    rel = np.linalg.norm(np.asarray(y[:, :L]) - y_stu) / np.linalg.norm(y_stu)
+    assert rel <= 4 * 1e-6 + 2 * np.sqrt(L) * U32
+
+
+def test_reduced_checkpoint_template_restores(bank):
+    cfg = ModelConfig(
+        d_model=4, num_layers=2, max_len=L, vocab_size=7, num_filters=K,
+        stu_projection="tensordot",
+    )  # fmt: skip
+    distilled, banks = distill_model(SpectralModel(cfg, rngs=nnx.Rngs(0)), num_states=STATES)
+    slots = layer_slots(banks)
+    assert all(s > 0 for s in slots)
+    template = distill_model(
+        SpectralModel(cfg, rngs=nnx.Rngs(1)), num_states=STATES, slots=slots
+    ).model
+    pure = nnx.to_pure_dict(nnx.state(distilled))
+    state = nnx.state(template)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(template, state)
+    tokens = jax.random.randint(jax.random.key(0), (2, L), 0, 7)
+    np.testing.assert_array_equal(template(tokens), distilled(tokens))
