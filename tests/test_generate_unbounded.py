@@ -32,17 +32,26 @@ HYBRID = dataclasses.replace(LDS_ONLY, layer_pattern="SA", num_heads=2, window=5
 def direct_lds(layer: LDSLayer, x: np.ndarray) -> np.ndarray:
     """A tensordot LDS layer without AR terms, by explicit sums in float64.
 
-    x: [B, T, d_in] -> [B, T, d_out]: ``y_t[o] = sum_j w[o, j] sum_{s<=t} a_j^(t-s) (x_s M_in)[o]``
-    with the layer's decays ``a`` and readout ``w`` (the sum of its stored words).
+    x: [B, T, d_in] -> [B, T, d_out]. Unreduced (decays ``[S, n]``, the bank's states shared by
+    every channel): ``y_t[o] = sum_j w[o, j] sum_{s<=t} a_j^(t-s) (x_s M_in)[o]`` with readout
+    ``w`` (the sum of its stored words). Reduced per channel (decay table ``[C, m, 5]``: real and
+    imaginary parts first): ``y_t[o] = Re sum_j w[o, j] sum_{s<=t} a[o, j]^(t-s) (x_s M_in)[o]``.
     """
-    a = np.asarray(layer.decays[...], np.float64).reshape(-1)  # [m]
-    # stored words [words, C, m, 1] (one for plain, hi + lo for compensated)
-    w = np.asarray(layer.readout[...], np.float64).sum(axis=0)[..., 0]  # [C, m]
     drive = x @ np.asarray(layer.M_in[...], np.float64)  # [B, T, C]
     t = np.arange(x.shape[1])
     lag = t[:, None] - t[None, :]  # [T, T]
-    powers = np.where(lag[..., None] >= 0, a ** np.maximum(lag, 0)[..., None], 0.0)  # [T, T, m]
-    kernel = np.einsum("tsm,cm->tsc", powers, w)  # [T, T, C]
+    words = np.asarray(layer.readout[...], np.float64).sum(axis=0)  # one word (plain)
+    if layer.decays.ndim == 3:  # reduced: complex slots [C, m], readout words [C, m, 2]
+        table = np.asarray(layer.decays[...], np.float64)
+        a, w = table[..., 0] + 1j * table[..., 1], words[..., 0] + 1j * words[..., 1]
+        powers = np.where(
+            lag[..., None, None] >= 0, a ** np.maximum(lag, 0)[..., None, None], 0.0
+        )  # [T, T, C, m]
+        kernel = np.einsum("tscm,cm->tsc", powers, w).real  # [T, T, C]
+    else:  # the bank's decays [m], readout words [C, m, 1]
+        a, w = np.asarray(layer.decays[...], np.float64).reshape(-1), words[..., 0]
+        powers = np.where(lag[..., None] >= 0, a ** np.maximum(lag, 0)[..., None], 0.0)
+        kernel = np.einsum("tsm,cm->tsc", powers, w)  # [T, T, C]
     return np.einsum("tsc,bsc->btc", kernel, drive)
 
 
@@ -77,14 +86,26 @@ def decoded_logits(model, tokens, prompt_len):
     return jnp.concatenate([y0, ys.swapaxes(0, 1)], axis=1)
 
 
-def distilled_model(config, seed):
+def distilled_model(config, seed, reduce=True):
+    """(model, its distillation): reduced per channel (the default) or keeping the bank's
+    states (``reduce=False``)."""
     model = SpectralModel(config, rngs=nnx.Rngs(seed))
-    return model, distill_model(model, num_states=MAX_LEN, arithmetic="plain").model
+    tol = {} if reduce else {"tol": None}
+    return model, distill_model(model, num_states=MAX_LEN, arithmetic="plain", **tol).model
 
 
-@pytest.mark.parametrize("config", [LDS_ONLY, HYBRID], ids=["lds_only", "hybrid_lds_attention"])
-def test_decoding_past_max_len_equals_direct_float64_evaluation(config):
-    model, distilled = distilled_model(config, seed=1)
+@pytest.mark.parametrize(
+    "config, reduce",
+    [(LDS_ONLY, True), (HYBRID, False)],
+    ids=["lds_only_reduced", "hybrid_lds_attention_unreduced"],
+)
+def test_decoding_past_max_len_equals_direct_float64_evaluation(config, reduce):
+    model, distilled = distilled_model(config, seed=1, reduce=reduce)
+    assert all(
+        (b.mixer.decays.ndim == 3) == reduce
+        for b in distilled.blocks
+        if isinstance(b.mixer, LDSLayer)
+    )
     assert model.length_limit == MAX_LEN and distilled.length_limit is None
     prompt = np.random.default_rng(2).integers(0, 11, (2, 8)).astype(np.int32)
     new = 4 * MAX_LEN
