@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/spectral-jax demo
 
-# Two pytest-xdist workers (CI has 2 cores), tests handed out one by one (--dist load).
+# Two pytest-xdist workers (CI has 2 cores); an idle worker steals queued tests from the busy
+# one (--dist worksteal), so a long test near the end does not leave a core idle.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist load
+	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist worksteal
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q

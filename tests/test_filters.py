@@ -50,7 +50,8 @@ def test_hankel_matrix_entries():
 
 
 @pytest.mark.parametrize("variant", filters.VARIANTS)
-@pytest.mark.parametrize("L", [64, 1024, 4096])
+# 4096 is one block (BLOCK_ROWS) like 1024, and its dense eigh takes ~15 s: run with -m slow.
+@pytest.mark.parametrize("L", [64, 1024, pytest.param(4096, marks=pytest.mark.slow)])
 def test_filters_match_dense_eigensolver(L, variant):
     K = 24
     phi, sigma = filters.spectral_filters(L, K, variant)

@@ -57,6 +57,7 @@ def test_unknown_preset_raises():
         preset("big")
 
 
+@pytest.mark.slow  # 300 steps (~20 s); tests/test_loop.py trains a smaller run in the suite
 def test_lds_small_reaches_a_tenth_of_its_initial_loss():
     result = train(preset("lds_small"))
     losses = [r["loss"] for r in result.history if r["split"] == "train"]
