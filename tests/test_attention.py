@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectral_jax.nn.attention import (
-    AttentionConfig,
-    SlidingWindowAttention,
-    rope,
-    sliding_window_attention,
-)
+from spectral_jax.nn.attention import AttentionConfig, SlidingWindowAttention
+from spectral_jax.ops.attention import rope, sliding_window_attention
 
 # float64 paths differ only in summation order: a few ulps of O(1) values.
 TOL64 = 1e-12
