@@ -158,7 +158,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="tokens must be int"):
         model(tokens.astype(jnp.float32))
     assert model.length_limit is None  # attention only: any length, past max_len
-    assert model(jnp.zeros((2, 9), jnp.int32)).shape == (2, 9, 11)
+    assert jax.eval_shape(model, jnp.zeros((2, 9), jnp.int32)).shape == (2, 9, 11)
     _, cache = prefill(model, tokens)
     cache, _ = model.step(cache, tokens[:, 0])  # position 8 = max_len: no limit either
     assert int(cache.pos) == 9
