@@ -1,0 +1,227 @@
+"""Bounded memory horizons: a mixer that, past its training length ``L``, only ever computes what
+it computed in training.
+
+An STU has filters of ``L`` taps and stops at ``L``; a distilled LDS runs forever, but its
+impulse response does not vanish at ``t = L`` (the bank's tail), so past ``L`` it answers inputs
+older than any it saw in training. :class:`HorizonMixer` wraps either (any mixer that is linear
+and time-invariant in its input within its window, with a zero initial state) and bounds what
+each output sees. Policies (:func:`parse_horizon`):
+
+* ``"none"``: the inner layer as it is (no wrapper is built);
+* ``"restart:R"`` (staggered restarts, ``R >= 2``, ``L % R == 0``): ``R`` copies of the inner
+  cache; copy ``r`` is reset to the empty cache whenever the position ``t`` has
+  ``t % L == r * L / R``. Output ``t`` is read from copy ``(t // P + 1) % R`` (``P = L / R``),
+  the copy with the largest age below ``L``: it restarted at
+  ``s(t) = max(0, (t // P - R + 1) * P)``, so ``y_t = inner(x[s(t) : t + 1])[-1]``, an output the
+  inner layer computes inside one training window, exactly, with a window of
+  ``[L - P, L)`` past positions once ``t >= L`` (``[0, L)`` before: the first window is the
+  unbounded layer's). Cost: ``R`` inner steps per token and ``R`` inner caches.
+
+The wrapper has no length limit: an STU wrapped in it streams (its copies never hold more than
+``L`` positions). A whole model's mixers are wrapped by
+:class:`~spectral_jax.nn.model.ModelConfig`'s ``horizon`` field, or afterwards by
+:func:`set_horizon`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from spectral_jax.nn.lds_layer import LDSLayer
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
+from spectral_jax.nn.stu import STU
+
+HORIZON_SYNTAX = "'none' or 'restart:R' (R >= 2 copies; the training length must divide by R)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Horizon:
+    """A parsed horizon policy: ``kind`` ``"none"`` or ``"restart"``; ``copies``: ``R``."""
+
+    kind: str
+    copies: int = 1
+
+    def check_window(self, window: int, what: str) -> None:
+        """Raise ValueError unless this policy can bound a layer of training length ``window``."""
+        if self.kind == "restart" and window % self.copies:
+            raise ValueError(
+                f"horizon restart:{self.copies} needs a training length divisible by "
+                f"{self.copies}, but {what} has {window}; choose R among the divisors of "
+                f"{window}"
+            )
+
+
+def parse_horizon(policy: str) -> Horizon:
+    """``"none"`` or ``"restart:R"`` -> :class:`Horizon`; anything else: ValueError naming
+    the accepted syntax."""
+    if not isinstance(policy, str):
+        raise ValueError(f"horizon must be a string, {HORIZON_SYNTAX}; got {policy!r}")
+    if policy == "none":
+        return Horizon("none")
+    kind, _, count = policy.partition(":")
+    if kind == "restart" and count.isdigit() and int(count) >= 2:
+        return Horizon("restart", int(count))
+    raise ValueError(f"horizon must be {HORIZON_SYNTAX}; got {policy!r}")
+
+
+def inner_window(layer: nnx.Module) -> int:
+    """The training length ``L`` of an STU or distilled LDS layer (its filters' length)."""
+    config = layer.config
+    stu = getattr(config, "stu", config)  # an LDSConfig holds its STU's config
+    return int(stu.max_len)
+
+
+@struct.dataclass
+class HorizonCache:
+    """Decode state of a :class:`HorizonMixer`.
+
+    copies: the ``R`` inner caches stacked on a leading axis ``[R, ...]``.
+    pos: int32 scalar, the next position. batch / dtype / options: how an empty inner cache
+    is built when a copy restarts (static).
+    """
+
+    copies: Any
+    pos: jax.Array
+    batch: int = struct.field(pytree_node=False)
+    dtype: str = struct.field(pytree_node=False)
+    options: DecodeOptions = struct.field(pytree_node=False)
+
+
+def _stack(caches: list[Any]) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *caches)
+
+
+class HorizonMixer(nnx.Module):
+    """``inner`` (STU or distilled LDS layer, ``[B, T, d_in] -> [B, T, d_out]``) under the
+    restart policy of the module docstring; any ``T``, no length limit."""
+
+    def __init__(self, inner: nnx.Module, policy: str):
+        horizon = parse_horizon(policy)
+        if horizon.kind == "none":
+            raise ValueError("HorizonMixer needs a policy other than 'none' (use the layer itself)")
+        self.window = inner_window(inner)
+        horizon.check_window(self.window, type(inner).__name__)
+        self.policy = policy
+        self.copies = horizon.copies
+        self.inner = inner
+
+    @property
+    def length_limit(self) -> None:
+        """None: every copy holds at most ``L`` positions, so the wrapper runs any length."""
+        return None
+
+    @property
+    def block(self) -> int:
+        """``P = L / R``: positions between two restarts of different copies."""
+        return self.window // self.copies
+
+    def _windowed(self, x: jax.Array) -> jax.Array:
+        """``y_t = inner(x[s(t) : t + 1])[-1]`` for every ``t`` of ``x: [B, T, d_in]`` -> ``[B, T,
+        d_out]``: the windows of each block of ``P`` outputs (right-aligned, zero-padded on the
+        left) run as one inner call over ``[B * blocks, min(L, T), d_in]``."""
+        batch, length = x.shape[:2]
+        P, R = self.block, self.copies
+        blocks = -(-length // P)
+        width = min(self.window, length)
+        j = np.arange(blocks)
+        ends = np.minimum((j + 1) * P, length)  # [blocks]
+        starts = np.maximum(0, (j - R + 1) * P)
+        idx = ends[:, None] - width + np.arange(width)[None, :]  # [blocks, width]
+        valid = idx >= starts[:, None]
+        windows = jnp.where(valid[None, :, :, None], x[:, np.clip(idx, 0, None)], 0)
+        y = self.inner(windows.reshape(batch * blocks, width, x.shape[-1]))
+        y = y.reshape(batch, blocks, width, y.shape[-1])
+        t = np.arange(length)
+        return y[:, t // P, t - ends[t // P] + width]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Parallel path ``x [B, T, d_in] -> [B, T, d_out]``, any ``T``: the inner layer's own
+        for ``T <= L`` (the first window), the windowed outputs past it."""
+        if x.ndim == 3 and x.shape[1] <= self.window:
+            return self.inner(x)
+        return self._windowed(x)
+
+    def init_cache(
+        self, batch: int, max_len: int, dtype: Any, options: DecodeOptions = DEFAULT_DECODE
+    ) -> HorizonCache:
+        """``R`` empty inner caches of ``L`` positions (``max_len`` does not matter: the state
+        is constant in the stream length)."""
+        del max_len
+        empty = self.inner.init_cache(batch, self.window, dtype, options)
+        return HorizonCache(
+            _stack([empty] * self.copies),
+            jnp.zeros((), jnp.int32),
+            batch,
+            jnp.dtype(dtype).name,
+            options,
+        )
+
+    def step(self, cache: HorizonCache, x_t: jax.Array) -> tuple[HorizonCache, jax.Array]:
+        """One token ``x_t [B, d_in]`` -> ``(cache, y_t [B, d_out])``: reset the copy whose turn
+        it is, step all ``R`` copies, read the oldest one younger than ``L``."""
+        if not isinstance(cache, HorizonCache):
+            raise ValueError(f"HorizonMixer.step: cache must be a HorizonCache, got {cache!r}")
+        t, P, R = cache.pos, self.block, self.copies
+        empty = self.inner.init_cache(cache.batch, self.window, cache.dtype, cache.options)
+        restart = (t % self.window) == jnp.arange(R) * P  # [R]
+
+        def reset(e, c):
+            return jnp.where(restart.reshape((R,) + (1,) * e.ndim), e[None], c)
+
+        copies = jax.tree.map(reset, empty, cache.copies)
+        copies, ys = jax.vmap(self.inner.step, in_axes=(0, None))(copies, x_t)  # ys [R, B, O]
+        y = ys[(t // P + 1) % R]
+        return cache.replace(copies=copies, pos=t + 1), y
+
+    def prefill(
+        self,
+        x: jax.Array,
+        options: DecodeOptions = DEFAULT_DECODE,
+        pad: jax.Array | None = None,
+        cache: HorizonCache | None = None,
+    ) -> tuple[jax.Array, HorizonCache]:
+        """``x [B, T, d_in]`` at positions ``pos .. pos + T - 1`` -> ``(y [B, T, d_out], cache)``.
+
+        Without ``cache`` (``pos = 0``): the outputs are :meth:`__call__`'s, and each copy's
+        cache is the inner prefill over its own last segment (from its last restart to
+        ``T``). With one: the positions are stepped (a ``lax.scan`` of :meth:`step`), which is
+        exact and what a chunked model prefill past its first chunk runs. ``pad`` needs no
+        handling (the inner layer is causal and time-invariant and sees zeros there).
+        """
+        del pad
+        if cache is not None:
+            xs = jnp.swapaxes(x, 0, 1)
+            cache, ys = jax.lax.scan(self.step, cache, xs)
+            return jnp.swapaxes(ys, 0, 1), cache
+        length, L, P = x.shape[1], self.window, self.block
+        caches = []
+        for r in range(self.copies):
+            last = length - 1
+            start = 0 if last < r * P else r * P + L * ((last - r * P) // L)
+            caches.append(self.inner.prefill(x[:, start:], options)[1])
+        cache = HorizonCache(
+            _stack(caches),
+            jnp.asarray(length, jnp.int32),
+            x.shape[0],
+            jnp.dtype(x.dtype).name,
+            options,
+        )
+        return self(x), cache
+
+
+def set_horizon(model: nnx.Module, policy: str) -> nnx.Module:
+    """Wrap (or unwrap, for ``"none"``) every STU / distilled LDS mixer of ``model`` in place
+    under ``policy`` and record it in ``model.config.horizon``; returns ``model``."""
+    horizon = parse_horizon(policy)
+    for block in model.blocks:
+        inner = block.mixer.inner if isinstance(block.mixer, HorizonMixer) else block.mixer
+        if isinstance(inner, STU | LDSLayer):
+            block.mixer = inner if horizon.kind == "none" else HorizonMixer(inner, policy)
+    model.config = dataclasses.replace(model.config, horizon=policy)
+    return model
