@@ -37,6 +37,7 @@ from spectral_jax.decode.strategy import decode_plan
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.interop import flashstu
+from spectral_jax.nn.horizon import parse_distill_horizon
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
 from spectral_jax.validation import ARITHMETICS, GENERATION_STRATEGIES, positive_int
 
@@ -114,11 +115,19 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="at most this many states per channel when reducing (default: as --tol needs)",
     )
+    parser.add_argument(
+        "--horizon",
+        default="none",
+        help="memory horizon past the training length L: none (default), restart:R (R staggered "
+        "copies of each layer's state, restarted every L steps), tail:W (tail-penalised fit) "
+        "or cap:C (decays with a^L <= C)",
+    )
 
 
 def run_distill(args: argparse.Namespace) -> int:
     if args.tol < 0 or args.tol >= 1:
         raise ValueError(f"--tol must be in [0, 1) (0: no reduction), got {args.tol:g}")
+    parse_distill_horizon(args.horizon)  # a bad policy fails before the checkpoint is read
     report = inference.distill_checkpoint(
         args.checkpoint,
         args.out,
@@ -126,6 +135,7 @@ def run_distill(args: argparse.Namespace) -> int:
         arithmetic=args.arithmetic,
         tol=args.tol or None,
         max_states=args.states,
+        horizon=args.horizon,
     )
     print(inference.format_distill_report(report))
     print(f"wrote {args.out}")

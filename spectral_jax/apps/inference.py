@@ -2,7 +2,8 @@
 
 A distilled checkpoint holds the distilled model's state (no optimizer) and, in its metadata,
 the source run's record plus ``"distill": {"num_states", "arithmetic", "tol", "max_states",
-"slots", "source", "report"}`` (``slots``: each layer's reduced size, 0 where not reduced).
+"slots", "horizon", "source", "report"}`` (``slots``: each layer's reduced size, 0 where not
+reduced; ``horizon``: the policy of :func:`~spectral_jax.nn.horizon.parse_distill_horizon`).
 Loading one rebuilds the same structure (the bank fit is deterministic and cached; reduced
 layers are built empty at their saved sizes) and restores the saved arrays into it.
 """
@@ -19,10 +20,11 @@ from flax import nnx
 
 from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
-from spectral_jax.distill.fit import DEFAULT_NUM_STATES
+from spectral_jax.distill.fit import DEFAULT_NUM_STATES, NO_TAIL, TailOptions
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.distill.report import reduction_lines
 from spectral_jax.nn.distillation import distill_model, layer_slots
+from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
 from spectral_jax.nn.model import SpectralModel
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
 from spectral_jax.train import CheckpointConfig, Checkpointer, load_model
@@ -38,6 +40,7 @@ def distill_with_report(
     arithmetic: Arithmetic,
     tol: float | None = DEFAULT_TOL,
     max_states: int | None = None,
+    tail: TailOptions = NO_TAIL,
 ) -> tuple[nnx.Module, dict[str, Any]]:
     """Distill every STU of ``model`` (:func:`~spectral_jax.nn.distillation.distill_model`) and
     measure the result.
@@ -48,7 +51,12 @@ def distill_with_report(
     ``argmax_agreement`` (fraction of positions whose most likely next token is the same).
     """
     distilled, banks = distill_model(
-        model, num_states=num_states, arithmetic=arithmetic, tol=tol, max_states=max_states
+        model,
+        num_states=num_states,
+        arithmetic=arithmetic,
+        tol=tol,
+        max_states=max_states,
+        tail=tail,
     )
 
     task = task_from_record(record)
@@ -94,12 +102,14 @@ def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Mod
         return model
     # checkpoints written before the reduction have no slots: every layer unreduced
     slots = distill.get("slots")
+    _, tail = parse_distill_horizon(distill.get("horizon", "none"))
     return distill_model(
         model,
         num_states=distill["num_states"],
         arithmetic=distill["arithmetic"],
         tol=None if slots is None else DEFAULT_TOL,
         slots=slots,
+        tail=tail,
     ).model
 
 
@@ -118,7 +128,10 @@ def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
         pure, _, meta = ckpt.restore(abstract)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
-    return model, meta
+    # the arrays are saved unwrapped; the restart policy wraps the restored layers
+    return set_horizon(
+        model, parse_distill_horizon(meta["distill"].get("horizon", "none"))[0]
+    ), meta
 
 
 def checkpoint_tokenizer(directory: str, meta: dict[str, Any]) -> Tokenizer:
@@ -144,8 +157,13 @@ def distill_checkpoint(
     arithmetic: Arithmetic = "plain",
     tol: float | None = DEFAULT_TOL,
     max_states: int | None = None,
+    horizon: str = "none",
 ) -> dict[str, Any]:
     """Distill every STU layer of the model in ``source`` into a new checkpoint in ``out``.
+
+    ``horizon``: the memory horizon past the training length
+    (:func:`~spectral_jax.nn.horizon.parse_distill_horizon`): ``restart:R`` is recorded and wraps
+    the layers when the checkpoint is loaded; ``tail:W`` / ``cap:C`` change the bank's fit.
 
     Returns the report of :func:`distill_with_report`, which is also stored in ``out``'s
     metadata. ``out`` must not hold checkpoints yet (nothing is overwritten).
@@ -155,6 +173,7 @@ def distill_checkpoint(
     with Checkpointer(CheckpointConfig(source), read_only=True) as ckpt:
         if "distill" in ckpt.restore_meta():
             raise ValueError(f"{source} is already a distilled checkpoint")
+    _, tail = parse_distill_horizon(horizon)
     model, meta = load_model(source)
     distilled, report = distill_with_report(
         model,
@@ -163,6 +182,7 @@ def distill_checkpoint(
         arithmetic=arithmetic,
         tol=tol,
         max_states=max_states,
+        tail=tail,
     )
     distill = {
         "num_states": num_states,
@@ -170,6 +190,7 @@ def distill_checkpoint(
         "tol": tol,
         "max_states": max_states,
         "slots": layer_slots(report["banks"]),
+        "horizon": horizon,
         "source": source,
         "report": report,
     }

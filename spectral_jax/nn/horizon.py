@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from spectral_jax.distill.fit import NO_TAIL, TailOptions
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU
@@ -68,6 +69,37 @@ def parse_horizon(policy: str) -> Horizon:
     if kind == "restart" and count.isdigit() and int(count) >= 2:
         return Horizon("restart", int(count))
     raise ValueError(f"horizon must be {HORIZON_SYNTAX}; got {policy!r}")
+
+
+DISTILL_HORIZON_SYNTAX = (
+    "'none', 'restart:R' (staggered restarts, R >= 2 dividing the training length), "
+    "'tail:W' (tail-penalised fit, weight W > 0 on zero targets in [L, 9L)) or 'cap:C' "
+    "(eigenvalue cap: every decay has a^L <= C, 0 < C < 1)"
+)
+
+
+def parse_distill_horizon(spec: str) -> tuple[str, TailOptions]:
+    """A distillation's horizon (``spectral-jax distill --horizon``) -> ``(wrapper policy for
+    :func:`set_horizon`, the fit's :class:`~spectral_jax.distill.fit.TailOptions`)``: the
+    restart policy wraps the distilled layers, ``tail:W`` / ``cap:C`` change the bank's fit."""
+    kind, _, value = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind in ("none", "restart"):
+        try:
+            parse_horizon(spec)
+        except ValueError:
+            pass
+        else:
+            return spec, NO_TAIL
+    elif kind in ("tail", "cap") and value:
+        try:
+            number = float(value)
+            tail = TailOptions(weight=number) if kind == "tail" else TailOptions(cap=number)
+        except ValueError:
+            pass
+        else:
+            if tail.active:
+                return "none", tail
+    raise ValueError(f"the distillation horizon must be {DISTILL_HORIZON_SYNTAX}; got {spec!r}")
 
 
 def inner_window(layer: nnx.Module) -> int:
