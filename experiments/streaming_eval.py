@@ -11,7 +11,8 @@ of the standard-library corpus), each built by a function in :data:`ROWS`, so th
   has a length limit;
 * ``stu restart:2``: the STU under the staggered-restart horizon (:mod:`spectral_jax.nn.horizon`,
   two copies of each layer's cache, naive decoding): its streaming policy, no length limit;
-* ``distilled restart:2`` / ``tail:0.01`` / ``cap:0.01``: the distilled model under each
+* ``distilled restart:2`` / ``restart:4`` / ``tail:0.01`` / ``cap:0.01`` / ``cap:0.001``: the
+  distilled model under each
   horizon policy (restarts of its LDS states; a tail-penalised bank fit; an eigenvalue cap);
   the last two columns are the bank's tail-energy ratio and in-window error
   (``LDSBank.tail_report``, float64, before the per-channel reduction);
@@ -114,8 +115,10 @@ ROWS: list[Row] = [
     ("stu restart:2", functools.partial(stu_row, horizon="restart:2"), NAIVE),
     ("distilled", distilled_row, DEFAULT_DECODE),
     ("distilled restart:2", functools.partial(distilled_row, horizon="restart:2"), DEFAULT_DECODE),
+    ("distilled restart:4", functools.partial(distilled_row, horizon="restart:4"), DEFAULT_DECODE),
     ("distilled tail:0.01", functools.partial(distilled_row, horizon="tail:0.01"), DEFAULT_DECODE),
     ("distilled cap:0.01", functools.partial(distilled_row, horizon="cap:0.01"), DEFAULT_DECODE),
+    ("distilled cap:0.001", functools.partial(distilled_row, horizon="cap:0.001"), DEFAULT_DECODE),
     ("attention", attention_row, DEFAULT_DECODE),
 ]
 

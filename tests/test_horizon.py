@@ -51,14 +51,16 @@ def _stepped(layer, x, options):
     return ys.swapaxes(0, 1)
 
 
-@pytest.mark.parametrize("copies", [2, 4])
-def test_restart_equals_float64_windowed_convolution(copies):
+@pytest.mark.parametrize("copies, strategy", [(2, "futurefill"), (4, "naive")])
+def test_restart_equals_float64_windowed_convolution(copies, strategy):
     stu = _stu()
     layer = HorizonMixer(stu, f"restart:{copies}")
     x = np.random.default_rng(copies).normal(size=(2, 3 * L + 5, D))  # T > L, T % (L / R) != 0
     ref, scale = _windowed_reference(stu, x, copies)
     xf = jnp.asarray(x, jnp.float32)
-    stepped = np.asarray(_stepped(layer, xf, DecodeOptions(strategy="naive")), np.float64)
+    stepped = np.asarray(
+        _stepped(layer, xf, DecodeOptions(strategy=strategy, block_len=4)), np.float64
+    )
     parallel = np.asarray(layer(xf), np.float64)
     # Round-off budget: float32 inputs and parameters (1 rounding each), the D-term input
     # projection, then up to L products summed (the naive step's window sums; the FFT path
