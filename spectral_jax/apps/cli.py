@@ -117,17 +117,18 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--horizon",
-        default="none",
-        help="memory horizon past the training length L: none (default), restart:R (R staggered "
-        "copies of each layer's state, restarted every L steps), tail:W (tail-penalised fit) "
-        "or cap:C (decays with a^L <= C)",
+        default=None,
+        help="memory horizon past the training length L: none, restart:R (R staggered copies "
+        "of each layer's state, restarted every L steps), tail:W (tail-penalised fit) or cap:C "
+        f"(decays with a^L <= C); default {inference.LM_HORIZON} for language models, else none",
     )
 
 
 def run_distill(args: argparse.Namespace) -> int:
     if args.tol < 0 or args.tol >= 1:
         raise ValueError(f"--tol must be in [0, 1) (0: no reduction), got {args.tol:g}")
-    parse_distill_horizon(args.horizon)  # a bad policy fails before the checkpoint is read
+    if args.horizon is not None:  # a bad policy fails before the checkpoint is read
+        parse_distill_horizon(args.horizon)
     report = inference.distill_checkpoint(
         args.checkpoint,
         args.out,
