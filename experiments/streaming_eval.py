@@ -12,10 +12,9 @@ of the standard-library corpus), each built by a function in :data:`ROWS`, so th
 * ``stu restart:2``: the STU under the staggered-restart horizon (:mod:`spectral_jax.nn.horizon`,
   two copies of each layer's cache, naive decoding): its streaming policy, no length limit;
 * ``distilled restart:2`` / ``restart:4`` / ``tail:0.01`` / ``cap:0.01`` / ``cap:0.001``: the
-  distilled model under each
-  horizon policy (restarts of its LDS states; a tail-penalised bank fit; an eigenvalue cap);
-  the last two columns are the bank's tail-energy ratio and in-window error
-  (``LDSBank.tail_report``, float64, before the per-channel reduction);
+  distilled model under each horizon policy (restarts of its LDS states; a tail-penalised bank
+  fit; an eigenvalue cap); the last two columns are the bank's tail-energy ratio and in-window
+  error (``LDSBank.tail_report``, float64, before the per-channel reduction);
 * ``attention``: ``lm_bytes_small`` with ``model.attention_only=true``, trained the same way
   (sliding-window attention, window 64).
 

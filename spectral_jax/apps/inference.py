@@ -20,6 +20,7 @@ from flax import nnx
 
 from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
+from spectral_jax.decode.evaluate import state_floats
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES, NO_TAIL, TailOptions
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.distill.report import reduction_lines
@@ -93,7 +94,11 @@ def format_distill_report(report: dict[str, Any]) -> str:
     )
     if "argmax_agreement" in report:
         line += f"; same most likely next token at {report['argmax_agreement']:.2%} of positions"
-    return "\n".join([*lines, *reduction_lines(report["banks"]), line])
+    horizon = []
+    if "horizon" in report:  # distill_checkpoint's: the policy and the state it decodes with
+        floats = ", ".join(f"{n:,}" for n in report["state_floats_per_sequence"])
+        horizon = [f"horizon {report['horizon']}: state floats per sequence per layer {floats}"]
+    return "\n".join([*lines, *reduction_lines(report["banks"]), line, *horizon])
 
 
 def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Module:
@@ -204,6 +209,10 @@ def distill_checkpoint(
         max_states=max_states,
         tail=tail,
     )
+    policy = parse_distill_horizon(horizon)[0]
+    streaming = set_horizon(nnx.clone(distilled), policy)  # as load_for_inference builds it
+    report["horizon"] = horizon
+    report["state_floats_per_sequence"] = state_floats(streaming, streaming.config.max_len)
     distill = {
         "num_states": num_states,
         "arithmetic": arithmetic,
