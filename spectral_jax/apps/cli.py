@@ -243,6 +243,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-states", type=int, default=DEFAULT_NUM_STATES, help="LDS states (lds strategy)"
     )
     parser.add_argument("--chunk", type=int, default=256, help="tokens decoded per jitted call")
+    parser.add_argument(
+        "--horizon",
+        help="memory horizon of the STU/LDS layers, none or restart:R (default: the "
+        "checkpoint's own); with restart:R an STU checkpoint streams past its max_len",
+    )
     parser.add_argument("--json", help="write the report here (JSON)")
     parser.add_argument("--plot", help="plot bits/byte per bucket here (PNG; needs matplotlib)")
 
@@ -263,6 +268,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         num_states=args.num_states,
         chunk=args.chunk,
+        horizon=args.horizon,
     )
     print(evaluation.format_report(report))
     if args.json:
