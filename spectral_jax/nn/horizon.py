@@ -17,8 +17,10 @@ each output sees. Policies (:func:`parse_horizon`):
   ``[L - P, L)`` past positions once ``t >= L`` (``[0, L)`` before: the first window is the
   unbounded layer's). Cost: ``R`` inner steps per token and ``R`` inner caches.
 
-The wrapper has no length limit: an STU wrapped in it streams (its copies never hold more than
-``L`` positions). A whole model's mixers are wrapped by
+Positions are counted from the cache's start, left padding included: a left-padded row of a
+ragged batch restarts at the same positions as the others (its windows are still training
+windows). The wrapper has no length limit: an STU wrapped in it streams (its copies never hold
+more than ``L`` positions). A whole model's mixers are wrapped by
 :class:`~spectral_jax.nn.model.ModelConfig`'s ``horizon`` field, or afterwards by
 :func:`set_horizon`.
 """
