@@ -11,10 +11,11 @@ of the standard-library corpus), each built by a function in :data:`ROWS`, so th
   has a length limit;
 * ``stu restart:2``: the STU under the staggered-restart horizon (:mod:`spectral_jax.nn.horizon`,
   two copies of each layer's cache, naive decoding): its streaming policy, no length limit;
-* ``distilled restart:2`` / ``restart:4`` / ``tail:0.01`` / ``cap:0.01`` / ``cap:0.001``: the
-  distilled model under each horizon policy (restarts of its LDS states; a tail-penalised bank
-  fit; an eigenvalue cap); the last two columns are the bank's tail-energy ratio and in-window
-  error (``LDSBank.tail_report``, float64, before the per-channel reduction);
+* ``distilled restart:2`` / ``restart:4`` / ``cutoff`` / ``tail:0.01`` / ``cap:0.01`` /
+  ``cap:0.001``: the distilled model under each horizon policy (restarts of its LDS states; the
+  exact cutoff; a tail-penalised bank fit; an eigenvalue cap); the last two columns are the
+  bank's tail-energy ratio and in-window error (``LDSBank.tail_report``, float64, before the
+  per-channel reduction);
 * ``attention``: ``lm_bytes_small`` with ``model.attention_only=true``, trained the same way
   (sliding-window attention, window 64).
 
@@ -115,6 +116,7 @@ ROWS: list[Row] = [
     ("distilled", distilled_row, DEFAULT_DECODE),
     ("distilled restart:2", functools.partial(distilled_row, horizon="restart:2"), DEFAULT_DECODE),
     ("distilled restart:4", functools.partial(distilled_row, horizon="restart:4"), DEFAULT_DECODE),
+    ("distilled cutoff", functools.partial(distilled_row, horizon="cutoff"), DEFAULT_DECODE),
     ("distilled tail:0.01", functools.partial(distilled_row, horizon="tail:0.01"), DEFAULT_DECODE),
     ("distilled cap:0.01", functools.partial(distilled_row, horizon="cap:0.01"), DEFAULT_DECODE),
     ("distilled cap:0.001", functools.partial(distilled_row, horizon="cap:0.001"), DEFAULT_DECODE),

@@ -1,5 +1,8 @@
 """Bounded memory horizons (spectral_jax.nn.horizon): staggered restarts of STU and distilled LDS
-layers, against a float64 NumPy windowed convolution and against their own decode paths."""
+layers and the exact cutoff of LDS layers, against float64 NumPy windowed convolutions and
+against their own decode paths."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from spectral_jax.distill.fit import fit_lds_bank
 from spectral_jax.nn.distillation import distill_model
-from spectral_jax.nn.horizon import HorizonMixer, parse_horizon
+from spectral_jax.nn.horizon import CutoffMixer, HorizonMixer, parse_horizon, set_horizon
+from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.mixer import DecodeOptions
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU, STUConfig
@@ -74,18 +79,50 @@ def test_restart_equals_float64_windowed_convolution(copies, strategy):
 
 
 def _model(horizon: str, distill: bool = False) -> SpectralModel:
+    """A hybrid model under ``horizon`` (``cutoff``: set after distilling, as distill does)."""
     config = ModelConfig(
         d_model=8, num_layers=2, max_len=L, vocab_size=11, layer_pattern="SA", num_filters=K,
-        stu_projection="tensordot", window=8, horizon=horizon,
+        stu_projection="tensordot", window=8, horizon="none" if horizon == "cutoff" else horizon,
     )  # fmt: skip
     model = SpectralModel(config, rngs=nnx.Rngs(1))
-    return distill_model(model, num_states=8).model if distill else model
+    model = distill_model(model, num_states=8).model if distill else model
+    return set_horizon(model, horizon) if horizon == "cutoff" else model
 
 
-@pytest.mark.parametrize("distill", [False, True], ids=["stu", "lds"])
-def test_ragged_prefill_then_step_equals_one_pass_and_stepping(distill):
-    model = _model("restart:4", distill)
-    assert model.length_limit is None and isinstance(model.blocks[0].mixer, HorizonMixer)
+def test_cutoff_equals_float64_convolution_over_the_last_L_inputs():
+    lds = LDSLayer.from_stu(_stu(), num_states=8)  # reduced per channel (the default)
+    layer = CutoffMixer(lds)
+    x = np.random.default_rng(5).normal(size=(2, 3 * L + 5, D))
+    kernels = np.asarray(lds.kernels[...], np.float64)[:L]  # the layer's own impulse response
+    m_in = np.asarray(lds.M_in[...], np.float64)
+    h, h_abs = x @ m_in, np.abs(x) @ np.abs(m_in)
+    ref, scale = np.zeros_like(h), np.zeros_like(h)
+    for t in range(x.shape[1]):
+        lags = np.arange(min(L, t + 1))
+        ref[:, t] = np.einsum("jc,bjc->bc", kernels[lags], h[:, t - lags])
+        scale[:, t] = np.einsum("jc,bjc->bc", np.abs(kernels[lags]), h_abs[:, t - lags])
+    xf = jnp.asarray(x, jnp.float32)
+    y = np.asarray(_stepped(layer, xf, DecodeOptions()), np.float64)
+    # Budget as for the restart test, times the bank's amplification (its cancelling
+    # coefficients scale the states' round-off: fit_lds_bank's report), since the two states'
+    # readouts are subtracted.
+    amplification = fit_lds_bank(L, K, "standard", 8)[1]["amplification"]
+    budget = (2 + D + L) * EPS32 * max(1.0, amplification) * scale
+    assert np.all(np.abs(y - ref) <= budget)
+    # inside the first window the outputs are the layer's own
+    uncut = np.asarray(_stepped(lds, xf[:, :L], DecodeOptions()), np.float64)
+    assert np.all(np.abs(y[:, :L] - uncut) <= budget[:, :L])
+    np.testing.assert_array_equal(np.asarray(layer(xf)), y)  # the parallel path steps too
+
+
+@pytest.mark.parametrize(
+    "horizon, distill", [("restart:4", False), ("restart:4", True), ("cutoff", True)],
+    ids=["stu-restart", "lds-restart", "lds-cutoff"],
+)  # fmt: skip
+def test_ragged_prefill_then_step_equals_one_pass_and_stepping(horizon, distill):
+    model = _model(horizon, distill)
+    assert model.length_limit is None
+    assert isinstance(model.blocks[0].mixer, CutoffMixer if horizon == "cutoff" else HorizonMixer)
     tokens = jnp.asarray(np.random.default_rng(3).integers(1, 11, size=(2, 3 * L - 1)))
     pad = jnp.asarray([0, 5])
     tokens = tokens.at[1, :5].set(0)
@@ -121,8 +158,12 @@ def test_ragged_prefill_then_step_equals_one_pass_and_stepping(distill):
 def test_policies_and_limits():
     assert _model("none").length_limit == L
     assert parse_horizon("restart:4").copies == 4
-    for bad in ("restart:1", "restart:x", "restart", "cutof", "", 3):
+    for bad in ("restart:1", "restart:x", "restart", "cutof", "cutoff:2", "", 3):
         with pytest.raises(ValueError, match="horizon must be"):
             parse_horizon(bad)
     with pytest.raises(ValueError, match="divisible by 3"):
         _model("restart:3")
+    with pytest.raises(ValueError, match="STU has no response past L"):
+        SpectralModel(
+            dataclasses.replace(_model("none").config, horizon="cutoff"), rngs=nnx.Rngs(0)
+        )

@@ -38,9 +38,10 @@ def test_tail_options_lower_the_tail_energy(tail):
 def test_distill_horizon_syntax():
     assert parse_distill_horizon("none") == ("none", TailOptions())
     assert parse_distill_horizon("restart:2") == ("restart:2", TailOptions())
+    assert parse_distill_horizon("cutoff") == ("cutoff", TailOptions())
     assert parse_distill_horizon("tail:0.5") == ("none", TailOptions(weight=0.5))
     assert parse_distill_horizon("cap:1e-3") == ("none", TailOptions(cap=1e-3))
-    for bad in ("tail:0", "tail:-1", "tail:", "cap:2", "cap:x", "restart:1", "cutoff", "Tail:1"):
+    for bad in ("tail:0", "tail:-1", "tail:", "cap:2", "cap:x", "restart:1", "cutoff:1", "Tail:1"):
         with pytest.raises(ValueError, match="distillation horizon must be"):
             parse_distill_horizon(bad)
     with pytest.raises(ValueError, match=r"TailOptions\.cap"):

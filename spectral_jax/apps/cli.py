@@ -119,7 +119,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         "--horizon",
         default=None,
         help="memory horizon past the training length L: none, restart:R (R staggered copies "
-        "of each layer's state, restarted every L steps), tail:W (tail-penalised fit) or cap:C "
+        "of each layer's state, restarted every L steps), cutoff (exact: the response to "
+        "inputs older than L subtracted), tail:W (tail-penalised fit) or cap:C "
         f"(decays with a^L <= C); default {inference.LM_HORIZON} for language models, else none",
     )
 
@@ -245,8 +246,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=256, help="tokens decoded per jitted call")
     parser.add_argument(
         "--horizon",
-        help="memory horizon of the STU/LDS layers, none or restart:R (default: the "
-        "checkpoint's own); with restart:R an STU checkpoint streams past its max_len",
+        help="memory horizon of the STU/LDS layers, none, restart:R or cutoff (distilled "
+        "layers; default: the checkpoint's own); with restart:R an STU checkpoint streams past "
+        "its max_len",
     )
     parser.add_argument("--json", help="write the report here (JSON)")
     parser.add_argument("--plot", help="plot bits/byte per bucket here (PNG; needs matplotlib)")

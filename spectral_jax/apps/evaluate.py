@@ -77,7 +77,8 @@ def evaluate_checkpoint(
     ``None`` takes the checkpoint as it is (``lds`` if it is distilled, else ``futurefill``,
     the STU itself, which stops at its ``max_len``); ``lds`` on a trained checkpoint distills it
     here with ``num_states``. ``offsets_seed`` picks the phase of the evenly spaced offsets.
-    ``horizon``: the memory horizon of its STU / LDS layers (``"none"`` or ``"restart:R"``,
+    ``horizon``: the memory horizon of its STU / LDS layers (``"none"``, ``"restart:R"`` or
+    ``"cutoff"`` for distilled layers,
     :func:`~spectral_jax.nn.horizon.set_horizon`; with one, an STU streams past its
     ``max_len``); None keeps the checkpoint's own.
 

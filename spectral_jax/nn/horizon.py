@@ -15,12 +15,14 @@ each output sees. Policies (:func:`parse_horizon`):
   ``s(t) = max(0, (t // P - R + 1) * P)``, so ``y_t = inner(x[s(t) : t + 1])[-1]``, an output the
   inner layer computes inside one training window, exactly, with a window of
   ``[L - P, L)`` past positions once ``t >= L`` (``[0, L)`` before: the first window is the
-  unbounded layer's). Cost: ``R`` inner steps per token and ``R`` inner caches.
+  unbounded layer's). Cost: ``R`` inner steps per token and ``R`` inner caches;
+* ``"cutoff"`` (exact cutoff, distilled LDS layers only): :class:`CutoffMixer`, the layer's
+  output minus its response to inputs older than ``L``.
 
 Positions are counted from the cache's start, left padding included: a left-padded row of a
 ragged batch restarts at the same positions as the others (its windows are still training
-windows). The wrapper has no length limit: an STU wrapped in it streams (its copies never hold
-more than ``L`` positions). A whole model's mixers are wrapped by
+windows). The wrappers have no length limit: an STU wrapped in :class:`HorizonMixer` streams
+(its copies never hold more than ``L`` positions). A whole model's mixers are wrapped by
 :class:`~spectral_jax.nn.model.ModelConfig`'s ``horizon`` field, or afterwards by
 :func:`set_horizon`.
 """
@@ -39,13 +41,19 @@ from spectral_jax.distill.fit import NO_TAIL, TailOptions
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU
+from spectral_jax.ops import lds
+from spectral_jax.ops.distilled_lds import ReducedLDS, slot_powers
 
-HORIZON_SYNTAX = "'none' or 'restart:R' (R >= 2 copies; the training length must divide by R)"
+HORIZON_SYNTAX = (
+    "'none', 'restart:R' (R >= 2 copies; the training length must divide by R) or 'cutoff' "
+    "(distilled LDS layers only)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Horizon:
-    """A parsed horizon policy: ``kind`` ``"none"`` or ``"restart"``; ``copies``: ``R``."""
+    """A parsed horizon policy: ``kind`` ``"none"``, ``"restart"`` or ``"cutoff"``; ``copies``:
+    ``R``."""
 
     kind: str
     copies: int = 1
@@ -61,12 +69,12 @@ class Horizon:
 
 
 def parse_horizon(policy: str) -> Horizon:
-    """``"none"`` or ``"restart:R"`` -> :class:`Horizon`; anything else: ValueError naming
-    the accepted syntax."""
+    """``"none"``, ``"restart:R"`` or ``"cutoff"`` -> :class:`Horizon`; anything else:
+    ValueError naming the accepted syntax."""
     if not isinstance(policy, str):
         raise ValueError(f"horizon must be a string, {HORIZON_SYNTAX}; got {policy!r}")
-    if policy == "none":
-        return Horizon("none")
+    if policy in ("none", "cutoff"):
+        return Horizon(policy)
     kind, _, count = policy.partition(":")
     if kind == "restart" and count.isdigit() and int(count) >= 2:
         return Horizon("restart", int(count))
@@ -74,7 +82,8 @@ def parse_horizon(policy: str) -> Horizon:
 
 
 DISTILL_HORIZON_SYNTAX = (
-    "'none', 'restart:R' (staggered restarts, R >= 2 dividing the training length), "
+    "'none', 'restart:R' (staggered restarts, R >= 2 dividing the training length), 'cutoff' "
+    "(exact cutoff at L), "
     "'tail:W' (tail-penalised fit, weight W > 0 on zero targets in [L, 9L)) or 'cap:C' "
     "(eigenvalue cap: every decay has a^L <= C, 0 < C < 1)"
 )
@@ -85,7 +94,7 @@ def parse_distill_horizon(spec: str) -> tuple[str, TailOptions]:
     :func:`set_horizon`, the fit's :class:`~spectral_jax.distill.fit.TailOptions`)``: the
     restart policy wraps the distilled layers, ``tail:W`` / ``cap:C`` change the bank's fit."""
     kind, _, value = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if kind in ("none", "restart"):
+    if kind in ("none", "restart", "cutoff"):
         try:
             parse_horizon(spec)
         except ValueError:
@@ -137,8 +146,8 @@ class HorizonMixer(nnx.Module):
 
     def __init__(self, inner: nnx.Module, policy: str):
         horizon = parse_horizon(policy)
-        if horizon.kind == "none":
-            raise ValueError("HorizonMixer needs a policy other than 'none' (use the layer itself)")
+        if horizon.kind != "restart":
+            raise ValueError(f"HorizonMixer runs restart:R policies, got {policy!r} (see wrap)")
         self.window = inner_window(inner)
         horizon.check_window(self.window, type(inner).__name__)
         self.policy = policy
@@ -252,10 +261,121 @@ class HorizonMixer(nnx.Module):
 def set_horizon(model: nnx.Module, policy: str) -> nnx.Module:
     """Wrap (or unwrap, for ``"none"``) every STU / distilled LDS mixer of ``model`` in place
     under ``policy`` and record it in ``model.config.horizon``; returns ``model``."""
-    horizon = parse_horizon(policy)
+    parse_horizon(policy)
     for block in model.blocks:
-        inner = block.mixer.inner if isinstance(block.mixer, HorizonMixer) else block.mixer
+        mixer = block.mixer
+        inner = mixer.inner if isinstance(mixer, HorizonMixer | CutoffMixer) else mixer
         if isinstance(inner, STU | LDSLayer):
-            block.mixer = inner if horizon.kind == "none" else HorizonMixer(inner, policy)
+            block.mixer = wrap(inner, policy)
     model.config = dataclasses.replace(model.config, horizon=policy)
     return model
+
+
+def wrap(inner: nnx.Module, policy: str) -> nnx.Module:
+    """``inner`` under ``policy``: itself (``"none"``), a :class:`HorizonMixer`
+    (``"restart:R"``) or a :class:`CutoffMixer` (``"cutoff"``, distilled LDS layers only)."""
+    kind = parse_horizon(policy).kind
+    if kind == "none":
+        return inner
+    return CutoffMixer(inner) if kind == "cutoff" else HorizonMixer(inner, policy)
+
+
+@struct.dataclass
+class CutoffCache:
+    """Decode state of a :class:`CutoffMixer`: ``inner``, the layer's own cache; ``tail``, the
+    state of the copy fed the inputs delayed by ``L``; ``ring: [L, B, d_in]``, the last ``L``
+    inputs (slot ``t % L`` holds position ``t - L`` before step ``t`` reads it); ``pos``."""
+
+    inner: Any
+    tail: Any
+    ring: jax.Array
+    pos: jax.Array
+
+
+class CutoffMixer(nnx.Module):
+    """The exact cutoff of a distilled LDS layer (plain arithmetic, no output AR lags, no
+    biases): ``y_t = sum_{j < L} C A^j B x_{t-j}`` (plus the layer's input AR terms), the
+    layer's output minus its response to the inputs older than ``L``.
+
+    A second copy of the state is fed the input delayed by ``L`` (a ring buffer of the last
+    ``L`` inputs); its state ``s2_t`` equals the layer's state at ``t - L``, so
+    ``C A^L s2_t`` is exactly the part of ``y_t`` that inputs older than ``L`` contribute (the
+    layer is linear and time-invariant; exact up to float32 round-off), and is subtracted.
+    Cost per token: two state updates and two readouts; state: two LDS states and ``L`` inputs
+    (like a sliding window of ``L``). ``prefill`` and the parallel path past ``L`` step the
+    positions (a ``lax.scan``).
+    """
+
+    def __init__(self, inner: nnx.Module):
+        if not isinstance(inner, LDSLayer):
+            raise ValueError(
+                f"the cutoff horizon needs a distilled LDS layer, got {type(inner).__name__}: an "
+                "STU has no response past L to cut (use restart:R to stream it)"
+            )
+        config = inner.config
+        if config.arithmetic != "plain" or config.stu.k_y:
+            raise ValueError(
+                "the cutoff horizon is exact for plain-arithmetic LDS layers without output AR "
+                f"lags, got arithmetic={config.arithmetic!r}, k_y={config.stu.k_y}; use "
+                "restart:R"
+            )
+        self.window = inner_window(inner)
+        self.policy = "cutoff"
+        self.inner = inner
+
+    @property
+    def length_limit(self) -> None:
+        return None
+
+    def _tail_readout(self, state: Any) -> jax.Array:
+        """``C A^L state``: ``[B, ...state] -> [B, d_out]``."""
+        system = self.inner._system()
+        L = jnp.asarray(self.window)
+        if isinstance(system, ReducedLDS):
+            powers = slot_powers(system.decays, L)  # [C, m]
+        else:
+            powers = lds.decay_powers(system.decays, L)  # [S, n]
+        return system.read(powers * state)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [B, T, d_in] -> [B, T, d_out]``: the layer's own within the first window."""
+        if x.ndim == 3 and x.shape[1] <= self.window:
+            return self.inner(x)
+        return self.prefill(x)[0]
+
+    def init_cache(
+        self, batch: int, max_len: int, dtype: Any, options: DecodeOptions = DEFAULT_DECODE
+    ) -> CutoffCache:
+        """The layer's empty cache, an empty delayed copy and ``L`` zero inputs."""
+        del max_len
+        inner = self.inner.init_cache(batch, self.window, dtype, options)
+        pdt = jnp.dtype(self.inner.config.stu.param_dtype)
+        ring = jnp.zeros((self.window, batch, self.inner.config.stu.d_in), pdt)
+        return CutoffCache(inner, inner.state, ring, jnp.zeros((), jnp.int32))
+
+    def step(self, cache: CutoffCache, x_t: jax.Array) -> tuple[CutoffCache, jax.Array]:
+        """One token ``x_t [B, d_in]`` -> ``(cache, y_t [B, d_out])``."""
+        if not isinstance(cache, CutoffCache):
+            raise ValueError(f"CutoffMixer.step: cache must be a CutoffCache, got {cache!r}")
+        slot = cache.pos % self.window
+        old = cache.ring[slot]  # x_{t - L}, zero for t < L
+        inner, y = self.inner.step(cache.inner, x_t)
+        tail, _ = self.inner._system().step(cache.tail, old)
+        y = y - self._tail_readout(tail).astype(y.dtype)
+        ring = cache.ring.at[slot].set(x_t.astype(cache.ring.dtype))
+        return CutoffCache(inner, tail, ring, cache.pos + 1), y
+
+    def prefill(
+        self,
+        x: jax.Array,
+        options: DecodeOptions = DEFAULT_DECODE,
+        pad: jax.Array | None = None,
+        cache: CutoffCache | None = None,
+    ) -> tuple[jax.Array, CutoffCache]:
+        """``x [B, T, d_in]`` -> ``(y [B, T, d_out], cache)``, every position stepped from
+        ``cache`` (None: empty). ``pad`` needs no handling (zeros there, as for the layer)."""
+        del pad
+        if cache is None:
+            cache = self.init_cache(x.shape[0], self.window, x.dtype, options)
+        cache, ys = jax.lax.scan(self.step, cache, jnp.swapaxes(x, 0, 1))
+        return jnp.swapaxes(ys, 0, 1), cache

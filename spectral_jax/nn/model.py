@@ -25,7 +25,7 @@ from flax import nnx, struct
 
 from spectral_jax.nn.attention import AttentionConfig, Positions, SlidingWindowAttention
 from spectral_jax.nn.blocks import BlockConfig, MLPActivation, ResidualBlock, RMSNorm
-from spectral_jax.nn.horizon import HorizonMixer, parse_horizon
+from spectral_jax.nn.horizon import parse_horizon, wrap
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, FilterSource, STUConfig, make_filters
 from spectral_jax.validation import (
@@ -68,8 +68,8 @@ class ModelConfig:
     fields (``num_heads``, ``window``, ``rope_base``, ``attention_positions``,
     ``attention_softcap``) are validated by the layer configs they build. ``horizon``: the
     memory horizon of every STU (and, once distilled, LDS) mixer past ``max_len``
-    (:mod:`spectral_jax.nn.horizon`: ``"none"`` or ``"restart:R"``); with a policy, STU
-    models have no length limit.
+    (:mod:`spectral_jax.nn.horizon`: ``"none"``, ``"restart:R"``, or ``"cutoff"`` for distilled
+    layers only); with a restart policy, STU models have no length limit.
     """
 
     d_model: int
@@ -250,8 +250,7 @@ class SpectralModel(nnx.Module):
         for kind in config.layer_kinds:
             if kind == "S":
                 mixer = STU(config.stu_config(), rngs=rngs, filters=filters)
-                if config.horizon != "none":
-                    mixer = HorizonMixer(mixer, config.horizon)
+                mixer = wrap(mixer, config.horizon)
             else:
                 mixer = SlidingWindowAttention(config.attention_config(), rngs=rngs)
             blocks.append(ResidualBlock(mixer, block_config, rngs=rngs))
