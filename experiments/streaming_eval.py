@@ -9,6 +9,13 @@ of the standard-library corpus), each built by a function in :data:`ROWS`, so th
   at 256 positions, so it reads the first ``L`` positions only;
 * ``distilled``: the same model with every STU distilled into an LDS (plain float32): no layer
   has a length limit;
+* ``stu restart:2``: the STU under the staggered-restart horizon (:mod:`spectral_jax.nn.horizon`,
+  two copies of each layer's cache, naive decoding): its streaming policy, no length limit;
+* ``distilled restart:2`` / ``restart:4`` / ``cutoff`` / ``tail:0.01`` / ``cap:0.01`` /
+  ``cap:0.001``: the distilled model under each horizon policy (restarts of its LDS states; the
+  exact cutoff; a tail-penalised bank fit; an eigenvalue cap); the last two columns are the
+  bank's tail-energy ratio and in-window error (``LDSBank.tail_report``, float64, before the
+  per-channel reduction);
 * ``attention``: ``lm_bytes_small`` with ``model.attention_only=true``, trained the same way
   (sliding-window attention, window 64).
 
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -50,7 +58,10 @@ from spectral_jax.apps.evaluate import plot_buckets
 from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
 from spectral_jax.data.tokenizer import token_byte_lengths
 from spectral_jax.decode import evaluate as ev
+from spectral_jax.distill.fit import fit_lds_bank
 from spectral_jax.nn.distillation import distill_model
+from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
+from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
 from spectral_jax.train.config import task_from_record
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small
@@ -76,24 +87,51 @@ def ensure_checkpoint(directory: str, overrides: list[str], steps: int | None) -
     print(f"trained in {time.perf_counter() - start:.0f} s")
 
 
-# A row: (name, build(args) -> (model, checkpoint meta)). Later parts of issue 16 add theirs.
-Row = tuple[str, Callable[[argparse.Namespace], tuple[nnx.Module, dict[str, Any]]]]
+# A row: (name, build(args) -> (model, checkpoint meta, bank tail options or None), decode options)
+Row = tuple[str, Callable[[argparse.Namespace], tuple[nnx.Module, dict[str, Any], Any]], Any]
+NAIVE = DecodeOptions(strategy="naive")  # the restarted STU copies step without FutureFill epochs
 
 
-def stu_row(args):
-    return load_model(args.stu_checkpoint)
-
-
-def distilled_row(args):
+def stu_row(args, horizon="none"):
     model, meta = load_model(args.stu_checkpoint)
-    return distill_model(model, num_states=args.num_states, arithmetic="plain").model, meta
+    return set_horizon(model, horizon), meta, None
+
+
+def distilled_row(args, horizon="none"):
+    """The distilled model under a distillation horizon (``parse_distill_horizon``)."""
+    policy, tail = parse_distill_horizon(horizon)
+    model, meta = load_model(args.stu_checkpoint)
+    distilled = distill_model(model, num_states=args.num_states, arithmetic="plain", tail=tail)
+    return set_horizon(distilled.model, policy), meta, tail
 
 
 def attention_row(args):
-    return load_model(args.attention_checkpoint)
+    model, meta = load_model(args.attention_checkpoint)
+    return model, meta, None
 
 
-ROWS: list[Row] = [("stu", stu_row), ("distilled", distilled_row), ("attention", attention_row)]
+ROWS: list[Row] = [
+    ("stu", stu_row, DEFAULT_DECODE),
+    ("stu restart:2", functools.partial(stu_row, horizon="restart:2"), NAIVE),
+    ("distilled", distilled_row, DEFAULT_DECODE),
+    ("distilled restart:2", functools.partial(distilled_row, horizon="restart:2"), DEFAULT_DECODE),
+    ("distilled restart:4", functools.partial(distilled_row, horizon="restart:4"), DEFAULT_DECODE),
+    ("distilled cutoff", functools.partial(distilled_row, horizon="cutoff"), DEFAULT_DECODE),
+    ("distilled tail:0.01", functools.partial(distilled_row, horizon="tail:0.01"), DEFAULT_DECODE),
+    ("distilled cap:0.01", functools.partial(distilled_row, horizon="cap:0.01"), DEFAULT_DECODE),
+    ("distilled cap:0.001", functools.partial(distilled_row, horizon="cap:0.001"), DEFAULT_DECODE),
+    ("attention", attention_row, DEFAULT_DECODE),
+]
+
+
+def bank_tail(model: nnx.Module, tail: Any, num_states: int) -> dict[str, float] | None:
+    """The tail report (``LDSBank.tail_report``) of the bank a distilled row's layers use, or
+    None for undistilled rows (``tail`` None)."""
+    if tail is None:
+        return None
+    stu = model.config.stu_config()
+    bank, _ = fit_lds_bank(stu.max_len, stu.num_filters, stu.variant, num_states, tail=tail)
+    return bank.tail_report()
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -104,7 +142,9 @@ def interval(values: list[float]) -> tuple[float, float]:
     return float(values.mean()), float(half / math.sqrt(values.size))
 
 
-def evaluate_row(model, offset_sets, valid, target_bytes, train_len, args) -> dict[str, Any]:
+def evaluate_row(
+    model, offset_sets, valid, target_bytes, train_len, args, options
+) -> dict[str, Any]:
     """One row over every offset set: per bucket the mean and CI of bits/byte and bits/token,
     the per-set values, us/token (mean over sets) and state floats per sequence per layer."""
     limit = model.length_limit
@@ -114,7 +154,7 @@ def evaluate_row(model, offset_sets, valid, target_bytes, train_len, args) -> di
     for seed, offsets in offset_sets.items():
         streams = ev.cut_streams(valid, offsets, args.multiple * train_len)[:, : length + 1]
         clock = ev.StreamProgress(f"  offsets seed {seed}", streams.shape[0])
-        losses = ev.stream_losses(model, streams, chunk=args.chunk, progress=clock)
+        losses = ev.stream_losses(model, streams, chunk=args.chunk, options=options, progress=clock)
         per_set.append(ev.bucket_summary(losses, target_bytes[seed][:, :length], buckets))
         timings.append(clock.us_per_token)
     cells = []
@@ -130,7 +170,7 @@ def evaluate_row(model, offset_sets, valid, target_bytes, train_len, args) -> di
         "stream_len": length,
         "num_params": model.num_params(),
         "us_per_token": float(np.mean(timings)),
-        "state_floats_per_sequence": ev.state_floats(model, length),
+        "state_floats_per_sequence": ev.state_floats(model, length, options),
         "mixers": [type(block.mixer).__name__ for block in model.blocks],
         "buckets": cells,
     }
@@ -143,15 +183,19 @@ def table(results: dict[str, Any]) -> list[str]:
     lines = [
         "| model (training step) | "
         + " | ".join(labels)
-        + " | us/token | state floats/seq/layer |",
-        "| --- " * (len(labels) + 3) + "|",
+        + " | us/token | state floats/seq/layer | bank tail energy | bank in-window err |",
+        "| --- " * (len(labels) + 5) + "|",
     ]
     for name, row in results["rows"].items():
         cells = [f"{b['bits_per_byte']:.4f} ± {b['bits_per_byte_ci']:.4f}" for b in row["buckets"]]
         cells += ["- (length limit)"] * (len(labels) - len(cells))
         layers = zip(row["mixers"], row["state_floats_per_sequence"], strict=True)
         state = "; ".join(sorted({f"{mixer} {floats:,}" for mixer, floats in layers}))
+        tail = row["bank_tail"]
         cells += [f"{row['us_per_token']:.1f}", state]
+        cells += ["-", "-"] if tail is None else [
+            f"{tail['tail_energy_ratio']:.2e}", f"{tail['in_window_error']:.2e}"
+        ]  # fmt: skip
         lines.append(f"| {name} ({row['checkpoint_step']}) | " + " | ".join(cells) + " |")
     return lines
 
@@ -210,11 +254,15 @@ def main() -> None:
         + f" --multiple {args.multiple} --offset-seeds {' '.join(map(str, args.offset_seeds))}",
         "rows": {},
     }
-    for name, build in ROWS:
-        model, row_meta = build(args)
+    for name, build, options in ROWS:
+        model, row_meta, tail = build(args)
         print(f"{name}:")
-        row = evaluate_row(model, offset_sets, valid, target_bytes, train_len, args)
-        results["rows"][name] = {"checkpoint_step": row_meta["step"], **row}
+        row = evaluate_row(model, offset_sets, valid, target_bytes, train_len, args, options)
+        results["rows"][name] = {
+            "checkpoint_step": row_meta["step"],
+            "bank_tail": bank_tail(model, tail, args.num_states),
+            **row,
+        }
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", results)

@@ -37,6 +37,7 @@ from spectral_jax.decode.strategy import decode_plan
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.interop import flashstu
+from spectral_jax.nn.horizon import parse_distill_horizon
 from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
 from spectral_jax.validation import ARITHMETICS, GENERATION_STRATEGIES, positive_int
 
@@ -114,11 +115,21 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="at most this many states per channel when reducing (default: as --tol needs)",
     )
+    parser.add_argument(
+        "--horizon",
+        default=None,
+        help="memory horizon past the training length L: none, restart:R (R staggered copies "
+        "of each layer's state, restarted every L steps), cutoff (exact: the response to "
+        "inputs older than L subtracted), tail:W (tail-penalised fit) or cap:C "
+        f"(decays with a^L <= C); default {inference.LM_HORIZON} for language models, else none",
+    )
 
 
 def run_distill(args: argparse.Namespace) -> int:
     if args.tol < 0 or args.tol >= 1:
         raise ValueError(f"--tol must be in [0, 1) (0: no reduction), got {args.tol:g}")
+    if args.horizon is not None:  # a bad policy fails before the checkpoint is read
+        parse_distill_horizon(args.horizon)
     report = inference.distill_checkpoint(
         args.checkpoint,
         args.out,
@@ -126,6 +137,7 @@ def run_distill(args: argparse.Namespace) -> int:
         arithmetic=args.arithmetic,
         tol=args.tol or None,
         max_states=args.states,
+        horizon=args.horizon,
     )
     print(inference.format_distill_report(report))
     print(f"wrote {args.out}")
@@ -232,6 +244,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-states", type=int, default=DEFAULT_NUM_STATES, help="LDS states (lds strategy)"
     )
     parser.add_argument("--chunk", type=int, default=256, help="tokens decoded per jitted call")
+    parser.add_argument(
+        "--horizon",
+        help="memory horizon of the STU/LDS layers, none, restart:R or cutoff (distilled "
+        "layers; default: the checkpoint's own); with restart:R an STU checkpoint streams past "
+        "its max_len",
+    )
     parser.add_argument("--json", help="write the report here (JSON)")
     parser.add_argument("--plot", help="plot bits/byte per bucket here (PNG; needs matplotlib)")
 
@@ -252,6 +270,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         num_states=args.num_states,
         chunk=args.chunk,
+        horizon=args.horizon,
     )
     print(evaluation.format_report(report))
     if args.json:

@@ -29,6 +29,7 @@ from spectral_jax.decode import evaluate as ev
 from spectral_jax.decode.strategy import decode_plan
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES
 from spectral_jax.nn.attention import SlidingWindowAttention
+from spectral_jax.nn.horizon import parse_horizon, set_horizon
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.train.config import task_from_record
 from spectral_jax.validation import GenerationStrategy, positive_int
@@ -68,6 +69,7 @@ def evaluate_checkpoint(
     num_states: int = DEFAULT_NUM_STATES,
     chunk: int = 256,
     progress: bool = True,
+    horizon: str | None = None,
 ) -> dict[str, Any]:
     """The streaming evaluation of ``checkpoint`` on ``inputs``, as a JSON-ready report.
 
@@ -75,10 +77,14 @@ def evaluate_checkpoint(
     ``None`` takes the checkpoint as it is (``lds`` if it is distilled, else ``futurefill``,
     the STU itself, which stops at its ``max_len``); ``lds`` on a trained checkpoint distills it
     here with ``num_states``. ``offsets_seed`` picks the phase of the evenly spaced offsets.
+    ``horizon``: the memory horizon of its STU / LDS layers (``"none"``, ``"restart:R"`` or
+    ``"cutoff"`` for distilled layers,
+    :func:`~spectral_jax.nn.horizon.set_horizon`; with one, an STU streams past its
+    ``max_len``); None keeps the checkpoint's own.
 
     Report keys: ``checkpoint``, ``step``, ``model`` (``kind``, ``mixers`` per block,
-    ``length_limit``, ``num_params``, ``strategy``, ``distill``), ``tokenizer``, ``inputs``,
-    ``documents_joined_with``, ``text_tokens``, ``train_len`` (``L``: the run's
+    ``length_limit``, ``num_params``, ``strategy``, ``horizon``, ``distill``), ``tokenizer``,
+    ``inputs``, ``documents_joined_with``, ``text_tokens``, ``train_len`` (``L``: the run's
     ``task.seq_len``), ``stream_len``, ``streams``, ``offsets_seed``, ``offsets``,
     ``bits_per_byte_known``, ``device``, ``chunk``, ``us_per_token`` (decode loop wall time per
     position per stream, compilation excluded, ``streams`` side by side),
@@ -91,7 +97,11 @@ def evaluate_checkpoint(
     offsets_seed = positive_int("", "--offsets-seed", offsets_seed, minimum=0)
     if not inputs:
         raise ValueError("evaluate needs at least one input (a file, directory or glob)")
+    if horizon is not None:
+        parse_horizon(horizon)  # a bad policy fails before the checkpoint is read
     model, meta = inference.load_for_inference(checkpoint)
+    if horizon is not None:
+        set_horizon(model, horizon)
     tokenizer = inference.checkpoint_tokenizer(checkpoint, meta)
     train_len = task_from_record(meta["run"]).seq_len
     buckets = ev.position_buckets(train_len, stream_len)
@@ -123,6 +133,7 @@ def evaluate_checkpoint(
             "length_limit": model.length_limit,
             "num_params": model.num_params(),
             "strategy": strategy,
+            "horizon": model.config.horizon,
             "distill": distill,
         },
         "tokenizer": describe(tokenizer),

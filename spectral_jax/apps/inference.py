@@ -2,7 +2,8 @@
 
 A distilled checkpoint holds the distilled model's state (no optimizer) and, in its metadata,
 the source run's record plus ``"distill": {"num_states", "arithmetic", "tol", "max_states",
-"slots", "source", "report"}`` (``slots``: each layer's reduced size, 0 where not reduced).
+"slots", "horizon", "source", "report"}`` (``slots``: each layer's reduced size, 0 where not
+reduced; ``horizon``: the policy of :func:`~spectral_jax.nn.horizon.parse_distill_horizon`).
 Loading one rebuilds the same structure (the bank fit is deterministic and cached; reduced
 layers are built empty at their saved sizes) and restores the saved arrays into it.
 """
@@ -19,10 +20,12 @@ from flax import nnx
 
 from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
-from spectral_jax.distill.fit import DEFAULT_NUM_STATES
+from spectral_jax.decode.evaluate import state_floats
+from spectral_jax.distill.fit import DEFAULT_NUM_STATES, NO_TAIL, TailOptions
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.distill.report import reduction_lines
 from spectral_jax.nn.distillation import distill_model, layer_slots
+from spectral_jax.nn.horizon import parse_distill_horizon, parse_horizon, set_horizon
 from spectral_jax.nn.model import SpectralModel
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
 from spectral_jax.train import CheckpointConfig, Checkpointer, load_model
@@ -38,6 +41,7 @@ def distill_with_report(
     arithmetic: Arithmetic,
     tol: float | None = DEFAULT_TOL,
     max_states: int | None = None,
+    tail: TailOptions = NO_TAIL,
 ) -> tuple[nnx.Module, dict[str, Any]]:
     """Distill every STU of ``model`` (:func:`~spectral_jax.nn.distillation.distill_model`) and
     measure the result.
@@ -48,7 +52,12 @@ def distill_with_report(
     ``argmax_agreement`` (fraction of positions whose most likely next token is the same).
     """
     distilled, banks = distill_model(
-        model, num_states=num_states, arithmetic=arithmetic, tol=tol, max_states=max_states
+        model,
+        num_states=num_states,
+        arithmetic=arithmetic,
+        tol=tol,
+        max_states=max_states,
+        tail=tail,
     )
 
     task = task_from_record(record)
@@ -85,7 +94,11 @@ def format_distill_report(report: dict[str, Any]) -> str:
     )
     if "argmax_agreement" in report:
         line += f"; same most likely next token at {report['argmax_agreement']:.2%} of positions"
-    return "\n".join([*lines, *reduction_lines(report["banks"]), line])
+    horizon = []
+    if "horizon" in report:  # distill_checkpoint's: the policy and the state it decodes with
+        floats = ", ".join(f"{n:,}" for n in report["state_floats_per_sequence"])
+        horizon = [f"horizon {report['horizon']}: state floats per sequence per layer {floats}"]
+    return "\n".join([*lines, *reduction_lines(report["banks"]), line, *horizon])
 
 
 def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Module:
@@ -94,12 +107,14 @@ def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Mod
         return model
     # checkpoints written before the reduction have no slots: every layer unreduced
     slots = distill.get("slots")
+    _, tail = parse_distill_horizon(distill.get("horizon", "none"))
     return distill_model(
         model,
         num_states=distill["num_states"],
         arithmetic=distill["arithmetic"],
         tol=None if slots is None else DEFAULT_TOL,
         slots=slots,
+        tail=tail,
     ).model
 
 
@@ -118,7 +133,10 @@ def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
         pure, _, meta = ckpt.restore(abstract)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
-    return model, meta
+    # the arrays are saved unwrapped; the restart policy wraps the restored layers
+    return set_horizon(
+        model, parse_distill_horizon(meta["distill"].get("horizon", "none"))[0]
+    ), meta
 
 
 def checkpoint_tokenizer(directory: str, meta: dict[str, Any]) -> Tokenizer:
@@ -136,6 +154,24 @@ def checkpoint_tokenizer(directory: str, meta: dict[str, Any]) -> Tokenizer:
     return tokenizer
 
 
+LM_HORIZON = "restart:2"
+"""The distillation horizon of language models, chosen by ``experiments/streaming_eval.py``
+(``lm_bytes_small``, 3 x 8 streams of 16 x 256 bytes): with it every bucket up to 16x stays
+0.10-0.13 bits/byte below sliding-window attention, as inside the training window, where the
+plain distilled model is 1.7 bits/byte above it from 4x on; decoding costs 1.54x the plain LDS
+step (68.8 against 44.6 us/token, same run)."""
+
+
+def default_horizon(record: dict[str, Any]) -> str:
+    """The distillation horizon when none is given: :data:`LM_HORIZON` for a language model
+    (token task) whose training length divides by its copies, else ``"none"``."""
+    config = model_config_from_record(record)
+    is_lm = task_from_record(record).kind == "tokens"
+    return (
+        LM_HORIZON if is_lm and config.max_len % parse_horizon(LM_HORIZON).copies == 0 else "none"
+    )
+
+
 def distill_checkpoint(
     source: str,
     out: str,
@@ -144,8 +180,14 @@ def distill_checkpoint(
     arithmetic: Arithmetic = "plain",
     tol: float | None = DEFAULT_TOL,
     max_states: int | None = None,
+    horizon: str | None = None,
 ) -> dict[str, Any]:
     """Distill every STU layer of the model in ``source`` into a new checkpoint in ``out``.
+
+    ``horizon``: the memory horizon past the training length
+    (:func:`~spectral_jax.nn.horizon.parse_distill_horizon`): ``restart:R`` is recorded and wraps
+    the layers when the checkpoint is loaded; ``tail:W`` / ``cap:C`` change the bank's fit.
+    None: :func:`default_horizon` of the checkpoint's run.
 
     Returns the report of :func:`distill_with_report`, which is also stored in ``out``'s
     metadata. ``out`` must not hold checkpoints yet (nothing is overwritten).
@@ -156,6 +198,8 @@ def distill_checkpoint(
         if "distill" in ckpt.restore_meta():
             raise ValueError(f"{source} is already a distilled checkpoint")
     model, meta = load_model(source)
+    horizon = default_horizon(meta["run"]) if horizon is None else horizon
+    _, tail = parse_distill_horizon(horizon)
     distilled, report = distill_with_report(
         model,
         meta["run"],
@@ -163,13 +207,19 @@ def distill_checkpoint(
         arithmetic=arithmetic,
         tol=tol,
         max_states=max_states,
+        tail=tail,
     )
+    policy = parse_distill_horizon(horizon)[0]
+    streaming = set_horizon(nnx.clone(distilled), policy)  # as load_for_inference builds it
+    report["horizon"] = horizon
+    report["state_floats_per_sequence"] = state_floats(streaming, streaming.config.max_len)
     distill = {
         "num_states": num_states,
         "arithmetic": arithmetic,
         "tol": tol,
         "max_states": max_states,
         "slots": layer_slots(report["banks"]),
+        "horizon": horizon,
         "source": source,
         "report": report,
     }

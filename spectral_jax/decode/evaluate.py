@@ -305,16 +305,15 @@ def state_floats(
 ) -> list[int]:
     """Per block, the floating-point numbers of decode state one sequence carries when it reads
     ``length`` positions (the cache :func:`stream_losses` builds; shapes only, nothing is
-    allocated). Integer counters are not counted."""
+    allocated; a complex number counts as two). Integer counters are not counted."""
     limit = model.length_limit
     cache = jax.eval_shape(
         lambda: model.init_cache(1, length if limit is None else limit, options=options)
     )
-    return [
-        sum(
-            math.prod(leaf.shape)
-            for leaf in jax.tree.leaves(layer)
-            if jnp.issubdtype(leaf.dtype, jnp.floating)
-        )
-        for layer in cache.layers
-    ]
+
+    def floats(leaf) -> int:
+        if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+            return 2 * math.prod(leaf.shape)  # a reduced LDS layer's complex slots
+        return math.prod(leaf.shape) if jnp.issubdtype(leaf.dtype, jnp.floating) else 0
+
+    return [sum(floats(leaf) for leaf in jax.tree.leaves(layer)) for layer in cache.layers]

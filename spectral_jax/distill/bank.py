@@ -85,6 +85,23 @@ class LDSBank:
         out = np.einsum("tsn,nk->tsk", self.responses(length), self.coeffs)
         return out.reshape(out.shape[0], -1)
 
+    def tail_report(self, multiple: int = 16) -> dict[str, float]:
+        """How much the bank answers past its training length ``L``, in float64:
+        ``tail_energy_ratio`` = ``||filters[L : multiple * L]||^2 / ||filters[:L]||^2`` and
+        ``in_window_error`` = ``||filters[:L] - exact||_F / ||exact||_F`` (the exact spectral
+        filters, both branches)."""
+        from spectral_jax.distill.fit import target_filters  # fit builds banks: import late
+
+        positive_int("LDSBank.tail_report", "multiple", multiple, minimum=2)
+        L = self.seq_len
+        filters = self.filters(multiple * L)
+        exact = target_filters(L, self.num_filters, self.variant)
+        inside = np.sum(filters[:L] ** 2)
+        return {
+            "tail_energy_ratio": float(np.sum(filters[L:] ** 2) / inside),
+            "in_window_error": float(np.linalg.norm(filters[:L] - exact) / np.linalg.norm(exact)),
+        }
+
 
 def bank_from_arrays(arrays: dict[str, np.ndarray], seq_len: int, variant: str) -> LDSBank:
     """The bank stored as ``arrays`` (``decays``, ``coeffs``, ``metadata``: a JSON string)."""

@@ -33,6 +33,8 @@ filters (:mod:`spectral_jax.ops.disk_cache`). The fit report lives in
 :mod:`spectral_jax.distill.report`; the bank itself in :mod:`spectral_jax.distill.bank`.
 """
 
+import dataclasses
+import itertools
 import json
 import time
 from typing import Any
@@ -65,6 +67,8 @@ DEFAULT_RIDGE = 1e-12
 # Candidate grids: x_min = -log(L) + offset, x_max (see the module docstring).
 X_MIN_OFFSETS = (0.0, 0.5, 1.0, 1.5)
 X_MAX_CANDIDATES = (1.5, 2.0)
+# Further ridges tried (with the given one) by the tail-penalised or capped fits.
+TAIL_RIDGES = (1e-10, 1e-8, 1e-6)
 
 
 def target_filters(L: int, K: int, variant: str) -> np.ndarray:
@@ -94,13 +98,17 @@ def _signed(decays: np.ndarray, variant: str) -> np.ndarray:
 
 
 @jax.jit
-def solve_coefficients(signed_decays: jax.Array, phi: jax.Array, ridge: float):
-    """Regularised least squares of ``phi: [L, K]`` over the responses ``a_j^t`` of
+def solve_coefficients(signed_decays: jax.Array, phi: jax.Array, ridge: float, weights=None):
+    """Regularised least squares of ``phi: [T, K]`` over the responses ``a_j^t`` of
     ``signed_decays: [n]``, in the unit-norm basis (pass float64 arrays under ``enable_x64``).
+    ``weights: [T]`` (or None: ones) weigh the rows (the tail-penalised fit's zero-target rows
+    past ``L``).
 
     Returns ``(coeffs [n, K], relative residual, amplification, condition estimate)``.
     """
-    responses = lds.impulse_response(signed_decays, phi.shape[0])  # [L, n]
+    responses = lds.impulse_response(signed_decays, phi.shape[0])  # [T, n]
+    if weights is not None:
+        responses, phi = responses * weights[:, None], phi * weights[:, None]
     norms = jnp.linalg.norm(responses, axis=0)
     basis = responses / norms
     # One QR of [basis | phi] gives R and Q^T phi without forming Q.
@@ -117,6 +125,49 @@ def solve_coefficients(signed_decays: jax.Array, phi: jax.Array, ridge: float):
         jnp.linalg.norm(w_normalized) / phi_norm,
         s[0] / s[-1],
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TailOptions:
+    """Bank-side horizon options of :func:`fit_lds_bank` (defaults: off).
+
+    weight: the tail-penalised fit: zero-target rows for ``t in [L, multiple * L)``, weighted by
+      ``weight`` against the in-window rows (0: no such rows).
+    multiple: where those rows end, in training lengths (>= 2).
+    cap: the eigenvalue cap: every decay has ``|a|^L <= cap`` (``0 < cap < 1``; the grid starts
+      at ``x = log(-log(cap) / L)`` or later), or None for no cap.
+    """
+
+    weight: float = 0.0
+    multiple: int = 9
+    cap: float | None = None
+
+    def __post_init__(self) -> None:
+        finite_float("TailOptions", "weight", self.weight)
+        positive_int("TailOptions", "multiple", self.multiple, minimum=2)
+        if self.cap is not None and not (
+            isinstance(self.cap, float | int) and 0.0 < self.cap < 1.0
+        ):
+            raise ValueError(
+                f"TailOptions.cap must be in (0, 1) (the bound on a^L), got {self.cap!r}"
+            )
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0 or self.cap is not None
+
+    def name(self) -> str:
+        """The cache-file suffix ("" when off, so the default fit keeps its files)."""
+        parts = [f"-tail{self.weight:.3g}x{self.multiple}"] if self.weight > 0 else []
+        parts += [f"-cap{self.cap:.3g}"] if self.cap is not None else []
+        return "".join(parts)
+
+    def x_floor(self, L: int) -> float:
+        """The smallest grid ``x`` the cap allows (``-inf`` without a cap)."""
+        return -np.inf if self.cap is None else float(np.log(-np.log(self.cap) / L))
+
+
+NO_TAIL = TailOptions()
 
 
 def _check_fit_args(L, K, variant, num_states, ridge, x_range, arithmetic) -> None:
@@ -139,16 +190,18 @@ def _check_fit_args(L, K, variant, num_states, ridge, x_range, arithmetic) -> No
 
 
 def _fit(
-    L: int, K: int, variant: str, num_states: int, ridge: float, x_range, arithmetic: str
-) -> dict:
+    L: int, K: int, variant: str, num_states: int, ridge: float, x_range, arithmetic: str,
+    tail: TailOptions,
+) -> dict:  # fmt: skip
     """The uncached fit: arrays and metadata for the cache (see :func:`fit_lds_bank`)."""
     with jax.default_device(jax.devices("cpu")[0]):
-        return _fit_on_host(L, K, variant, num_states, ridge, x_range, arithmetic)
+        return _fit_on_host(L, K, variant, num_states, ridge, x_range, arithmetic, tail)
 
 
 def _fit_on_host(
-    L: int, K: int, variant: str, num_states: int, ridge: float, x_range, arithmetic: str
-) -> dict:
+    L: int, K: int, variant: str, num_states: int, ridge: float, x_range, arithmetic: str,
+    tail: TailOptions,
+) -> dict:  # fmt: skip
     start = time.perf_counter()
     phi = np.asarray(spectral_filters(L, K, variant)[0])
     num_nodes = num_states // 2
@@ -156,22 +209,32 @@ def _fit_on_host(
         candidates = [(-np.log(L) + o, x) for o in X_MIN_OFFSETS for x in X_MAX_CANDIDATES]
     else:
         candidates = [tuple(float(v) for v in x_range)]
+    floor = tail.x_floor(L)
+    candidates = sorted({(max(lo, floor), hi) for lo, hi in candidates if hi > floor})
+    if not candidates:
+        raise ValueError(f"the cap a^L <= {tail.cap} leaves no grid below x_max (L={L})")
+    rows = tail.multiple * L if tail.weight > 0 else L
+    weights = np.where(np.arange(rows) < L, 1.0, tail.weight)
+    target = np.concatenate([phi, np.zeros((rows - L, phi.shape[1]))])
     lds_arithmetic = ARITHMETICS_BY_NAME[arithmetic]
     best = None
     with jax.enable_x64(True):
-        phi_j = jnp.asarray(phi, jnp.float64)
-        for x_min, x_max in candidates:
+        phi_j = jnp.asarray(target, jnp.float64)
+        weights_j = jnp.asarray(weights, jnp.float64) if tail.weight > 0 else None
+        # a bounded tail needs larger coefficients: let the ridge trade them for accuracy too
+        ridges = sorted({float(ridge), *(TAIL_RIDGES if tail.active else ())})
+        for (x_min, x_max), lam in itertools.product(candidates, ridges):
             decays = grid_decays(L, num_nodes, x_min, x_max)
             signed = jnp.asarray(_signed(decays, variant), jnp.float64)
             coeffs, err, amp, cond = (
-                np.asarray(v) for v in solve_coefficients(signed, phi_j, float(ridge))
+                np.asarray(v) for v in solve_coefficients(signed, phi_j, lam, weights_j)
             )
             score = float(err) + lds_arithmetic.roundoff * float(amp)
             if np.isfinite(score) and (best is None or score < best[0]):
-                best = (score, decays, coeffs, (x_min, x_max), float(amp), float(cond))
+                best = (score, decays, coeffs, (x_min, x_max), float(amp), float(cond), lam)
     if best is None:
         raise ValueError(f"the fit failed (non-finite residuals) for L={L}, K={K}, {variant}")
-    _, decays, coeffs, (x_min, x_max), amp, cond = best
+    _, decays, coeffs, (x_min, x_max), amp, cond, ridge = best
     bank = LDSBank(_signed(decays, variant), coeffs, L, variant)
     report = distill_report.bank_report(
         lds_arithmetic, bank.branch_decays(), coeffs, target_filters(L, K, variant), amp, cond
@@ -184,6 +247,7 @@ def _fit_on_host(
         "x_min": float(x_min),
         "x_max": float(x_max),
         "arithmetic": arithmetic,
+        "tail": dataclasses.asdict(tail),
         "report": {**report, "fit_seconds": fit_seconds},
     }
     return {"decays": bank.decays, "coeffs": coeffs, "metadata": np.asarray(json.dumps(metadata))}
@@ -198,6 +262,7 @@ def fit_lds_bank(
     ridge: float = DEFAULT_RIDGE,
     x_range: tuple[float, float] | None = None,
     arithmetic: Arithmetic = "plain",
+    tail: TailOptions = NO_TAIL,
 ) -> tuple[LDSBank, dict[str, Any]]:
     """Fit an LDS bank to the ``L``-tap spectral filters (cached on disk; runs on the host CPU).
 
@@ -211,6 +276,8 @@ def fit_lds_bank(
       arithmetic: the arithmetic the bank is meant to run in, ``"plain"`` (default) or
         ``"compensated"`` float32: it weighs the candidate grids, and the report measures the
         float32 error in it.
+      tail: bank-side horizon options (:class:`TailOptions`: the tail-penalised fit, the
+        eigenvalue cap); off by default.
 
     Returns:
       ``(bank, report)``; the report (a dict, see :func:`spectral_jax.distill.report.bank_report`)
@@ -220,10 +287,10 @@ def fit_lds_bank(
     grid = "auto" if x_range is None else f"x{x_range[0]:.6g}_{x_range[1]:.6g}"
     name = (
         f"ldsbank-{variant}-L{L}-K{K}-n{num_states}-r{ridge:.3g}-{grid}-{arithmetic}"
-        f"-v{ALGORITHM_VERSION}.npz"
+        f"{tail.name()}-v{ALGORITHM_VERSION}.npz"
     )
     arrays = cached_arrays(
-        name, lambda: _fit(int(L), int(K), variant, num_states, ridge, x_range, arithmetic)
+        name, lambda: _fit(int(L), int(K), variant, num_states, ridge, x_range, arithmetic, tail)
     )
     bank = bank_from_arrays(arrays, int(L), variant)
     return bank, bank.metadata["report"]

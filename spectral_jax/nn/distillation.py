@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 from flax import nnx
 
 from spectral_jax.distill.bank import LDSBank
-from spectral_jax.distill.fit import DEFAULT_NUM_STATES, fit_lds_bank
+from spectral_jax.distill.fit import DEFAULT_NUM_STATES, NO_TAIL, TailOptions, fit_lds_bank
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.nn.lds_layer import distill_stu
 from spectral_jax.nn.stu import STU
@@ -44,6 +44,7 @@ def distill_model(
     tol: float | None = DEFAULT_TOL,
     max_states: int | None = None,
     slots: Sequence[int] | None = None,
+    tail: TailOptions = NO_TAIL,
 ) -> DistilledModel:
     """A copy of ``model`` in which every :class:`STU` is replaced by its :class:`LDSLayer`.
 
@@ -54,6 +55,8 @@ def distill_model(
     of tensordot layers in plain arithmetic (:func:`~spectral_jax.nn.lds_layer.distill_stu`;
     ``tol=None`` keeps the bank's states). ``slots``: one per STU in model order (0: not
     reduced), to build a template of a distilled checkpoint's shapes without reducing.
+    ``tail``: the banks' horizon options (:class:`~spectral_jax.distill.fit.TailOptions`: the
+    tail-penalised fit, the eigenvalue cap; off by default).
     """
     one_of("distill_model", "arithmetic", arithmetic, ARITHMETICS)
     distilled = nnx.clone(model)
@@ -72,7 +75,7 @@ def distill_model(
         cfg = stu.config
         spec = (cfg.max_len, cfg.num_filters, cfg.variant)
         if spec not in banks:
-            bank, report = fit_lds_bank(*spec, num_states, arithmetic=arithmetic)
+            bank, report = fit_lds_bank(*spec, num_states, arithmetic=arithmetic, tail=tail)
             summary = {"L": spec[0], "K": spec[1], "variant": spec[2], "layers": 0, **report}
             banks[spec] = (bank, {**summary, "reduction": []})
         banks[spec][1]["layers"] += 1

@@ -25,6 +25,7 @@ from flax import nnx, struct
 
 from spectral_jax.nn.attention import AttentionConfig, Positions, SlidingWindowAttention
 from spectral_jax.nn.blocks import BlockConfig, MLPActivation, ResidualBlock, RMSNorm
+from spectral_jax.nn.horizon import parse_horizon, wrap
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, FilterSource, STUConfig, make_filters
 from spectral_jax.validation import (
@@ -65,7 +66,10 @@ class ModelConfig:
     (:func:`block_runner`). STU fields (``num_filters``, ``stu_variant``,
     ``stu_projection``, ``stu_shared_mixture``, ``stu_filters``, ``k_u``, ``k_y``) and attention
     fields (``num_heads``, ``window``, ``rope_base``, ``attention_positions``,
-    ``attention_softcap``) are validated by the layer configs they build.
+    ``attention_softcap``) are validated by the layer configs they build. ``horizon``: the
+    memory horizon of every STU (and, once distilled, LDS) mixer past ``max_len``
+    (:mod:`spectral_jax.nn.horizon`: ``"none"``, ``"restart:R"``, or ``"cutoff"`` for distilled
+    layers only); with a restart policy, STU models have no length limit.
     """
 
     d_model: int
@@ -95,6 +99,7 @@ class ModelConfig:
     attention_softcap: float | None = None
     mlp_activation: MLPActivation = "swiglu"
     bias: bool = False
+    horizon: str = "none"
 
     def __post_init__(self) -> None:
         for field in ("d_model", "num_layers", "max_len"):
@@ -122,8 +127,10 @@ class ModelConfig:
         object.__setattr__(self, "dtype", float_dtype("ModelConfig", "dtype", self.dtype).name)
         one_of("ModelConfig", "remat", self.remat, REMATS)
         self.block_config()
+        horizon = parse_horizon(self.horizon)
         if "S" in self.layer_kinds:
             self.stu_config()
+            horizon.check_window(self.max_len, f"ModelConfig (max_len={self.max_len})")
         if "A" in self.layer_kinds:
             self.attention_config()
 
@@ -243,6 +250,7 @@ class SpectralModel(nnx.Module):
         for kind in config.layer_kinds:
             if kind == "S":
                 mixer = STU(config.stu_config(), rngs=rngs, filters=filters)
+                mixer = wrap(mixer, config.horizon)
             else:
                 mixer = SlidingWindowAttention(config.attention_config(), rngs=rngs)
             blocks.append(ResidualBlock(mixer, block_config, rngs=rngs))
