@@ -75,14 +75,14 @@ class ImportReport:
 
 
 def read(
-    path: str | pathlib.Path, *, norm_eps: float = TORCH_RMSNORM_EPS, keep_phi: bool = False
+    path: str | pathlib.Path, *, norm_eps: float = TORCH_RMSNORM_EPS, keep_phi: bool | None = None
 ) -> tuple[SpectralModel, ImportReport]:
     """``(model, report)`` for a Flash STU checkpoint (see :func:`load`)."""
     config_path, weights_path = locate(path)
-    config = model_config(read_config(config_path), norm_eps=norm_eps, keep_phi=keep_phi)
+    config = model_config(read_config(config_path), norm_eps=norm_eps, keep_phi=bool(keep_phi))
     state = read_state(weights_path)
     # abstract: every variable is set below (the filters from ours or the checkpoint's)
-    model = nnx.eval_shape(lambda: SpectralModel(config, rngs=nnx.Rngs(0)))
+    model = _abstract_model(config)
     entries = state_entries(model)
     stus = stu_layers(model)
     expected = {e.key for e in entries} | ({"phi"} if stus else set())
@@ -117,6 +117,12 @@ def read(
         except ValueError:
             if not keep_phi:
                 raise
+        if keep_phi is None:  # keep filters that float32 rounding does not explain (a bf16 phi)
+            keep_phi = bool(np.any(alignment.diffs > FLOAT32_FILTER_TOLERANCE))
+            if keep_phi:
+                config = model_config(read_config(config_path), norm_eps=norm_eps, keep_phi=True)
+                model = _abstract_model(config)
+                entries, stus = state_entries(model), stu_layers(model)
         filters = stus[0].filters  # one variable, shared by every STU layer
         filters.set_value(jnp.asarray(phi if keep_phi else ours, filters.dtype))
     mapped = []
@@ -134,12 +140,16 @@ def read(
             value = alignment.to_ours(value)
         entry.variable.set_value(jnp.asarray(value, entry.variable.dtype))
         mapped.append((entry.key, entry.path))
-    report = ImportReport(config, tuple(mapped), reference, alignment, keep_phi)
+    report = ImportReport(config, tuple(mapped), reference, alignment, bool(keep_phi))
     return model, report
 
 
+def _abstract_model(config: ModelConfig) -> SpectralModel:
+    return nnx.eval_shape(lambda: SpectralModel(config, rngs=nnx.Rngs(0)))
+
+
 def load(
-    path: str | pathlib.Path, *, norm_eps: float = TORCH_RMSNORM_EPS, keep_phi: bool = False
+    path: str | pathlib.Path, *, norm_eps: float = TORCH_RMSNORM_EPS, keep_phi: bool | None = None
 ) -> SpectralModel:
     """A Flash STU checkpoint as a :class:`SpectralModel` computing the same function.
 
@@ -149,7 +159,10 @@ def load(
       :data:`TORCH_RMSNORM_EPS` (torch's RMSNorm, the default) or :data:`LIGER_RMSNORM_EPS`
       (trained with liger_kernel installed).
     keep_phi: keep the filters Flash STU convolves with (the approx mode's ``phi``, the full
-      mode's own ``eigh``) instead of ours, with the mixtures as stored.
+      mode's own ``eigh``) instead of ours, with the mixtures as stored. None (the default):
+      keep them exactly when they differ from ours by more than float32 rounding
+      (:data:`FLOAT32_FILTER_TOLERANCE`), e.g. flash-stu-2's bf16 ``phi``, so that the logits
+      are flash-stu-2's; False: always ours (what distillation fits).
 
     ``ValueError`` names the key for a missing or unknown key, a shape that does not fit
     ``config.json``, or an unsupported config; :func:`read` also returns the import report.
