@@ -47,8 +47,9 @@ mode convolves with the checkpoint's ``phi``; the full mode ignores it and uses 
 computes itself at construction (:func:`flashstu_filters`), so those are the reference there,
 and :func:`save` writes ``M_phi_*`` in that basis (approx mode: our filters as ``phi``).
 ``keep_phi=True`` keeps the reference filters themselves (``stu_filters="loaded"``) for
-bit-level parity, e.g. for a bf16 ``phi``; the :class:`ImportReport` gives each filter's
-largest difference from ours.
+bit-level parity; the default (None) keeps them exactly when they differ from ours by more
+than float32 rounding, e.g. flash-stu-2's bf16 ``phi``; the :class:`ImportReport` gives each
+filter's largest difference from ours.
 Distillation fits an LDS bank to our computed filters, so distill a model loaded with
 ``keep_phi=False``.
 
