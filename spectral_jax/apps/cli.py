@@ -355,7 +355,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         f"RMSNorm (default), {flashstu.LIGER_RMSNORM_EPS} if trained with liger_kernel",
     )
     parser.add_argument(
-        "--keep-phi", action="store_true", help="keep the checkpoint's filters instead of ours"
+        "--keep-phi",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the checkpoint's filters instead of ours (default: exactly when they differ "
+        "from ours by more than float32 rounding, e.g. a bf16 phi)",
     )
 
 

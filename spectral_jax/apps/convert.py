@@ -44,7 +44,7 @@ def convert(
     *,
     tokenizer: str | None = None,
     norm_eps: float = flashstu.TORCH_RMSNORM_EPS,
-    keep_phi: bool = False,
+    keep_phi: bool | None = None,
 ) -> tuple[flashstu.ImportReport, list[str]]:
     """Write the Flash STU checkpoint ``source`` (see :func:`spectral_jax.interop.flashstu.load`)
     as step 0 of ``run`` into the new directory ``out``, with ``tokenizer`` (a

@@ -20,7 +20,10 @@ and an add are 2 FLOPs):
     ``[2N, F] x [F, D^2]`` (``4 N F D^2``).
   - ``tensordot``: ``M_in`` ``2 D^2`` per token; per sequence ``2D`` FFTs and ``N D`` complex
     products (6 FLOPs each); per call the kernels ``[L, F] x [F, D]`` (``2 L F D``) and their
-    ``D`` FFTs.
+    ``D`` FFTs. A shared mixture (``stu_shared_mixture``) is counted as the model computes it,
+    ``[L, 2K] x [2K, D]`` with the one mixture stacked twice (``ops.stu_ops.tensordot_kernels``);
+    its redundant half, ``2 K D / batch`` per token and STU layer, is 1.8e-4 of
+    ``flashstu_pod``'s forward FLOPs at batch 1.
   - autoregressive terms: ``2 k_u D^2 + 2 k_y D^2``.
 
 Norms, activations, rotary embeddings and softmax are elementwise and not counted. Per-call
