@@ -268,6 +268,8 @@ def test_bad_files_say_what_is_wrong(tmp_path, capsys):
     assert "lm_head.weight differs" in _error(tmp_path / "6", config, untied)
     noise = {**state, "phi": np.random.default_rng(0).standard_normal((16, 5), np.float32)}
     assert "keep_phi=True" in _error(tmp_path / "7", config, noise)
+    square = {**state, "phi": noise["phi"][:5]}  # [num_eigh, num_eigh]: arguments swapped
+    assert "seq_len and num_eigh swapped" in _error(tmp_path / "10", config, square)
     # the run's task (bytes: 257 ids) does not fit a vocabulary of 23
     source = write(tmp_path / "9", config, state)
     out = str(tmp_path / "9" / "out")

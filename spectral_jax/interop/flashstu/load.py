@@ -108,7 +108,17 @@ def read(
         if config.stu_projection == "tensordot":
             reference, phi = "the checkpoint's phi", state["phi"].astype(np.float64)
             if phi.shape != ours.shape:
-                raise ValueError(f"phi has shape {phi.shape}, expected {ours.shape}")
+                swapped = phi.shape == (cfg.num_filters, cfg.num_filters)
+                raise ValueError(
+                    f"phi has shape {phi.shape}, expected {ours.shape} [seq_len, num_eigh]"
+                    + (  # get_spectral_filters(num_eigh, seq_len) instead of (seq_len, num_eigh)
+                        ": this flash-stu-2 version built its filters with seq_len and num_eigh "
+                        "swapped, so its STU convolves with num_eigh taps; such checkpoints are "
+                        "not supported"
+                        if swapped
+                        else ""
+                    )
+                )
         else:
             reference = "Flash STU's own eigh (full mode ignores phi)"
             phi = flashstu_filters(cfg.max_len, cfg.num_filters, cfg.variant == "hankel_l")
