@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from spectral_jax.distill.fit import fit_lds_bank
-from spectral_jax.distill.reduce import reduce_channels
+from spectral_jax.distill.reduce import block_tables, reduce_channels
 from spectral_jax.nn.distillation import distill_model, layer_slots
 from spectral_jax.nn.lds_layer import distill_stu
 from spectral_jax.nn.model import ModelConfig, SpectralModel
@@ -28,7 +28,8 @@ def test_a_small_system_reduces_to_itself():
     decays = np.asarray([0.9, 0.5, -0.3], np.float32).astype(np.float64)
     readout = np.asarray([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]])
     reduced = reduce_channels(decays, readout, length=L, tol=1e-9)
-    assert list(reduced.states) == [3, 3] and reduced.slots == 3
+    # three real states: two blocks, the second's partner state empty
+    assert list(reduced.states) == [3, 3] and reduced.slots == 2
     for c in range(2):
         order = np.argsort(reduced.decays[c].real)
         # the balanced eigenvalues are the decays to float64 round-off, which the float32
@@ -46,10 +47,19 @@ def test_the_bound_holds_on_random_channels(bank, tol):
     mix = rng.normal(size=(2, K, 8)) / np.sqrt(K)  # M_filt of both branches, 8 channels
     readout = np.concatenate([bank.coeffs @ mix[0], bank.coeffs @ mix[1]]).T  # [C, S * n]
     reduced = reduce_channels(bank.branch_decays().reshape(-1), readout, L, tol)
-    # measured (with float32-rounded decays, refitted) <= the balanced-truncation bound <= tol
-    assert np.all(reduced.error <= reduced.bound)
-    assert np.all(reduced.bound <= tol)
+    # measured (with float32-rounded decays, refitted) <= tol and <= the balanced-truncation
+    # bound of the states kept (the bound alone would keep more states: it exceeds the error)
+    assert np.all(reduced.error <= tol) and np.all(reduced.error <= reduced.bound)
     assert reduced.states.max() < bank.num_states
+    # the real blocks hold one float32 per state (pairs and real decays mixed here), and their
+    # kernels are the slots': the same float64 sums regrouped, to round-off of ~1e-15
+    assert np.any(reduced.decays.imag != 0) and np.any(reduced.decays.imag == 0)
+    mu, weights = reduced.blocks()
+    assert reduced.slots * 2 <= reduced.states.max() + 1
+    kernels = block_tables(mu, weights, L)[2]
+    t = np.arange(L)[:, None, None]
+    slot_kernels = np.sum((reduced.decays**t * reduced.readout).real, axis=-1)
+    np.testing.assert_allclose(kernels, slot_kernels, rtol=0, atol=1e-12)
     # the padded slots are empty
     for c, slots in enumerate(reduced.decays):
         used = np.flatnonzero(slots)

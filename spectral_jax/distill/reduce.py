@@ -25,8 +25,10 @@ by **balanced truncation**:
   the rounding (at ``L = 8192`` a rounding of ``6e-8`` in a slow decay moves its response by
   ~``L * 6e-8``). The measured error is reported next to the bound.
 
-Channels pad to one rectangular ``[C, m_max]`` of slots with decay 0 and readout 0 (a padded
-slot holds only the last drive and is never read).
+The slots are then packed into real 2-state blocks (:func:`pack_blocks`: a pair's real and
+imaginary parts, or two real decays), so each real state costs one float32; channels pad to one
+rectangular ``[P, C]`` of blocks with decay 0 and readout 0 (a padded state holds only the last
+drive and is never read).
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ class ReducedChannels:
 
     @property
     def slots(self) -> int:
-        """``m_max``: complex slots per channel after padding (2 float32 each)."""
-        return self.decays.shape[1]
+        """``P``: real 2-state blocks per channel after padding (:func:`pack_blocks`)."""
+        return self.blocks()[0].shape[1]
+
+    def blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`pack_blocks` of the channels: ``(mu, weights)``, both ``[C, P, 2]``."""
+        return pack_blocks(self.decays, self.readout)
 
     def summary(self) -> dict:
         """Per-layer numbers for the distillation report."""
@@ -160,6 +166,24 @@ def _round32(values: np.ndarray) -> np.ndarray:
     return as32(values.real) + 1j * as32(values.imag)
 
 
+def _truncate(a, factor, r, lam, w, k: int, kernel: np.ndarray, bound: float) -> tuple:
+    """One channel's balanced truncation to ``k`` states (readout ``r [N]``, eigenpairs from
+    :func:`_balanced_eigs`), its slots rounded to float32 and its readout refitted against
+    ``kernel [L]`` (by QR where the normal equations miss ``bound``, the absolute bound):
+    ``(slots [m], readout [m], ||error||_2)``."""
+    lam = _truncated_decays(a, factor, r, lam, w, k)
+    # one slot per real decay and per conjugate pair (the one with positive imaginary part)
+    slots = _round32(lam[lam.imag >= 0])
+    slots = np.clip(slots.real, -1 + 2**-23, 1 - 2**-23) + 1j * slots.imag
+    powers = _powers(slots, kernel.size)
+    rho = _refit(slots, a, r, kernel.size)
+    error = np.linalg.norm((powers @ rho).real - kernel)
+    if error > bound:
+        rho = _refit_direct(slots, powers, kernel)
+        error = np.linalg.norm((powers @ rho).real - kernel)
+    return slots, rho, error
+
+
 def reduce_channels(
     decays: np.ndarray,
     readout: np.ndarray,
@@ -203,18 +227,24 @@ def reduce_channels(
             continue
         # beyond the numerical rank the balancing would divide by round-off
         rank = max(1, int(np.sum(sigma[c] > RANK_RTOL * sigma[c, 0])))
-        k = max(1, min(int(np.argmax(tails[c] <= tol * norms[c])), rank, cap))
-        lam = _truncated_decays(a, factor, r[c], eigs[c], vectors[c], k)
-        # one slot per real decay and per conjugate pair (the one with positive imaginary part)
-        slots = _round32(lam[lam.imag >= 0])
-        slots = np.clip(slots.real, -1 + 2**-23, 1 - 2**-23) + 1j * slots.imag
-        powers = _powers(slots, length)
-        rho = _refit(slots, a, r[c], length)
-        error = np.linalg.norm((powers @ rho).real - kernels[c]) / norms[c]
-        if error > tails[c, k] / norms[c]:
-            rho = _refit_direct(slots, powers, kernels[c])
-            error = np.linalg.norm((powers @ rho).real - kernels[c]) / norms[c]
-        channels.append((slots, rho, k, tails[c, k] / norms[c], error))
+        high = max(1, min(int(np.argmax(tails[c] <= tol * norms[c])), rank, cap))
+
+        def fit(k, c=c):
+            return _truncate(a, factor, r[c], eigs[c], vectors[c], k, kernels[c], tails[c, k])
+
+        # the bound picks ``high``; the measured error (a few times below the bound) allows
+        # fewer states: bisect for the fewest whose error is at most tol (then also at most
+        # their bound, which exceeds tol below ``high``)
+        best, low = (high, *fit(high)), 1
+        while low < best[0]:
+            k = (low + best[0]) // 2
+            trial = fit(k)
+            if trial[2] <= tol * norms[c]:
+                best = (k, *trial)
+            else:
+                low = k + 1
+        k, slots, rho, error = best
+        channels.append((slots, rho, k, tails[c, k] / norms[c], error / norms[c]))
     width = max(1, *(ch[0].size for ch in channels))
     pad = lambda v: np.pad(v, (0, width - v.size))  # noqa: E731
     return ReducedChannels(
@@ -248,24 +278,64 @@ def reduce_readout(
     )
 
 
-def slot_tables(decays: np.ndarray, readout: np.ndarray, length: int) -> tuple:
-    """Host-side float64 arrays of a reduced layer from its slots ``decays, readout [C, m]``
-    (complex): ``(decay table [C, m, 5]`` of real part, imaginary part, ``log|decay|``,
-    ``phi`` and ``sign`` (``decay = sign |decay| exp(i phi)``, ``|phi| <= pi / 2``),
-    ``readout [C, m, 2]`` of real and imaginary parts, ``kernels [length, C])``.
-    ``log|decay|`` and the argument come from float64, so the float32 powers of the prefill are
-    accurate to ``~eps (1 + t |log decay|)`` also for ``|decay|`` near 1."""
+def pack_blocks(decays: np.ndarray, readout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The real 2-state blocks of reduced channels, from their complex slots ``decays, readout
+    [C, m]`` (:class:`ReducedChannels`): ``(mu [C, P, 2]`` complex, ``weights [C, P, 2]``
+    real), ``P`` the most blocks of any channel.
+
+    A block's state ``(x, y)`` advances as ``x' = Re(mu1) x - Im(mu1) y + u``,
+    ``y' = Im(mu1) x + Re(mu2) y + e u`` and is read as ``wx x + wy y``. A conjugate pair
+    ``lambda`` is one block (``mu1 = mu2 = lambda``, ``e = 0``, ``(x, y) = (Re z, Im z)``,
+    ``(wx, wy) = (Re rho, -Im rho)``); two real decays share one (``mu1 = a1``, ``mu2 = a2``,
+    ``e = 1``: two independent states). So every real state is one float32, none padded within
+    a channel but an odd real one's partner (decay 0, readout 0). ``e = (Im mu1 == 0)``.
+    """
     decays = np.asarray(decays, np.complex128)
     readout = np.asarray(readout, np.complex128)
+    channels = []
+    for d, r in zip(decays, readout, strict=True):
+        pair = d.imag != 0
+        real = ~pair & ((d != 0) | (r != 0))  # padded slots (decay 0, readout 0) are dropped
+        a, w = d[real].real, r[real].real
+        if a.size % 2:
+            a, w = np.append(a, 0.0), np.append(w, 0.0)
+        mu = [np.stack([d[pair], d[pair]], -1), a.reshape(-1, 2)]
+        weights = [np.stack([r[pair].real, -r[pair].imag], -1), w.reshape(-1, 2)]
+        channels.append((np.concatenate(mu), np.concatenate(weights)))
+    width = max(1, *(mu.shape[0] for mu, _ in channels))
+    pad = lambda v: np.pad(v, ((0, width - v.shape[0]), (0, 0)))  # noqa: E731
+    return (
+        np.stack([pad(mu) for mu, _ in channels]),
+        np.stack([pad(w) for _, w in channels]).real,
+    )
+
+
+def _fields(decays: np.ndarray) -> np.ndarray:
+    """``[5, ...]`` real part, imaginary part, ``log|decay|``, ``phi`` and ``sign`` of complex
+    ``decays [...]`` (``decay = sign |decay| exp(i phi)``, ``|phi| <= pi / 2``)."""
     modulus = np.abs(decays)
     if np.any(modulus >= 1):
         raise ValueError("reduced decays must lie inside the unit circle for a stable LDS")
     log_abs = np.where(modulus > 0, np.log(np.where(modulus > 0, modulus, 1.0)), PAD_LOG_ABS)
-    # decay = sign |decay| exp(i phi) with |phi| <= pi / 2: the powers' phase error is
-    # ~n eps |phi|, and a negative real decay has phi = 0 exactly
+    # the powers' phase error is ~n eps |phi|, and a negative real decay has phi = 0 exactly
     sign = np.where(decays.real < 0, -1.0, 1.0)
-    table = np.stack([decays.real, decays.imag, log_abs, np.angle(sign * decays), sign], axis=-1)
-    kernels = np.stack(
-        [(_powers(d, length) @ r).real for d, r in zip(decays, readout, strict=True)], 1
-    )
-    return table, np.stack([readout.real, readout.imag], axis=-1), kernels
+    return np.stack([decays.real, decays.imag, log_abs, np.angle(sign * decays), sign])
+
+
+def block_tables(mu: np.ndarray, weights: np.ndarray, length: int) -> tuple:
+    """Host-side float64 arrays of a reduced layer from its blocks ``mu [C, P, 2]`` (complex)
+    and ``weights [C, P, 2]`` (:func:`pack_blocks`): ``(table [11, P, C]`` of ``mu1``'s and
+    ``mu2``'s five fields (:func:`_fields`) and ``e``, ``readout [2, P, C]`` of ``wx, wy``,
+    ``kernels [length, C])``. ``log|mu|`` and the argument come from float64, so the float32
+    powers of the prefill are accurate to ``~eps (1 + t |log mu|)`` also for ``|mu|`` near 1."""
+    mu = np.moveaxis(np.asarray(mu, np.complex128), 0, 1)  # [P, C, 2]
+    weights = np.moveaxis(np.asarray(weights, np.float64), 0, 1)
+    e = (mu[..., 0].imag == 0).astype(np.float64)
+    table = np.concatenate([_fields(mu[..., 0]), _fields(mu[..., 1]), e[None]])
+    P, C = e.shape
+    p1 = _powers(mu[..., 0].reshape(-1), length).reshape(length, P, C)
+    p2 = _powers(mu[..., 1].reshape(-1), length).reshape(length, P, C)
+    # h[t] = sum_P wx (Re mu1^t - e Im mu1^t) + wy (Im mu1^t + e Re mu2^t); Im mu1^t = 0 where
+    # e = 1 (mu1 real), so the x row is Re mu1^t alone
+    kernels = np.sum(weights[..., 0] * p1.real + weights[..., 1] * (p1.imag + e * p2.real), axis=1)
+    return table, np.moveaxis(weights, -1, 0), kernels

@@ -39,7 +39,7 @@ from flax import nnx
 from spectral_jax.distill.bank import LDSBank
 from spectral_jax.distill.convert import stu_to_lds
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES, fit_lds_bank
-from spectral_jax.distill.reduce import DEFAULT_TOL, reduce_readout, reducible, slot_tables
+from spectral_jax.distill.reduce import DEFAULT_TOL, block_tables, reduce_readout, reducible
 from spectral_jax.nn.lds_config import LDSConfig, check_bank
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STU_PARAM_AXES
@@ -51,7 +51,7 @@ from spectral_jax.validation import SCAN_KINDS, Arithmetic, ScanKind, one_of, po
 class LDSCache(NamedTuple):
     """Decode state: the LDS ``state`` ``[B, C, S, n]`` in the layer's arithmetic (one array for
     plain, a :class:`~spectral_jax.ops.lds_compensated.DoubleFloat` pair for compensated;
-    complex ``[B, C, slots]`` for a reduced layer), the
+    real blocks ``[B, 2, slots, C]`` for a reduced layer), the
     last ``k_u - 1`` inputs ``[B, k_u - 1, d_in]`` and the last ``k_y`` outputs
     ``[B, k_y, d_out]`` (most recent first)."""
 
@@ -61,8 +61,8 @@ class LDSCache(NamedTuple):
 
 
 class LDSDecays(nnx.Variable):
-    """Fixed decays ``[S, n]`` of the distilled LDS (not trained); a reduced layer's slot table
-    ``[C, slots, 5]`` (:func:`~spectral_jax.distill.reduce.slot_tables`)."""
+    """Fixed decays ``[S, n]`` of the distilled LDS (not trained); a reduced layer's block table
+    ``[11, slots, C]`` (:func:`~spectral_jax.distill.reduce.block_tables`)."""
 
 
 class LDSReadout(nnx.Variable):
@@ -106,16 +106,17 @@ class LDSLayer(nnx.Module):
 
     @staticmethod
     def _reduced_arrays(config: LDSConfig, params: dict[str, Any]) -> tuple:
-        """The reduced layer's float64 ``(decay table, readout, kernels)`` from its slots
-        ``params["reduced_decays"]``, ``params["reduced_readout"]`` ``[C, slots]`` (complex)."""
-        shape = (config.channels, config.slots)
+        """The reduced layer's float64 ``(decay table, readout, kernels)`` from its blocks
+        ``params["reduced_decays"]`` (complex), ``params["reduced_readout"]`` (real), both
+        ``[C, slots, 2]`` (:func:`~spectral_jax.distill.reduce.pack_blocks`)."""
+        shape = (config.channels, config.slots, 2)
         for name in ("reduced_decays", "reduced_readout"):
             if name not in params or np.shape(params[name]) != shape:
                 raise ValueError(
                     f"a reduced LDSLayer needs {name} of shape {shape}, got "
                     f"{np.shape(params[name]) if name in params else 'none'}"
                 )
-        return slot_tables(params["reduced_decays"], params["reduced_readout"], config.stu.max_len)
+        return block_tables(params["reduced_decays"], params["reduced_readout"], config.stu.max_len)
 
     @classmethod
     def from_stu(
@@ -281,10 +282,11 @@ def distill_stu(
     if tol is None or not reducible(cfg.projection, arithmetic):
         return LDSLayer(LDSConfig.for_stu(cfg, arithmetic), bank, params), None
     if slots is not None:
-        zeros = np.zeros((cfg.d_out, slots), np.complex128)
-        params = {**params, "reduced_decays": zeros, "reduced_readout": zeros}
+        zeros = np.zeros((cfg.d_out, slots, 2))
+        params = {**params, "reduced_decays": zeros + 0j, "reduced_readout": zeros}
         return LDSLayer(LDSConfig.for_stu(cfg, arithmetic, slots), bank, params), None
     reduced = reduce_readout(params["readout"], bank.branch_decays(), cfg.max_len, tol, max_states)
-    params = {**params, "reduced_decays": reduced.decays, "reduced_readout": reduced.readout}
+    mu, weights = reduced.blocks()
+    params = {**params, "reduced_decays": mu, "reduced_readout": weights}
     layer = LDSLayer(LDSConfig.for_stu(cfg, arithmetic, reduced.slots), bank, params)
     return layer, {"tol": tol, "max_states": max_states, **reduced.summary()}

@@ -112,103 +112,129 @@ class DistilledLDS:
 
 
 # Prompt positions per matmul of the reduced final state (bounds its power table
-# ``[chunk, C, m]``).
+# ``[chunk, P, C]``).
 SLOT_CHUNK = 512
 
 
-def slot_decays(table: jax.Array) -> jax.Array:
-    """The complex decays ``[C, m]`` of a reduced layer's ``table [C, m, 5]``."""
-    return jax.lax.complex(table[..., 0], table[..., 1])
-
-
-def slot_powers(table: jax.Array, n: jax.Array) -> jax.Array:
-    """``decay^n`` (complex) for integer ``n >= 0`` broadcastable against ``[C, m]``, as
-    ``sign^n exp(n log|decay|) (cos + i sin)(n phi)`` from the float64-derived table (phase
-    error ``~n eps |phi|``, ``|phi| <= pi / 2``)."""
-    odd = (n % 2 == 1) & (table[..., 4] < 0)
-    n = n.astype(table.dtype)
-    magnitude = jnp.where(odd, -1.0, 1.0) * jnp.exp(n * table[..., 2])
-    phase = n * table[..., 3]
+def slot_powers(fields: jax.Array, n: jax.Array) -> jax.Array:
+    """``decay^n`` (complex) for integer ``n >= 0`` broadcastable against the decays' five
+    ``fields [5, ...]`` (:func:`spectral_jax.distill.reduce.block_tables`), as
+    ``sign^n exp(n log|decay|) (cos + i sin)(n phi)`` (phase error ``~n eps |phi|``,
+    ``|phi| <= pi / 2``)."""
+    odd = (n % 2 == 1) & (fields[4] < 0)
+    n = n.astype(fields.dtype)
+    magnitude = jnp.where(odd, -1.0, 1.0) * jnp.exp(n * fields[2])
+    phase = n * fields[3]
     return jax.lax.complex(magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReducedLDS(DistilledLDS):
-    """A tensordot layer's LDS reduced per channel (:mod:`spectral_jax.distill.reduce`): every
-    channel ``c`` has ``m`` complex slots ``z' = decay[c, m] z + drive[c]`` read out as
-    ``y[c] = Re(sum_m readout[c, m] z[m])``. Plain arithmetic only.
+    """A tensordot layer's LDS reduced per channel (:mod:`spectral_jax.distill.reduce`), in real
+    2-state blocks (:func:`~spectral_jax.distill.reduce.pack_blocks`): block ``p`` of channel
+    ``c`` holds ``(x, y)`` with ``x' = Re(mu1) x - Im(mu1) y + u[c]``,
+    ``y' = Im(mu1) x + Re(mu2) y + e u[c]``, read as ``y[c] = sum_p wx x + wy y``. Its
+    ``n``-step map is ``[[Re mu1^n, -Im mu1^n], [Im mu1^n, Re mu2^n]]`` (a rotation for a pair,
+    a diagonal for two real decays). Plain arithmetic only.
 
-    Attributes (beyond :class:`DistilledLDS`'s): ``decays`` is the table ``[C, m, 5]`` (real
-    part, imaginary part, ``log|decay|``, ``phi``, ``sign``); ``readout`` is ``[1, C, m, 2]``
-    (real and imaginary parts). States are complex ``[B, C, m]``; a padded slot (decay 0,
-    readout 0) holds only the last drive and is never read.
+    Attributes (beyond :class:`DistilledLDS`'s): ``decays`` is the table ``[11, P, C]``
+    (``mu1``'s and ``mu2``'s fields, then ``e``); ``readout`` is ``[1, 2, P, C]`` (``wx, wy``).
+    States are real ``[B, 2, P, C]`` (``x`` then ``y`` planes, channels last, so every update
+    runs along the batch's channels in one pass).
     """
 
-    def _readout(self) -> jax.Array:
-        weights = self.arithmetic.weights(self.readout)
-        return jax.lax.complex(weights[..., 0], weights[..., 1])
+    def _powers(self, n: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(mu1^n, mu2^n)`` complex, ``n`` broadcastable against ``[P, C]``."""
+        return slot_powers(self.decays[0:5], n), slot_powers(self.decays[5:10], n)
+
+    def _advance(self, n: jax.Array, state: jax.Array) -> jax.Array:
+        """The blocks' ``n``-step map applied to ``state [..., 2, P, C]``."""
+        p1, p2 = self._powers(n)
+        x, y = state[..., 0, :, :], state[..., 1, :, :]
+        return jnp.stack([p1.real * x - p1.imag * y, p1.imag * x + p2.real * y], axis=-3)
+
+    def _inputs(self, drive: jax.Array) -> jax.Array:
+        """The state's input ``[..., 2, P, C]`` of a drive ``[..., C]``: ``(u, e u)``."""
+        u = jnp.broadcast_to(drive[..., None, :], (*drive.shape[:-1], *self.decays.shape[1:]))
+        return jnp.stack([u, self.decays[10] * u], axis=-3)
 
     def zeros(self, batch: int, channels: int) -> jax.Array:
-        """The empty state ``[batch, C, m]`` (``channels`` must be ``C``)."""
-        if channels != self.decays.shape[0]:
+        """The empty state ``[batch, 2, P, C]`` (``channels`` must be ``C``)."""
+        if channels != self.decays.shape[2]:
             raise ValueError(
-                f"this reduced LDS has {self.decays.shape[0]} channels, not {channels}"
+                f"this reduced LDS has {self.decays.shape[2]} channels, not {channels}"
             )
-        dtype = slot_decays(self.decays).dtype
-        return jnp.zeros((batch, *self.decays.shape[:2]), dtype)
+        return jnp.zeros((batch, 2, *self.decays.shape[1:]), self.decays.dtype)
 
     def read(self, states: jax.Array) -> jax.Array:
-        """``states [..., C, m] -> [..., C]``: one pass over the state."""
+        """``states [..., 2, P, C] -> [..., C]``: one pass over the state."""
         weights = self.arithmetic.weights(self.readout)
-        return jnp.sum(states.real * weights[..., 0] - states.imag * weights[..., 1], axis=-1)
+        return jnp.sum(states[..., 0, :, :] * weights[0] + states[..., 1, :, :] * weights[1], -2)
 
     def final_state(self, x: jax.Array, x0: Any = None) -> jax.Array:
-        """The state ``[B, C, m]`` after ``x [B, T, d_in]`` from ``x0`` (zeros if None), by
-        matmuls against slot powers (within chunks of :data:`SLOT_CHUNK`, then across)."""
+        """The state ``[B, 2, P, C]`` after ``x [B, T, d_in]`` from ``x0`` (zeros if None), by
+        matmuls against the decays' powers (within chunks of :data:`SLOT_CHUNK`, then across):
+        ``x = Re S1``, ``y = Im S1 + e Re S2`` with ``S_i = sum_t mu_i^(T-1-t) u_t``."""
         drive = self.drive(x)
         B, T, C = drive.shape
         chunk = min(SLOT_CHUNK, T)
         count = -(-T // chunk)
         drive = jnp.pad(drive, ((0, 0), (count * chunk - T, 0), (0, 0)))
-        drive = drive.reshape(B, count, chunk, C).astype(slot_decays(self.decays).dtype)
-        within = slot_powers(self.decays, jnp.arange(chunk - 1, -1, -1)[:, None, None])
-        local = jnp.einsum("bktc,tcm->bkcm", drive, within, precision=HIGHEST)
-        across = slot_powers(self.decays, chunk * jnp.arange(count - 1, -1, -1)[:, None, None])
-        state = jnp.einsum("bkcm,kcm->bcm", local, across, precision=HIGHEST)
+        drive = drive.reshape(B, count, chunk, C).astype(jnp.result_type(drive, jnp.complex64))
+        within = self._powers(jnp.arange(chunk - 1, -1, -1)[:, None, None])
+        across = self._powers(chunk * jnp.arange(count - 1, -1, -1)[:, None, None])
+        s1, s2 = (
+            jnp.einsum(
+                "bkpc,kpc->bpc",
+                jnp.einsum("bktc,tpc->bkpc", drive, w, precision=HIGHEST),
+                a,
+                precision=HIGHEST,
+            )
+            for w, a in zip(within, across, strict=True)
+        )
+        state = jnp.stack([s1.real, s1.imag + self.decays[10] * s2.real], axis=1)
         if x0 is None:
             return state
-        return state + slot_powers(self.decays, jnp.asarray(T)) * x0
+        return state + self._advance(jnp.asarray(T), x0)
 
     def free_response(self, state: jax.Array, length: int) -> jax.Array:
-        """Outputs ``[B, length, C]`` of ``state [B, C, m]`` with zero inputs."""
-        t = jnp.arange(1, length + 1).reshape(length, 1, 1)
-        folded = state * self._readout()
-        out = jnp.einsum("tcm,bcm->btc", slot_powers(self.decays, t), folded, precision=HIGHEST)
-        return out.real
+        """Outputs ``[B, length, C]`` of ``state [B, 2, P, C]`` with zero inputs:
+        ``sum_p Re(mu1^t) wx x + Im(mu1^t) (wy x - wx y) + Re(mu2^t) wy y``."""
+        wx, wy = self.arithmetic.weights(self.readout)
+        p1, p2 = self._powers(jnp.arange(1, length + 1).reshape(length, 1, 1))
+        x, y = state[:, 0], state[:, 1]
+        terms = ((p1.real, wx * x), (p1.imag, wy * x - wx * y), (p2.real, wy * y))
+        return sum(jnp.einsum("tpc,bpc->btc", p, s, precision=HIGHEST) for p, s in terms)
 
     def scan(self, kind: str, x: jax.Array, x0: Any = None) -> jax.Array:
-        """Every state ``[B, T, C, m]`` of ``x [B, T, d_in]`` from ``x0``, by a sequential
+        """Every state ``[B, T, 2, P, C]`` of ``x [B, T, d_in]`` from ``x0``, by a sequential
         ``lax.scan`` or an associative scan over (steps, state) segments."""
-        decays = slot_decays(self.decays)
-        drive = jnp.swapaxes(self.drive(x), 0, 1)[..., None].astype(decays.dtype)  # [T,B,C,1]
-        x0 = self.zeros(x.shape[0], self.decays.shape[0]) if x0 is None else x0
+        drive = jnp.swapaxes(self.drive(x), 0, 1)  # [T, B, C]
+        x0 = self.zeros(x.shape[0], self.decays.shape[2]) if x0 is None else x0
         if kind == "sequential":
 
             def advance(z, u):
-                z = decays * z + u
+                z = self._update(z, u)
                 return z, z
 
             return jnp.swapaxes(jax.lax.scan(advance, x0, drive)[1], 0, 1)
-        u = jnp.broadcast_to(drive, (*drive.shape[:-1], decays.shape[-1])).at[0].add(decays * x0)
+        u = self._inputs(drive)
+        u = u.at[0].add(self._advance(jnp.asarray(1), x0))
         counts = jnp.ones((u.shape[0], 1, 1, 1), jnp.int32)
 
         def combine(left, right):
-            n2, b2 = right
-            return left[0] + n2, slot_powers(self.decays, n2) * left[1] + b2
+            return left[0] + right[0], self._advance(right[0], left[1]) + right[1]
 
         return jnp.swapaxes(jax.lax.associative_scan(combine, (counts, u))[1], 0, 1)
 
+    def _update(self, state: jax.Array, drive: jax.Array) -> jax.Array:
+        """``state [B, 2, P, C]`` after one position of ``drive [B, C]``: elementwise over
+        planes ``[P, C]``, nothing of the state's size formed besides it."""
+        t = self.decays
+        x, y, u = state[:, 0], state[:, 1], drive[:, None, :]
+        return jnp.stack([t[0] * x - t[1] * y + u, t[1] * x + t[5] * y + t[10] * u], axis=1)
+
     def step(self, state: jax.Array, x_t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """One position: update and readout in one pass over ``state [B, C, m]``."""
-        state = slot_decays(self.decays) * state + self.drive(x_t)[..., None]
+        """One position: update and readout in one pass over ``state [B, 2, P, C]``."""
+        state = self._update(state, self.drive(x_t))
         return state, self.read(state)
