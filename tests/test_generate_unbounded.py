@@ -34,20 +34,23 @@ def direct_lds(layer: LDSLayer, x: np.ndarray) -> np.ndarray:
 
     x: [B, T, d_in] -> [B, T, d_out]. Unreduced (decays ``[S, n]``, the bank's states shared by
     every channel): ``y_t[o] = sum_j w[o, j] sum_{s<=t} a_j^(t-s) (x_s M_in)[o]`` with readout
-    ``w`` (the sum of its stored words). Reduced per channel (decay table ``[C, m, 5]``: real and
-    imaginary parts first): ``y_t[o] = Re sum_j w[o, j] sum_{s<=t} a[o, j]^(t-s) (x_s M_in)[o]``.
+    ``w`` (the sum of its stored words). Reduced per channel (real 2-state blocks ``p``, see
+    :class:`~spectral_jax.ops.distilled_lds.ReducedLDS`): the lag-``k`` kernel of channel ``o`` is
+    ``sum_p (wx, wy) [[Re mu1^k, -Im mu1^k], [Im mu1^k, Re mu2^k]] (1, e)``.
     """
     drive = x @ np.asarray(layer.M_in[...], np.float64)  # [B, T, C]
     t = np.arange(x.shape[1])
     lag = t[:, None] - t[None, :]  # [T, T]
     words = np.asarray(layer.readout[...], np.float64).sum(axis=0)  # one word (plain)
-    if layer.decays.ndim == 3:  # reduced: complex slots [C, m], readout words [C, m, 2]
+    if layer.decays.ndim == 3:  # reduced: real 2-state blocks, table [11, P, C], words [2, P, C]
         table = np.asarray(layer.decays[...], np.float64)
-        a, w = table[..., 0] + 1j * table[..., 1], words[..., 0] + 1j * words[..., 1]
-        powers = np.where(
-            lag[..., None, None] >= 0, a ** np.maximum(lag, 0)[..., None, None], 0.0
-        )  # [T, T, C, m]
-        kernel = np.einsum("tscm,cm->tsc", powers, w).real  # [T, T, C]
+        mu1, mu2 = table[0] + 1j * table[1], table[5] + 1j * table[6]  # [P, C]
+        e, (wx, wy) = table[10], words
+        k = np.maximum(lag, 0)[..., None, None]  # [T, T, 1, 1]
+        p1, p2 = mu1**k, mu2**k  # [T, T, P, C]: the block's k-step map [[Re p1, -Im p1],
+        # [Im p1, Re p2]] applied to its input (1, e), read out by (wx, wy)
+        response = wx * (p1.real - p1.imag * e) + wy * (p1.imag + p2.real * e)
+        kernel = np.where(lag[..., None] >= 0, response.sum(axis=2), 0.0)  # [T, T, C]
     else:  # the bank's decays [m], readout words [C, m, 1]
         a, w = np.asarray(layer.decays[...], np.float64).reshape(-1), words[..., 0]
         powers = np.where(lag[..., None] >= 0, a ** np.maximum(lag, 0)[..., None], 0.0)

@@ -41,8 +41,6 @@ from spectral_jax.distill.fit import NO_TAIL, TailOptions
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU
-from spectral_jax.ops import lds
-from spectral_jax.ops.distilled_lds import ReducedLDS, slot_powers
 
 HORIZON_SYNTAX = (
     "'none', 'restart:R' (R >= 2 copies; the training length must divide by R) or 'cutoff' "
@@ -330,12 +328,7 @@ class CutoffMixer(nnx.Module):
     def _tail_readout(self, state: Any) -> jax.Array:
         """``C A^L state``: ``[B, ...state] -> [B, d_out]``."""
         system = self.inner._system()
-        L = jnp.asarray(self.window)
-        if isinstance(system, ReducedLDS):
-            powers = slot_powers(system.decays, L)  # [C, m]
-        else:
-            powers = lds.decay_powers(system.decays, L)  # [S, n]
-        return system.read(powers * state)
+        return system.read(system.advance(jnp.asarray(self.window), state))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [B, T, d_in] -> [B, T, d_out]``: the layer's own within the first window."""

@@ -67,6 +67,10 @@ class DistilledLDS:
         """The state ``[B, C, S, n]`` after ``x [B, T, d_in]`` from ``x0`` (zeros if None)."""
         return self.arithmetic.final_state(self.decays, self.drive(x), x0)
 
+    def advance(self, n: jax.Array, state: jax.Array) -> jax.Array:
+        """A plain ``state [..., C, S, n]`` ``n`` steps on with zero inputs: ``a^n x``."""
+        return lds.decay_powers(self.decays, n) * state
+
     def free_response(self, state: jax.Array, length: int) -> jax.Array:
         """Outputs before AR terms ``[B, length, d_out]`` of a plain ``state [B, C, S, n]`` with
         zero inputs: ``y[t] = sum_n w_n a_n^(t+1) x_n``."""
@@ -147,7 +151,7 @@ class ReducedLDS(DistilledLDS):
         """``(mu1^n, mu2^n)`` complex, ``n`` broadcastable against ``[P, C]``."""
         return slot_powers(self.decays[0:5], n), slot_powers(self.decays[5:10], n)
 
-    def _advance(self, n: jax.Array, state: jax.Array) -> jax.Array:
+    def advance(self, n: jax.Array, state: jax.Array) -> jax.Array:
         """The blocks' ``n``-step map applied to ``state [..., 2, P, C]``."""
         p1, p2 = self._powers(n)
         x, y = state[..., 0, :, :], state[..., 1, :, :]
@@ -195,7 +199,7 @@ class ReducedLDS(DistilledLDS):
         state = jnp.stack([s1.real, s1.imag + self.decays[10] * s2.real], axis=1)
         if x0 is None:
             return state
-        return state + self._advance(jnp.asarray(T), x0)
+        return state + self.advance(jnp.asarray(T), x0)
 
     def free_response(self, state: jax.Array, length: int) -> jax.Array:
         """Outputs ``[B, length, C]`` of ``state [B, 2, P, C]`` with zero inputs:
@@ -219,11 +223,11 @@ class ReducedLDS(DistilledLDS):
 
             return jnp.swapaxes(jax.lax.scan(advance, x0, drive)[1], 0, 1)
         u = self._inputs(drive)
-        u = u.at[0].add(self._advance(jnp.asarray(1), x0))
+        u = u.at[0].add(self.advance(jnp.asarray(1), x0))
         counts = jnp.ones((u.shape[0], 1, 1, 1), jnp.int32)
 
         def combine(left, right):
-            return left[0] + right[0], self._advance(right[0], left[1]) + right[1]
+            return left[0] + right[0], self.advance(right[0], left[1]) + right[1]
 
         return jnp.swapaxes(jax.lax.associative_scan(combine, (counts, u))[1], 0, 1)
 
