@@ -30,3 +30,33 @@ def check_carry_model(model: nnx.Module, length: int) -> None:
             f"like SpectralModel; {type(model).__name__} has no {', '.join(missing)}"
         )
     model.check_length(length, f"carried-state training over {length} consecutive positions")
+
+
+def check_carry_config(config, model: nnx.Module) -> None:
+    """Raise ValueError unless ``config`` (a ``TrainConfig`` with ``carry_windows > 1``) can
+    train ``model`` on carried caches: a task with ``stream_window``, one microbatch, ``steps``
+    and ``checkpoint.save_every`` multiples of ``carry_windows`` (checkpoints fall on group
+    starts, where the caches are empty: resume stays exact), and a model that runs the group's
+    ``carry_windows * seq_len`` positions (``check_carry_model``)."""
+    windows = config.carry_windows
+    if not hasattr(config.task, "stream_window"):
+        raise ValueError(
+            f"carry_windows={windows} needs a task that serves consecutive windows "
+            f"(stream_window, e.g. ByteCorpusLM or TokenShardLM); {type(config.task).__name__} "
+            "has none: set carry_windows=1"
+        )
+    every = {"steps": config.steps}
+    if config.checkpoint is not None:
+        every["checkpoint.save_every"] = config.checkpoint.save_every
+    for name, value in every.items():
+        if value % windows:
+            raise ValueError(
+                f"carry_windows={windows}: {name}={value} must be a multiple of it, so that "
+                "checkpoints fall on the start of a group of windows (resume stays exact)"
+            )
+    if config.microbatches != 1:
+        raise ValueError(
+            f"carry_windows={windows} runs each window in one piece: set microbatches=1, got "
+            f"{config.microbatches}"
+        )
+    check_carry_model(model, windows * config.task.seq_len)
