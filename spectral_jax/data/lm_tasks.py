@@ -94,19 +94,31 @@ class ByteCorpusLM:
         return {"bits_per_byte": mean_loss / math.log(2)}
 
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
+        return self.stream_window(seed, step, 0, 1, rows, split)
+
+    def stream_window(
+        self, seed: int, group: int, window: int, windows: int, rows, split: Split = "train"
+    ) -> Batch:
+        """Window ``window`` of ``windows`` consecutive ones (inputs ``[B, seq_len]``): each row
+        reads a stream of ``windows * seq_len + 1`` bytes at an offset drawn from the row's
+        generator of step ``group``, so window ``k + 1`` continues where window ``k`` ended.
+        ``windows=1`` is ``batch(seed, group, rows, split)``."""
         rows = rows_array(rows)
         corpus = self.corpus()
         stream = corpus.train if split == "train" else corpus.valid
-        if stream.size < self.seq_len + 2:
+        span = _check_window("ByteCorpusLM", self.seq_len, window, windows)
+        if stream.size < span + 2:
             raise ValueError(
-                f"the {split} corpus has {stream.size} bytes, too few for seq_len={self.seq_len}"
+                f"the {split} corpus has {stream.size} bytes, too few for {windows} window(s) of "
+                f"seq_len={self.seq_len}"
             )
-        windows = np.empty((rows.size, self.seq_len + 1), np.int32)
+        ids = np.empty((rows.size, self.seq_len + 1), np.int32)
         for i, row in enumerate(rows):
-            start = row_rng(seed, split, step, row, salt=2).integers(0, stream.size - self.seq_len)
-            windows[i] = stream[start : start + self.seq_len + 1]
+            start = row_rng(seed, split, group, row, salt=2).integers(0, stream.size - span)
+            start += window * self.seq_len
+            ids[i] = stream[start : start + self.seq_len + 1]
         mask = np.ones((rows.size, self.seq_len), np.float32)
-        return Batch(windows[:, :-1], windows[:, 1:], mask)
+        return Batch(ids[:, :-1], ids[:, 1:], mask)
 
 
 # --------------------------------------------------------------------------- token shards
@@ -167,24 +179,41 @@ class TokenShardLM:
         return {"bits_per_token": bits, "bits_per_byte": bits / _val_bytes_per_token(manifest)}
 
     def batch(self, seed: int, step: int, rows, split: Split = "train") -> Batch:
+        return self.stream_window(seed, step, 0, 1, rows, split)
+
+    def stream_window(
+        self, seed: int, group: int, window: int, windows: int, rows, split: Split = "train"
+    ) -> Batch:
+        """Window ``window`` of ``windows`` consecutive ones, as
+        :meth:`ByteCorpusLM.stream_window`: each row reads ``windows * seq_len + 1`` tokens at
+        an offset drawn from the row's generator of step ``group``."""
         rows = rows_array(rows)
         stream = self.shards().splits["train" if split == "train" else "val"]
-        if stream.tokens < self.seq_len + 1:
+        span = _check_window("TokenShardLM", self.seq_len, window, windows)
+        if stream.tokens < span + 1:
             raise ValueError(
                 f"the {split} split of {self.path} holds {stream.tokens} tokens, fewer than "
-                f"seq_len + 1 = {self.seq_len + 1}: lower task.seq_len or add documents"
+                f"{windows} window(s) of seq_len + 1 = {span + 1}: lower task.seq_len or add "
+                "documents"
             )
         vocab = self.vocab_size
-        windows = np.empty((rows.size, self.seq_len + 1), np.int32)
+        ids = np.empty((rows.size, self.seq_len + 1), np.int32)
         for i, row in enumerate(rows):
-            rng = row_rng(seed, split, step, row, salt=4)
-            start = int(rng.integers(0, stream.tokens - self.seq_len))
-            windows[i] = stream.read(start, self.seq_len + 1, vocab)
-        inputs = windows[:, :-1]
+            rng = row_rng(seed, split, group, row, salt=4)
+            start = int(rng.integers(0, stream.tokens - span)) + window * self.seq_len
+            ids[i] = stream.read(start, self.seq_len + 1, vocab)
+        inputs = ids[:, :-1]
         mask = np.ones(inputs.shape, np.float32)
         if self.document_mask:
             mask[inputs == self.text_tokenizer().eot_id] = 0.0
-        return Batch(inputs, windows[:, 1:], mask)
+        return Batch(inputs, ids[:, 1:], mask)
+
+
+def _check_window(name: str, seq_len: int, window: int, windows: int) -> int:
+    """Validate ``0 <= window < windows``; returns the span ``windows * seq_len``."""
+    positive_int(f"{name}.stream_window", "windows", windows)
+    int_in_range(f"{name}.stream_window", "window", window, 0, windows - 1)
+    return windows * seq_len
 
 
 def _val_bytes_per_token(manifest: dict) -> float:

@@ -360,8 +360,14 @@ class SpectralModel(nnx.Module):
         pad: jax.Array | None = None,
         *,
         outputs: PrefillOutputs = "all",
+        cache: ModelCache | None = None,
     ) -> tuple[jax.Array, ModelCache]:
         """Run a prompt: x as in ``__call__`` (length L) -> (outputs, caches at position L).
+
+        cache: None (the prompt starts at position 0), or the ``ModelCache`` of the positions
+        before (from ``prefill``, ``step`` or ``init_cache``): every layer continues from it and
+        the returned caches are at position ``cache.pos + L``; ``pad`` then counts from
+        ``cache.pos``.
 
         outputs: ``"all"``: ``[B, L, out_dim]``; ``"last"``: ``[B, out_dim]``, position L - 1
         only (the head forms nothing else: generation needs only these).
@@ -377,6 +383,8 @@ class SpectralModel(nnx.Module):
         if x.ndim < 2:
             self._embed(x, time_axis=True)  # raises: the message names the expected shape
         batch, length, chunk = x.shape[0], x.shape[1], options.prefill_chunk
+        first = None if cache is None else cache.layers
+        offset = jnp.zeros((), jnp.int32) if cache is None else cache.pos
 
         def run(caches, x_chunk, start):
             """One chunk [B, T(, d_input)] at positions start .. start + T - 1 -> (caches,
@@ -391,10 +399,10 @@ class SpectralModel(nnx.Module):
             return tuple(new), (h if outputs == "all" else h[:, -1:])
 
         if chunk is None or length <= chunk:
-            caches, h = run(None, x, 0)
+            caches, h = run(first, x, 0)
         else:
             self.check_length(length, f"SpectralModel: length {length}")
-            caches = self.init_cache(batch, None, None, options).layers
+            caches = first or self.init_cache(batch, None, None, options).layers
             count, hidden = length // chunk, []
             chunks = x[:, : count * chunk].reshape(batch, count, chunk, *x.shape[2:])
 
@@ -411,7 +419,7 @@ class SpectralModel(nnx.Module):
             h = hidden[-1] if outputs == "last" else jnp.concatenate(hidden, axis=1)
         y = self._head(h)
         y = y if outputs == "all" else y[:, -1]
-        return y, ModelCache(caches, jnp.asarray(length, jnp.int32))
+        return y, ModelCache(caches, offset + length)
 
     def step(self, cache: ModelCache, x_t: jax.Array) -> tuple[ModelCache, jax.Array]:
         """One position: x_t tokens [B] or vectors [B, d_input] -> (caches, y_t [B, out_dim])."""

@@ -39,6 +39,17 @@ class TrainConfig:
     ``NonFiniteLossError`` (1: the first one stops it). The default 3 rides out one bad batch
     or a transient overflow, and stops a diverged run, whose every step is non-finite, within
     a few steps instead of burning its budget.
+    ``carry_windows``: 1 (default): every step trains fresh windows. ``W > 1``: carried-state
+    training (``spectral_jax.train.carry``): step ``s`` trains window ``s % W`` of the streams of
+    group ``s // W`` (the task's ``stream_window``), continuing from the caches the group's
+    previous window left, gradient stopped; caches start empty at each group. ``steps`` and
+    ``checkpoint.save_every`` must be multiples of ``W`` (checkpoints fall on group starts, so
+    resume stays exact), with ``microbatches=1``; evaluation keeps independent windows.
+    ``init_from``: a checkpoint directory, trained or distilled, whose latest weights start this
+    run (a fresh optimizer at step 0; e.g. a carried-state post-training phase). Its model
+    replaces ``model``, and a distilled one's record (``meta["distill"]``) is saved with every
+    checkpoint of this run, so ``generate``, ``evaluate`` and ``load_for_inference`` read them
+    as distilled. Resuming this run's own checkpoints then restores them over those weights.
     """
 
     task: Task
@@ -58,8 +69,16 @@ class TrainConfig:
     microbatches: int = 1
     peak_flops_per_device: float | None = None
     stop_after_nonfinite_steps: int = 3
+    carry_windows: int = 1
+    init_from: str | None = None
 
     def __post_init__(self):
+        positive_int("TrainConfig", "carry_windows", self.carry_windows)
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            raise ValueError(
+                f"TrainConfig.init_from must be a checkpoint directory or None, got "
+                f"{self.init_from!r}"
+            )
         names = ("steps", "global_batch", "log_every", "microbatches", "stop_after_nonfinite_steps")
         for name in names:
             positive_int("TrainConfig", name, getattr(self, name))

@@ -29,7 +29,13 @@ from spectral_jax.data.lm_tasks import save_task_tokenizer
 from spectral_jax.data.prefetch import prefetch
 from spectral_jax.data.tasks import Task
 from spectral_jax.train import sharding as shd
-from spectral_jax.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
+from spectral_jax.train.carry import check_carry_config
+from spectral_jax.train.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointError,
+    abstract_like,
+)
 from spectral_jax.train.config import (
     ModelFn,
     TrainConfig,
@@ -209,14 +215,42 @@ class _TrainLog:
         raise NonFiniteLossError(message)
 
 
+def _initial_weights(
+    config: TrainConfig, model_fn: ModelFn | None
+) -> tuple[TrainConfig, ModelFn | None, dict[str, Any]]:
+    """``(config, model_fn, extra checkpoint metadata)`` for ``config.init_from``: the config
+    with the checkpoint's ``ModelConfig``, a ``model_fn`` returning a copy of its loaded model
+    (its weights enter the initialisation program as constants: fine for the models fine-tuned
+    this way, wasteful for very large ones), and its ``distill`` record; unchanged without."""
+    if config.init_from is None:
+        return config, model_fn, {}
+    if model_fn is not None:
+        raise ValueError("give either config.init_from or model_fn, not both")
+    if config.checkpoint is not None and config.checkpoint.directory == config.init_from:
+        raise ValueError(
+            f"init_from={config.init_from!r} is also the checkpoint directory: write this run's "
+            "checkpoints to a new directory"
+        )
+    from spectral_jax.apps.inference import load_for_inference  # apps import train: lazily
+
+    loaded, meta = load_for_inference(config.init_from)
+    config = dataclasses.replace(config, model=model_config_from_record(meta["run"]))
+    extra = {"init_from": config.init_from}
+    if "distill" in meta:
+        extra["distill"] = meta["distill"]
+    return config, lambda rngs: nnx.clone(loaded), extra
+
+
 def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResult:
     """Train (or resume from ``config.checkpoint``); returns the model and the records.
 
-    ``model_fn(rngs) -> nnx.Module`` overrides building ``SpectralModel(config.model)``.
+    ``model_fn(rngs) -> nnx.Module`` overrides building ``SpectralModel(config.model)``;
+    ``config.init_from`` starts from a checkpoint's weights instead (no ``model_fn`` then).
     """
     shd.initialize_distributed(config.distributed)
     mesh = shd.make_mesh(config.mesh)
     shd.check_global_batch(config.global_batch, mesh, config.microbatches)
+    config, model_fn, extra_meta = _initial_weights(config, model_fn)
     model_fn = model_fn or spectral_model_fn(config.model)
     task, seed = config.task, config.seed
     tx = make_optimizer(config.optim)
@@ -227,6 +261,9 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
 
     layout = _layout(init, mesh)
     _check_output_shape(layout, task, config.global_batch)
+    windows = config.carry_windows
+    if windows > 1:
+        check_carry_config(config, nnx.merge(layout.model_def, layout.model_abstract))
     states = jax.jit(
         lambda: tuple(nnx.state(node) for node in init()),
         out_shardings=(layout.model_sh, layout.opt_sh),
@@ -259,6 +296,14 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
             for skipped in ckpt.fallbacks:
                 logger.log({"event": "checkpoint_fallback", **skipped}, echo=False)
         start = saved_meta["step"]
+        saved_windows = saved_meta["data"].get("carry_windows", 1)
+        if saved_windows != windows:
+            ckpt.close()
+            raise CheckpointError(
+                f"the checkpoints in {ckpt.directory} were trained with carry_windows="
+                f"{saved_windows}, but this run has carry_windows={windows} (another data "
+                "stream); use another checkpoint directory or the original carry_windows"
+            )
         nonfinite = saved_meta.get("nonfinite", nonfinite)  # absent: saved before skipping
         nnx.replace_by_pure_dict(model_state, model_pure)
         nnx.replace_by_pure_dict(opt_state, opt_pure)
@@ -274,6 +319,7 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
         learning_rate_schedule(config.optim),
         (layout.model_sh, layout.opt_sh, batch_sh, replicated),
         config.microbatches,
+        carry=windows > 1,
     )
     eval_step = make_eval_step(
         layout.model_def, task.kind, (layout.model_sh, batch_sh, replicated), config.microbatches
@@ -281,7 +327,17 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
     rows = shd.process_rows(config.global_batch, mesh)
 
     def global_batch(step: int, split: str):
-        return shd.place_batch(task.batch(seed, step, rows, split), mesh, config.global_batch)
+        if windows > 1 and split == "train":  # window step % W of the streams of group step // W
+            batch = task.stream_window(seed, step // windows, step % windows, windows, rows, split)
+        else:
+            batch = task.batch(seed, step, rows, split)
+        return shd.place_batch(batch, mesh, config.global_batch)
+
+    empty_cache = jax.jit(
+        lambda state: nnx.merge(layout.model_def, state).init_cache(config.global_batch),
+        out_shardings=replicated,
+    )
+    cache = None
 
     def evaluate(step: int) -> dict[str, Any]:
         sums: dict[str, float] = {}
@@ -300,7 +356,13 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
         steps = range(start, config.steps)
         batches = prefetch(lambda s: global_batch(s, "train"), steps)
         for step, batch in zip(steps, batches, strict=True):
-            model_state, opt_state, metrics = train_step(model_state, opt_state, batch)
+            if windows == 1:
+                model_state, opt_state, metrics = train_step(model_state, opt_state, batch)
+            else:  # the caches start empty at each group of windows
+                cache = empty_cache(model_state) if step % windows == 0 else cache
+                model_state, opt_state, metrics, cache = train_step(
+                    model_state, opt_state, batch, cache
+                )
             done = step + 1
             log.pending.append((done, metrics))
             if step == start:
@@ -312,8 +374,10 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
             if save:
                 meta = {
                     "run": record,
-                    "data": {"seed": seed, "next_step": done},
+                    "data": {"seed": seed, "next_step": done}
+                    | ({"carry_windows": windows} if windows > 1 else {}),
                     "nonfinite": dict(log.nonfinite),
+                    **extra_meta,
                 }
                 ckpt.save(done, nnx.to_pure_dict(model_state), nnx.to_pure_dict(opt_state), meta)
             periodic = config.eval_every and done % config.eval_every == 0

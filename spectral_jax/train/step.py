@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from spectral_jax.data.tasks import Batch
+from spectral_jax.train.carry import stop_cache
 
 
 def per_position_loss(outputs, targets, kind: str):
@@ -85,6 +86,31 @@ def loss_and_grads(model: nnx.Module, batch: Batch, kind: str, microbatches: int
     return loss, grads
 
 
+def carried_loss_and_grads(model: nnx.Module, batch: Batch, cache, kind: str):
+    """Loss and gradients of one window that continues from ``cache``.
+
+    batch: inputs ``[B, T]`` (or ``[B, T, d_input]``), targets, mask ``[B, T]``; cache: the
+    ``ModelCache`` of the ``B`` streams before this window (``model.init_cache(B)`` at a
+    stream's start). The loss is the masked mean of ``per_position_loss`` over ``model.prefill``'s
+    outputs, whose gradient in the model's ``nnx.Param``s does not reach ``cache`` or what made
+    it. Non-parameter state the prefill updates is written back to ``model``. Returns ``(loss,
+    grads, new_cache)``: ``grads`` like ``nnx.state(model, nnx.Param)``, ``new_cache`` the
+    caches after this window (gradient stopped) for the next one.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    start = stop_cache(cache)
+
+    def window_loss(params):
+        module = nnx.merge(graphdef, params, rest, copy=True)
+        outputs, new_cache = module.prefill(batch.inputs, cache=start)
+        loss = masked_mean(per_position_loss(outputs, batch.targets, kind), batch.mask)
+        return loss, (new_cache, nnx.state(module, nnx.Not(nnx.Param)))
+
+    (loss, (new_cache, rest)), grads = jax.value_and_grad(window_loss, has_aux=True)(params)
+    nnx.update(model, rest)
+    return loss, grads, stop_cache(new_cache)
+
+
 def make_train_step(
     model_graphdef,
     optimizer_graphdef,
@@ -92,8 +118,13 @@ def make_train_step(
     schedule: optax.Schedule,
     shardings: tuple,
     microbatches: int = 1,
+    carry: bool = False,
 ):
-    """``step(model_state, opt_state, batch) -> (model_state, opt_state, metrics)``.
+    """``step(model_state, opt_state, batch) -> (model_state, opt_state, metrics)``, or with
+    ``carry``: ``step(model_state, opt_state, batch, cache) -> (model_state, opt_state, metrics,
+    cache)``, the window continuing from the ``ModelCache`` that the stream's previous window
+    left (``carried_loss_and_grads``; one microbatch only). The cache is not sharded: every
+    device holds all of it.
 
     ``shardings = (model, optimizer, batch, replicated)``. The gradient of the whole batch is
     accumulated over ``microbatches`` slices (``loss_and_grads``), then applied in one
@@ -115,12 +146,20 @@ def make_train_step(
     would still advance past the skipped steps.
     """
     model_sharding, opt_sharding, batch_sharding, replicated = shardings
+    if carry and microbatches != 1:
+        raise ValueError(
+            f"carried-state training runs each window in one piece, got microbatches="
+            f"{microbatches}; set microbatches=1 (or a smaller global_batch)"
+        )
 
-    def train_step(model_state, opt_state, batch: Batch):
+    def train_step(model_state, opt_state, batch: Batch, cache=None):
         model = nnx.merge(model_graphdef, model_state, copy=True)
         optimizer = nnx.merge(optimizer_graphdef, opt_state, copy=True)
         model.train()
-        loss, grads = loss_and_grads(model, batch, kind, microbatches)
+        if carry:
+            loss, grads, new_cache = carried_loss_and_grads(model, batch, cache, kind)
+        else:
+            loss, grads = loss_and_grads(model, batch, kind, microbatches)
         learning_rate = schedule(optimizer.step[...])
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -138,11 +177,22 @@ def make_train_step(
             "skipped": ~ok,
             "params_finite": finite,
         }
+        if carry:  # a skipped window is not carried: the next continues from the one before
+            cache = jax.tree.map(keep, new_cache, cache)
+            return nnx.state(model), new_opt_state, metrics, cache
         return nnx.state(model), new_opt_state, metrics
 
+    batch_shardings = Batch(*[batch_sharding] * 3)
+    if carry:
+        return jax.jit(
+            train_step,
+            in_shardings=(model_sharding, opt_sharding, batch_shardings, replicated),
+            out_shardings=(model_sharding, opt_sharding, replicated, replicated),
+            donate_argnums=(0, 1, 3),
+        )
     return jax.jit(
         train_step,
-        in_shardings=(model_sharding, opt_sharding, Batch(*[batch_sharding] * 3)),
+        in_shardings=(model_sharding, opt_sharding, batch_shardings),
         out_shardings=(model_sharding, opt_sharding, replicated),
         donate_argnums=(0, 1),
     )
