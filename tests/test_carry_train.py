@@ -18,10 +18,17 @@ import optax
 import pytest
 from flax import nnx
 
-from spectral_jax.apps.inference import distill_checkpoint, load_for_inference
+from spectral_jax.apps.inference import distill_checkpoint
 from spectral_jax.data.lm_tasks import ByteCorpusLM
 from spectral_jax.nn.model import ModelConfig
-from spectral_jax.train import CheckpointConfig, CheckpointError, OptimConfig, TrainConfig, train
+from spectral_jax.train import (
+    CheckpointConfig,
+    CheckpointError,
+    OptimConfig,
+    TrainConfig,
+    load_for_inference,
+    train,
+)
 
 L = 16
 TASK = ByteCorpusLM(seq_len=L)

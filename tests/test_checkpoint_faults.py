@@ -22,8 +22,14 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from spectral_jax.apps.inference import load_for_inference
-from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
+from spectral_jax.train import (
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointError,
+    load_for_inference,
+    load_model,
+    train,
+)
 from spectral_jax.train.checkpoint import CORRUPT_DIR, LOCK_FILE
 from spectral_jax.train.presets import apply_overrides, lds_small
 

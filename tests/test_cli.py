@@ -12,9 +12,8 @@ import pytest
 from conftest import TINY_LM
 
 from spectral_jax.apps.cli import main
-from spectral_jax.apps.inference import load_for_inference
 from spectral_jax.decode.generate import decode, decode_chunks, generate, prefill
-from spectral_jax.train import CheckpointConfig, train
+from spectral_jax.train import CheckpointConfig, load_for_inference, train
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small, lm_tokens_small
 
 

@@ -14,12 +14,11 @@ from conftest import TINY_LM
 from flax import nnx
 
 from spectral_jax.apps.cli import main
-from spectral_jax.apps.inference import load_for_inference
 from spectral_jax.data.tokenizer import ByteTokenizer, encode, token_byte_lengths, train_bpe
 from spectral_jax.decode import evaluate as ev
 from spectral_jax.decode.strategy import decode_plan
 from spectral_jax.nn.model import ModelConfig, SpectralModel
-from spectral_jax.train import CheckpointConfig, train
+from spectral_jax.train import CheckpointConfig, load_for_inference, train
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small
 from spectral_jax.train.step import per_position_loss
 

@@ -14,11 +14,11 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from spectral_jax.apps import cli
-from spectral_jax.apps.inference import load_for_inference
 from spectral_jax.decode.generate import prefill
 from spectral_jax.interop import flashstu
 from spectral_jax.nn.attention import alibi_slopes
 from spectral_jax.nn.mixer import DecodeOptions
+from spectral_jax.train import load_for_inference
 
 # d_model 12 with 3 heads (not a power of two), window_size 4 (5 keys) < seq_len 16
 BASE = {

@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from spectral_jax.apps.cli import main
-from spectral_jax.apps.inference import distill_checkpoint, load_for_inference
+from spectral_jax.apps.inference import distill_checkpoint
 from spectral_jax.nn.lds_layer import LDSLayer
-from spectral_jax.train import CheckpointConfig, CheckpointError, train
+from spectral_jax.train import CheckpointConfig, CheckpointError, load_for_inference, train
 from spectral_jax.train.config import task_from_record
 from spectral_jax.train.presets import apply_overrides, lds_small
 

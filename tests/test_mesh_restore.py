@@ -99,8 +99,7 @@ def _train_records(result) -> dict[str, list[float]]:
 def _worker(mode: str, out: pathlib.Path) -> None:
     from flax import nnx
 
-    from spectral_jax.apps.inference import load_for_inference
-    from spectral_jax.train import train
+    from spectral_jax.train import load_for_inference, train
 
     record = {"devices": jax.device_count(), "runs": {}, "w_up": {}}
     reference = out.parent / "reference"

@@ -38,7 +38,7 @@ from spectral_jax.distill.fit import DEFAULT_NUM_STATES
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.interop import flashstu
 from spectral_jax.nn.horizon import parse_distill_horizon
-from spectral_jax.train import CheckpointConfig, CheckpointError, presets, train
+from spectral_jax.train import CheckpointConfig, CheckpointError, load_for_inference, presets, train
 from spectral_jax.validation import ARITHMETICS, GENERATION_STRATEGIES, positive_int
 
 
@@ -178,7 +178,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--prompt is not valid UTF-8 (position {err.start}): pass UTF-8 text"
         ) from None
-    model, meta = inference.load_for_inference(args.checkpoint)
+    model, meta = load_for_inference(args.checkpoint)
     tokenizer = inference.checkpoint_tokenizer(args.checkpoint, meta)
     plan = decode_plan(model, args.strategy, num_states=args.num_states)
     if plan.banks is not None:

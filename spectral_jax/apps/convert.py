@@ -15,12 +15,17 @@ from typing import Any
 
 from flax import nnx
 
-from spectral_jax.apps.inference import load_for_inference
 from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tokenizer import load_tokenizer, save_tokenizer
 from spectral_jax.interop import flashstu
 from spectral_jax.nn.model import ModelConfig
-from spectral_jax.train import CheckpointConfig, Checkpointer, TrainConfig, make_optimizer
+from spectral_jax.train import (
+    CheckpointConfig,
+    Checkpointer,
+    TrainConfig,
+    load_for_inference,
+    make_optimizer,
+)
 from spectral_jax.train.config import run_record
 
 # set first, so that no override in between makes an invalid model (a head width that rotary

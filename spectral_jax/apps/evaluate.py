@@ -31,6 +31,7 @@ from spectral_jax.distill.fit import DEFAULT_NUM_STATES
 from spectral_jax.nn.attention import SlidingWindowAttention
 from spectral_jax.nn.horizon import parse_horizon, set_horizon
 from spectral_jax.nn.lds_layer import LDSLayer
+from spectral_jax.train import load_for_inference
 from spectral_jax.train.config import task_from_record
 from spectral_jax.validation import GenerationStrategy, positive_int
 
@@ -99,7 +100,7 @@ def evaluate_checkpoint(
         raise ValueError("evaluate needs at least one input (a file, directory or glob)")
     if horizon is not None:
         parse_horizon(horizon)  # a bad policy fails before the checkpoint is read
-    model, meta = inference.load_for_inference(checkpoint)
+    model, meta = load_for_inference(checkpoint)
     if horizon is not None:
         set_horizon(model, horizon)
     tokenizer = inference.checkpoint_tokenizer(checkpoint, meta)

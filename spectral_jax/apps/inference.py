@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
@@ -26,10 +25,9 @@ from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.distill.report import reduction_lines
 from spectral_jax.nn.distillation import distill_model, layer_slots
 from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
-from spectral_jax.nn.model import SpectralModel
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
 from spectral_jax.train import CheckpointConfig, Checkpointer, load_model
-from spectral_jax.train.config import model_config_from_record, task_from_record
+from spectral_jax.train.config import task_from_record
 from spectral_jax.validation import Arithmetic
 
 
@@ -99,44 +97,6 @@ def format_distill_report(report: dict[str, Any]) -> str:
         floats = ", ".join(f"{n:,}" for n in report["state_floats_per_sequence"])
         horizon = [f"horizon {report['horizon']}: state floats per sequence per layer {floats}"]
     return "\n".join([*lines, *reduction_lines(report["banks"]), line, *horizon])
-
-
-def _template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Module:
-    model = SpectralModel(model_config_from_record(record), rngs=nnx.Rngs(0))
-    if distill is None:
-        return model
-    # checkpoints written before the reduction have no slots: every layer unreduced
-    slots = distill.get("slots")
-    _, tail = parse_distill_horizon(distill.get("horizon", "none"))
-    return distill_model(
-        model,
-        num_states=distill["num_states"],
-        arithmetic=distill["arithmetic"],
-        tol=None if slots is None else DEFAULT_TOL,
-        slots=slots,
-        tail=tail,
-    ).model
-
-
-def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
-    """Load the latest checkpoint in ``directory``, trained or distilled: ``(model, meta)``."""
-    require_not_shards(directory, "a checkpoint directory")
-    with Checkpointer(CheckpointConfig(directory), read_only=True) as ckpt:
-        meta = ckpt.restore_meta()
-        if "distill" not in meta:
-            return load_model(directory)
-        model = _template(meta["run"], meta["distill"])
-        state = nnx.state(model)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state)
-        )
-        pure, _, meta = ckpt.restore(abstract)
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    # the arrays are saved unwrapped; the restart policy wraps the restored layers
-    return set_horizon(
-        model, parse_distill_horizon(meta["distill"].get("horizon", "none"))[0]
-    ), meta
 
 
 def checkpoint_tokenizer(directory: str, meta: dict[str, Any]) -> Tokenizer:

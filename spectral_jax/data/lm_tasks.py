@@ -191,10 +191,10 @@ class TokenShardLM:
         stream = self.shards().splits["train" if split == "train" else "val"]
         span = _check_window("TokenShardLM", self.seq_len, window, windows)
         if stream.tokens < span + 1:
+            need = "seq_len + 1" if windows == 1 else f"{windows} * seq_len + 1"
             raise ValueError(
                 f"the {split} split of {self.path} holds {stream.tokens} tokens, fewer than "
-                f"{windows} window(s) of seq_len + 1 = {span + 1}: lower task.seq_len or add "
-                "documents"
+                f"{need} = {span + 1}: lower task.seq_len or add documents"
             )
         vocab = self.vocab_size
         ids = np.empty((rows.size, self.seq_len + 1), np.int32)

@@ -11,7 +11,13 @@ Typical use::
 
 from spectral_jax.train.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
 from spectral_jax.train.config import TrainConfig
-from spectral_jax.train.loop import NonFiniteLossError, TrainResult, load_model, train
+from spectral_jax.train.loop import (
+    NonFiniteLossError,
+    TrainResult,
+    load_for_inference,
+    load_model,
+    train,
+)
 from spectral_jax.train.optim import OptimConfig, make_optimizer
 from spectral_jax.train.sharding import (
     DistributedConfig,
@@ -31,6 +37,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "initialize_distributed",
+    "load_for_inference",
     "load_model",
     "make_mesh",
     "make_optimizer",

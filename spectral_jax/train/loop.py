@@ -27,7 +27,12 @@ from flax import nnx
 
 from spectral_jax.data.lm_tasks import save_task_tokenizer
 from spectral_jax.data.prefetch import prefetch
+from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tasks import Task
+from spectral_jax.distill.reduce import DEFAULT_TOL
+from spectral_jax.nn.distillation import distill_model
+from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
+from spectral_jax.nn.model import SpectralModel
 from spectral_jax.train import sharding as shd
 from spectral_jax.train.carry import check_carry_config
 from spectral_jax.train.checkpoint import (
@@ -231,8 +236,6 @@ def _initial_weights(
             f"init_from={config.init_from!r} is also the checkpoint directory: write this run's "
             "checkpoints to a new directory"
         )
-    from spectral_jax.apps.inference import load_for_inference  # apps import train: lazily
-
     loaded, meta = load_for_inference(config.init_from)
     config = dataclasses.replace(config, model=model_config_from_record(meta["run"]))
     extra = {"init_from": config.init_from}
@@ -425,3 +428,41 @@ def load_model(
     graphdef, state = templates[-1]
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), meta
+
+
+def _distilled_template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Module:
+    model = SpectralModel(model_config_from_record(record), rngs=nnx.Rngs(0))
+    if distill is None:
+        return model
+    # checkpoints written before the reduction have no slots: every layer unreduced
+    slots = distill.get("slots")
+    _, tail = parse_distill_horizon(distill.get("horizon", "none"))
+    return distill_model(
+        model,
+        num_states=distill["num_states"],
+        arithmetic=distill["arithmetic"],
+        tol=None if slots is None else DEFAULT_TOL,
+        slots=slots,
+        tail=tail,
+    ).model
+
+
+def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
+    """Load the latest checkpoint in ``directory``, trained or distilled: ``(model, meta)``."""
+    require_not_shards(directory, "a checkpoint directory")
+    with Checkpointer(CheckpointConfig(directory), read_only=True) as ckpt:
+        meta = ckpt.restore_meta()
+        if "distill" not in meta:
+            return load_model(directory)
+        model = _distilled_template(meta["run"], meta["distill"])
+        state = nnx.state(model)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state)
+        )
+        pure, _, meta = ckpt.restore(abstract)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    # the arrays are saved unwrapped; the restart policy wraps the restored layers
+    return set_horizon(
+        model, parse_distill_horizon(meta["distill"].get("horizon", "none"))[0]
+    ), meta
