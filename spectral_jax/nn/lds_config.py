@@ -24,9 +24,9 @@ class LDSConfig:
         ``param_dtype`` is the dtype of the LDS parameters and states: float32, or float64 for
         references under ``jax.enable_x64`` (plain arithmetic only).
       arithmetic: ``"plain"`` (default) or ``"compensated"`` (float32 pairs; float32 only).
-      slots: 0 for the bank's shared states ``[C, S, n]``; else the complex slots per channel
-        of a per-channel reduction (:mod:`spectral_jax.distill.reduce`), states ``[C, slots]``
-        (tensordot projections in plain arithmetic only).
+      slots: 0 for the bank's shared states ``[C, S, n]``; else the real 2-state blocks per
+        channel of a per-channel reduction (:mod:`spectral_jax.distill.reduce`), states
+        ``[2, slots, C]`` (tensordot projections in plain arithmetic only).
     """
 
     stu: STUConfig
