@@ -44,6 +44,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,12 @@ from spectral_jax.train.config import task_from_record
 from spectral_jax.train.presets import apply_overrides, lm_bytes_small
 
 CONFIDENCE = 0.95
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path: str) -> str:
+    """``path`` as the results name it: relative to the repository (``..`` when outside it)."""
+    return os.path.relpath(Path(path).resolve(), REPO)
 
 
 def ensure_checkpoint(directory: str, overrides: list[str], steps: int | None) -> None:
@@ -249,8 +256,9 @@ def main() -> None:
         "command": "python experiments/streaming_eval.py"
         + (" --quick" if args.quick else "")
         + (f" --steps {args.steps}" if args.steps else "")
-        + f" --stu-checkpoint {args.stu_checkpoint}"
-        + f" --attention-checkpoint {args.attention_checkpoint} --streams {args.streams}"
+        + f" --stu-checkpoint {repo_relative(args.stu_checkpoint)}"
+        + f" --attention-checkpoint {repo_relative(args.attention_checkpoint)}"
+        + f" --streams {args.streams}"
         + f" --multiple {args.multiple} --offset-seeds {' '.join(map(str, args.offset_seeds))}",
         "rows": {},
     }
