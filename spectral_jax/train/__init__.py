@@ -11,14 +11,9 @@ Typical use::
 
 from spectral_jax.train.checkpoint import CheckpointConfig, Checkpointer, CheckpointError
 from spectral_jax.train.config import TrainConfig
-from spectral_jax.train.loop import (
-    NonFiniteLossError,
-    TrainResult,
-    load_for_inference,
-    load_model,
-    train,
-)
+from spectral_jax.train.loop import NonFiniteLossError, TrainResult, train
 from spectral_jax.train.optim import OptimConfig, make_optimizer
+from spectral_jax.train.restore import load_for_inference, load_model
 from spectral_jax.train.sharding import (
     DistributedConfig,
     MeshConfig,

@@ -1,4 +1,5 @@
-"""The training loop: ``train(TrainConfig) -> TrainResult``; ``load_model`` for inference.
+"""The training loop: ``train(TrainConfig) -> TrainResult`` (restoring models for inference is
+:mod:`spectral_jax.train.restore`).
 
 One code path for every device layout: the model and optimizer are initialised
 directly in their FSDP shardings (``jax.jit`` with ``out_shardings``), each process
@@ -27,19 +28,12 @@ from flax import nnx
 
 from spectral_jax.data.lm_tasks import save_task_tokenizer
 from spectral_jax.data.prefetch import prefetch
-from spectral_jax.data.shards import require_not_shards
 from spectral_jax.data.tasks import Task
-from spectral_jax.distill.reduce import DEFAULT_TOL
-from spectral_jax.nn.distillation import distill_model
-from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
-from spectral_jax.nn.model import SpectralModel
 from spectral_jax.train import sharding as shd
 from spectral_jax.train.carry import check_carry_config
 from spectral_jax.train.checkpoint import (
-    CheckpointConfig,
     Checkpointer,
     CheckpointError,
-    abstract_like,
 )
 from spectral_jax.train.config import (
     ModelFn,
@@ -52,6 +46,7 @@ from spectral_jax.train.config import (
 from spectral_jax.train.flops import peak_flops, train_flops_per_token
 from spectral_jax.train.metrics import MetricsLogger
 from spectral_jax.train.optim import learning_rate_schedule, make_optimizer
+from spectral_jax.train.restore import abstract_pure, load_for_inference
 from spectral_jax.train.step import make_eval_step, make_train_step
 
 
@@ -89,10 +84,6 @@ def _layout(init, mesh) -> _Layout:
         shd.state_shardings(model_abstract, mesh),
         shd.state_shardings(opt_abstract, mesh),
     )
-
-
-def _abstract_pure(state, shardings):
-    return abstract_like(nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
 
 
 def _check_output_shape(layout: _Layout, task: Task, global_batch: int) -> None:
@@ -287,8 +278,8 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
 
         def abstracts(saved_meta):
             check_resumable(saved_meta["run"], record, ckpt.directory)
-            model_abstract = _abstract_pure(layout.model_abstract, layout.model_sh)
-            return model_abstract, _abstract_pure(layout.opt_abstract, layout.opt_sh)
+            model_abstract = abstract_pure(layout.model_abstract, layout.model_sh)
+            return model_abstract, abstract_pure(layout.opt_abstract, layout.opt_sh)
 
         try:  # falls back past damaged steps, moving them aside
             model_pure, opt_pure, saved_meta = ckpt.restore_latest(abstracts)
@@ -395,74 +386,3 @@ def train(config: TrainConfig, *, model_fn: ModelFn | None = None) -> TrainResul
         logger.close()
     model = nnx.merge(layout.model_def, model_state)
     return TrainResult(model, max(start, config.steps), log.history)
-
-
-def load_model(
-    directory: str,
-    *,
-    step: int | None = None,
-    model_fn: ModelFn | None = None,
-    mesh: shd.MeshConfig | None = None,
-) -> tuple[nnx.Module, dict[str, Any]]:
-    """Restore a trained model (without its optimizer) for inference.
-
-    Rebuilds ``SpectralModel`` from the ``ModelConfig`` recorded in the checkpoint
-    (or uses ``model_fn`` for a custom model) and loads ``step`` (default: latest)
-    onto ``mesh`` (default: all devices, FSDP off). Returns ``(model, meta)`` where
-    ``meta["run"]`` is the run record (task, model, optimizer, seed, batch).
-    """
-    device_mesh = shd.make_mesh(mesh or shd.MeshConfig())
-    templates = []  # (graphdef, state) of the model built for the step being restored
-
-    def abstracts(meta):
-        build = model_fn or spectral_model_fn(model_config_from_record(meta["run"]))
-        templates.append(nnx.split(nnx.eval_shape(lambda: build(nnx.Rngs(0)))))
-        state = templates[-1][1]
-        return _abstract_pure(state, shd.state_shardings(state, device_mesh)), None
-
-    with Checkpointer(CheckpointConfig(directory), read_only=True) as ckpt:
-        if step is None:  # the newest good step, skipping damaged ones with a warning
-            pure, _, meta = ckpt.restore_latest(abstracts)
-        else:
-            pure, _, meta = ckpt.restore(*abstracts(ckpt.restore_meta(step)), step=step)
-    graphdef, state = templates[-1]
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state), meta
-
-
-def _distilled_template(record: dict[str, Any], distill: dict[str, Any] | None) -> nnx.Module:
-    model = SpectralModel(model_config_from_record(record), rngs=nnx.Rngs(0))
-    if distill is None:
-        return model
-    # checkpoints written before the reduction have no slots: every layer unreduced
-    slots = distill.get("slots")
-    _, tail = parse_distill_horizon(distill.get("horizon", "none"))
-    return distill_model(
-        model,
-        num_states=distill["num_states"],
-        arithmetic=distill["arithmetic"],
-        tol=None if slots is None else DEFAULT_TOL,
-        slots=slots,
-        tail=tail,
-    ).model
-
-
-def load_for_inference(directory: str) -> tuple[nnx.Module, dict[str, Any]]:
-    """Load the latest checkpoint in ``directory``, trained or distilled: ``(model, meta)``."""
-    require_not_shards(directory, "a checkpoint directory")
-    with Checkpointer(CheckpointConfig(directory), read_only=True) as ckpt:
-        meta = ckpt.restore_meta()
-        if "distill" not in meta:
-            return load_model(directory)
-        model = _distilled_template(meta["run"], meta["distill"])
-        state = nnx.state(model)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state)
-        )
-        pure, _, meta = ckpt.restore(abstract)
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
-    # the arrays are saved unwrapped; the restart policy wraps the restored layers
-    return set_horizon(
-        model, parse_distill_horizon(meta["distill"].get("horizon", "none"))[0]
-    ), meta
