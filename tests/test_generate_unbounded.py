@@ -42,15 +42,21 @@ def direct_lds(layer: LDSLayer, x: np.ndarray) -> np.ndarray:
     t = np.arange(x.shape[1])
     lag = t[:, None] - t[None, :]  # [T, T]
     words = np.asarray(layer.readout[...], np.float64).sum(axis=0)  # one word (plain)
-    if layer.decays.ndim == 3:  # reduced: real 2-state blocks, table [11, P, C], words [2, P, C]
+    if layer.config.blocks:  # reduced: per channel group, table [11, P * C_g], words [2, P * C_g]
         table = np.asarray(layer.decays[...], np.float64)
-        mu1, mu2 = table[0] + 1j * table[1], table[5] + 1j * table[6]  # [P, C]
-        e, (wx, wy) = table[10], words
+        kernel, start = np.zeros((*lag.shape, drive.shape[-1])), 0
         k = np.maximum(lag, 0)[..., None, None]  # [T, T, 1, 1]
-        p1, p2 = mu1**k, mu2**k  # [T, T, P, C]: the block's k-step map [[Re p1, -Im p1],
-        # [Im p1, Re p2]] applied to its input (1, e), read out by (wx, wy)
-        response = wx * (p1.real - p1.imag * e) + wy * (p1.imag + p2.real * e)
-        kernel = np.where(lag[..., None] >= 0, response.sum(axis=2), 0.0)  # [T, T, C]
+        for channels, slots in layer.config.groups:
+            stop = start + slots * len(channels)
+            group = table[:, start:stop].reshape(-1, slots, len(channels))
+            mu1, mu2 = group[0] + 1j * group[1], group[5] + 1j * group[6]  # [P, C_g]
+            e = group[10]
+            wx, wy = words[:, start:stop].reshape(2, slots, len(channels))
+            p1, p2 = mu1**k, mu2**k  # [T, T, P, C_g]: the block's k-step map [[Re p1, -Im p1],
+            # [Im p1, Re p2]] applied to its input (1, e), read out by (wx, wy)
+            response = wx * (p1.real - p1.imag * e) + wy * (p1.imag + p2.real * e)
+            kernel[..., list(channels)] = np.where(lag[..., None] >= 0, response.sum(axis=2), 0.0)
+            start = stop
     else:  # the bank's decays [m], readout words [C, m, 1]
         a, w = np.asarray(layer.decays[...], np.float64).reshape(-1), words[..., 0]
         powers = np.where(lag[..., None] >= 0, a ** np.maximum(lag, 0)[..., None], 0.0)
@@ -105,7 +111,7 @@ def distilled_model(config, seed, reduce=True):
 def test_decoding_past_max_len_equals_direct_float64_evaluation(config, reduce):
     model, distilled = distilled_model(config, seed=1, reduce=reduce)
     assert all(
-        (b.mixer.decays.ndim == 3) == reduce
+        bool(b.mixer.config.blocks) == reduce
         for b in distilled.blocks
         if isinstance(b.mixer, LDSLayer)
     )

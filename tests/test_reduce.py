@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from spectral_jax.distill.fit import fit_lds_bank
-from spectral_jax.distill.reduce import block_tables, reduce_channels
-from spectral_jax.nn.distillation import distill_model, layer_slots
+from spectral_jax.distill.reduce import block_tables, channel_groups, reduce_channels
+from spectral_jax.nn.distillation import distill_model, layer_blocks
 from spectral_jax.nn.lds_layer import distill_stu
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.nn.stu import STU, STUConfig
@@ -87,8 +87,9 @@ def test_reduced_layer_steps_as_it_prefills_past_max_len(bank):
     atol = 8 * np.sqrt(x.shape[1]) * U32 * scale
     np.testing.assert_allclose(jnp.stack(outs, 1), y, rtol=0, atol=atol)
     np.testing.assert_allclose(reference, y, rtol=0, atol=atol)
-    state_scale = float(jnp.abs(cache.state).max())
-    np.testing.assert_allclose(carry.state, cache.state, rtol=0, atol=atol / scale * state_scale)
+    for stepped, prefilled in zip(carry.state, cache.state, strict=True):  # one per group
+        state_scale = float(jnp.abs(prefilled).max())
+        np.testing.assert_allclose(stepped, prefilled, rtol=0, atol=atol / scale * state_scale)
     # the reduced kernels match the STU's within the tolerance (plus float32 FFT rounding)
     y_stu = np.asarray(stu(x[:, :L]), np.float64)
     rel = np.linalg.norm(np.asarray(y[:, :L]) - y_stu) / np.linalg.norm(y_stu)
@@ -101,10 +102,10 @@ def test_reduced_checkpoint_template_restores(bank):
         stu_projection="tensordot",
     )  # fmt: skip
     distilled, banks = distill_model(SpectralModel(cfg, rngs=nnx.Rngs(0)), num_states=STATES)
-    slots = layer_slots(banks)
-    assert all(s > 0 for s in slots)
+    blocks = layer_blocks(banks)
+    assert all(len(b) == 4 and min(b) > 0 for b in blocks)
     template = distill_model(
-        SpectralModel(cfg, rngs=nnx.Rngs(1)), num_states=STATES, slots=slots
+        SpectralModel(cfg, rngs=nnx.Rngs(1)), num_states=STATES, blocks=blocks
     ).model
     pure = nnx.to_pure_dict(nnx.state(distilled))
     state = nnx.state(template)
@@ -112,3 +113,56 @@ def test_reduced_checkpoint_template_restores(bank):
     nnx.update(template, state)
     tokens = jax.random.randint(jax.random.key(0), (2, L), 0, 7)
     np.testing.assert_array_equal(template(tokens), distilled(tokens))
+
+
+def test_channel_groups_pad_the_fewest_blocks():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        counts = rng.integers(1, 9, size=int(rng.integers(1, 8)))
+        groups = channel_groups(counts, max_groups=2)
+        # every channel exactly once, each group padded to its largest count
+        assert sorted(c for channels, _ in groups for c in channels) == list(range(counts.size))
+        assert all(slots == counts[list(channels)].max() for channels, slots in groups)
+        padded = sum(slots * len(channels) for channels, slots in groups)
+        # brute force over every split of the channels into two sets (or one)
+        best = counts.max() * counts.size
+        for mask in range(1, 2**counts.size - 1):
+            side = np.asarray([(mask >> i) & 1 for i in range(counts.size)], bool)
+            best = min(best, counts[side].max() * side.sum() + counts[~side].max() * (~side).sum())
+        assert padded == best
+        # one group when a second does not pad fewer blocks
+        assert len(groups) == 1 or padded < counts.max() * counts.size
+
+
+def test_grouped_channels_step_as_they_prefill(bank):
+    stu = STU(STUConfig(3, 4, L, K, "standard", "tensordot"), rngs=nnx.Rngs(0))
+    for name in ("M_filt_plus", "M_filt_minus"):  # channel 1: the first filter alone
+        getattr(stu, name)[...] = getattr(stu, name)[...].at[1:, 1].set(0.0)
+    layer, report = distill_stu(stu, bank, tol=1e-6)
+    groups = layer.config.groups
+    # channel 1 needs the fewest blocks: two groups, the channels out of order across them
+    assert len(groups) == 2 and groups[0][0] == (1,) and report["groups"] == 2
+    assert report["state_floats"] == 2 * sum(slots * len(ch) for ch, slots in groups)
+    x = jax.random.normal(jax.random.key(1), (2, L + 5, 3))
+    y, cache = layer.prefill(x)
+    assert [s.shape for s in cache.state] == [(2, 2, p, len(ch)) for ch, p in groups]
+    sequential, _ = layer.prefill(x, scan="sequential")
+    head, carry = layer.prefill(x[:, :-3])
+    steps = []
+    for t in range(x.shape[1] - 3, x.shape[1]):
+        carry, y_t = layer.step(carry, x[:, t])
+        steps.append(y_t)
+    scale = float(jnp.abs(y).max())
+    # float32 sums over at most L+5 positions of decaying blocks: a few sqrt(T) round-offs
+    atol = 8 * np.sqrt(x.shape[1]) * U32 * scale
+    np.testing.assert_allclose(sequential, y, rtol=0, atol=atol)
+    np.testing.assert_allclose(jnp.stack(steps, 1), y[:, -3:], rtol=0, atol=atol)
+    np.testing.assert_allclose(head, y[:, :-3], rtol=0, atol=atol)
+    # each channel's output is its own (the groups' outputs return to channel order): the
+    # reduced layer matches the STU within the tolerance plus float32 FFT rounding
+    y_stu = np.asarray(stu(x[:, :L]), np.float64)
+    for c in range(4):
+        rel = np.linalg.norm(np.asarray(y[:, :L, c]) - y_stu[..., c]) / np.linalg.norm(
+            y_stu[..., c]
+        )
+        assert rel <= 4 * 1e-6 + 2 * np.sqrt(L) * U32

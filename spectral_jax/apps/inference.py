@@ -2,8 +2,9 @@
 
 A distilled checkpoint holds the distilled model's state (no optimizer) and, in its metadata,
 the source run's record plus ``"distill": {"num_states", "arithmetic", "tol", "max_states",
-"slots", "horizon", "source", "report"}`` (``slots``: each layer's reduced size, 0 where not
-reduced; ``horizon``: the policy of :func:`~spectral_jax.nn.horizon.parse_distill_horizon`).
+"blocks", "horizon", "source", "report"}`` (``blocks``: each layer's blocks per channel,
+empty where not reduced; ``horizon``: the policy of
+:func:`~spectral_jax.nn.horizon.parse_distill_horizon`).
 Loading one rebuilds the same structure (the bank fit is deterministic and cached; reduced
 layers are built empty at their saved sizes) and restores the saved arrays into it.
 """
@@ -23,7 +24,7 @@ from spectral_jax.decode.evaluate import state_floats
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES, NO_TAIL, TailOptions
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.distill.report import reduction_lines
-from spectral_jax.nn.distillation import distill_model, layer_slots
+from spectral_jax.nn.distillation import distill_model, layer_blocks
 from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME
 from spectral_jax.train import CheckpointConfig, Checkpointer, load_model
@@ -176,7 +177,7 @@ def distill_checkpoint(
         "arithmetic": arithmetic,
         "tol": tol,
         "max_states": max_states,
-        "slots": layer_slots(report["banks"]),
+        "blocks": layer_blocks(report["banks"]),
         "horizon": horizon,
         "source": source,
         "report": report,

@@ -75,18 +75,22 @@ def bank_report(
 
 def reduction_lines(banks: list[dict[str, Any]]) -> list[str]:
     """One line per distilled layer of :func:`~spectral_jax.nn.distillation.distill_model`'s
-    bank reports: real states per channel (min/mean/max), complex slots after padding, the
-    balanced-truncation bound and the measured kernel error (largest over the channels), or
-    that the layer keeps the bank's shared states."""
-    lines = [f"{'layer':<28}{'states min/mean/max':>21}{'slots':>7}{'bound':>10}{'kernel err':>12}"]
+    bank reports: real states per channel (min/mean/max), the channel groups and the state
+    floats per sequence after their padding, the balanced-truncation bound and the measured
+    kernel error (largest over the channels), or that the layer keeps the bank's shared
+    states."""
+    lines = [
+        f"{'layer':<28}{'states min/mean/max':>21}{'groups':>7}{'state floats':>14}"
+        f"{'bound':>10}{'kernel err':>12}"
+    ]
     for bank in banks:
         for layer in bank["reduction"]:
-            if not layer["slots"]:
+            if not layer["blocks"]:
                 lines.append(f"{layer['path']:<28}  not reduced: the bank's {bank['num_states']}")
                 continue
             states = f"{layer['states_min']}/{layer['states_mean']:.1f}/{layer['states_max']}"
             lines.append(
-                f"{layer['path']:<28}{states:>21}{layer['slots']:>7}"
+                f"{layer['path']:<28}{states:>21}{layer['groups']:>7}{layer['state_floats']:>14,}"
                 f"{layer['bound_max']:>10.2e}{layer['error_max']:>12.2e}"
             )
     return lines

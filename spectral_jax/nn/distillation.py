@@ -43,7 +43,7 @@ def distill_model(
     arithmetic: Arithmetic = "plain",
     tol: float | None = DEFAULT_TOL,
     max_states: int | None = None,
-    slots: Sequence[int] | None = None,
+    blocks: Sequence[Sequence[int]] | None = None,
     tail: TailOptions = NO_TAIL,
 ) -> DistilledModel:
     """A copy of ``model`` in which every :class:`STU` is replaced by its :class:`LDSLayer`.
@@ -53,8 +53,9 @@ def distill_model(
     ``"plain"`` float32 (default) or ``"compensated"`` (the exact mode; see
     :mod:`spectral_jax.ops.lds_arithmetic`). ``tol`` / ``max_states``: the per-channel reduction
     of tensordot layers in plain arithmetic (:func:`~spectral_jax.nn.lds_layer.distill_stu`;
-    ``tol=None`` keeps the bank's states). ``slots``: one per STU in model order (0: not
-    reduced), to build a template of a distilled checkpoint's shapes without reducing.
+    ``tol=None`` keeps the bank's states). ``blocks``: one per STU in model order, its blocks per
+    channel (empty: not reduced), to build a template of a distilled checkpoint's shapes
+    without reducing.
     ``tail``: the banks' horizon options (:class:`~spectral_jax.distill.fit.TailOptions`: the
     tail-penalised fit, the eigenvalue cap; off by default).
     """
@@ -68,8 +69,8 @@ def distill_model(
     ]
     if not targets:
         raise ValueError(f"{type(model).__name__} contains no STU layer to distill")
-    if slots is not None and len(slots) != len(targets):
-        raise ValueError(f"slots has {len(slots)} entries for {len(targets)} STU layers")
+    if blocks is not None and len(blocks) != len(targets):
+        raise ValueError(f"blocks has {len(blocks)} entries for {len(targets)} STU layers")
     banks: dict[tuple[int, int, str], tuple[LDSBank, dict[str, Any]]] = {}
     for i, (path, parent, key, stu) in enumerate(targets):
         cfg = stu.config
@@ -79,27 +80,28 @@ def distill_model(
             summary = {"L": spec[0], "K": spec[1], "variant": spec[2], "layers": 0, **report}
             banks[spec] = (bank, {**summary, "reduction": []})
         banks[spec][1]["layers"] += 1
-        layer_tol = tol if slots is None or slots[i] else None
+        layer_tol = tol if blocks is None or len(blocks[i]) else None
         layer, reduction = distill_stu(
             stu,
             banks[spec][0],
             arithmetic=arithmetic,
             tol=layer_tol,
             max_states=max_states,
-            slots=None if slots is None else slots[i],
+            blocks=None if blocks is None or not len(blocks[i]) else blocks[i],
         )
         name = "/".join(str(p) for p in (*path, key))
         banks[spec][1]["reduction"].append(
-            {"order": i, "path": name, "slots": layer.config.slots, **(reduction or {})}
+            {"order": i, "path": name, "blocks": list(layer.config.blocks), **(reduction or {})}
         )
         setattr(parent, str(key), layer)
     return DistilledModel(distilled, [report for _, report in banks.values()])
 
 
-def layer_slots(banks: list[dict[str, Any]]) -> list[int]:
-    """The slots of every distilled layer in model order, from :func:`distill_model`'s bank
-    reports (what a checkpoint keeps to rebuild its template)."""
+def layer_blocks(banks: list[dict[str, Any]]) -> list[list[int]]:
+    """The blocks per channel of every distilled layer in model order (empty: not reduced),
+    from :func:`distill_model`'s bank reports (what a checkpoint keeps to rebuild its
+    template)."""
     layers = sorted(
         (entry for bank in banks for entry in bank["reduction"]), key=lambda e: e["order"]
     )
-    return [entry["slots"] for entry in layers]
+    return [entry["blocks"] for entry in layers]

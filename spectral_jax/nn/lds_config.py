@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 
 from spectral_jax.distill.bank import LDSBank
-from spectral_jax.distill.reduce import reducible
+from spectral_jax.distill.reduce import channel_groups, reducible
 from spectral_jax.nn.stu import STUConfig
 from spectral_jax.ops.lds_arithmetic import ARITHMETICS_BY_NAME, LDSArithmetic
 from spectral_jax.validation import ARITHMETICS, STATE_DTYPES, Arithmetic, float_dtype, one_of
@@ -24,14 +25,15 @@ class LDSConfig:
         ``param_dtype`` is the dtype of the LDS parameters and states: float32, or float64 for
         references under ``jax.enable_x64`` (plain arithmetic only).
       arithmetic: ``"plain"`` (default) or ``"compensated"`` (float32 pairs; float32 only).
-      slots: 0 for the bank's shared states ``[C, S, n]``; else the real 2-state blocks per
-        channel of a per-channel reduction (:mod:`spectral_jax.distill.reduce`), states
-        ``[2, slots, C]`` (tensordot projections in plain arithmetic only).
+      blocks: ``()`` for the bank's shared states ``[C, S, n]``; else each channel's real
+        2-state blocks ``[C]`` of a per-channel reduction (:mod:`spectral_jax.distill.reduce`;
+        tensordot projections in plain arithmetic only). Its channels run in :attr:`groups`,
+        with states ``[2, P_g, C_g]`` each.
     """
 
     stu: STUConfig
     arithmetic: Arithmetic = "plain"
-    slots: int = 0
+    blocks: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.stu, STUConfig):
@@ -44,28 +46,51 @@ class LDSConfig:
             self.stu.param_dtype,
             self.lds_arithmetic.param_dtypes,
         )
-        if not isinstance(self.slots, int) or isinstance(self.slots, bool) or self.slots < 0:
-            raise ValueError(f"LDSConfig.slots must be a non-negative integer, got {self.slots!r}")
-        if self.slots and not reducible(self.stu.projection, self.arithmetic):
+        blocks = self.blocks
+        if not isinstance(blocks, tuple) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in blocks
+        ):
             raise ValueError(
-                f"LDSConfig.slots={self.slots}: only tensordot layers in plain arithmetic are "
-                f"reduced per channel, not {self.stu.projection} in {self.arithmetic}; use slots=0"
+                f"LDSConfig.blocks must be a tuple of positive integers, got {blocks!r}"
+            )
+        if blocks and not reducible(self.stu.projection, self.arithmetic):
+            raise ValueError(
+                f"LDSConfig.blocks: only tensordot layers in plain arithmetic are reduced per "
+                f"channel, not {self.stu.projection} in {self.arithmetic}; use blocks=()"
+            )
+        if blocks and len(blocks) != self.channels:
+            raise ValueError(
+                f"LDSConfig.blocks has {len(blocks)} entries for {self.channels} channels"
             )
 
     @classmethod
-    def for_stu(cls, stu: STUConfig, arithmetic: Arithmetic = "plain", slots: int = 0) -> LDSConfig:
-        """The config of ``stu`` distilled in ``arithmetic`` (``slots``: as the attribute);
+    def for_stu(
+        cls, stu: STUConfig, arithmetic: Arithmetic = "plain", blocks: tuple[int, ...] = ()
+    ) -> LDSConfig:
+        """The config of ``stu`` distilled in ``arithmetic`` (``blocks``: as the attribute);
         parameters become float32 where the arithmetic needs it (compensated), else keep the
         STU's ``param_dtype``."""
         one_of("LDSConfig", "arithmetic", arithmetic, ARITHMETICS)
         allowed = ARITHMETICS_BY_NAME[arithmetic].param_dtypes
         if jnp.dtype(stu.param_dtype).name not in allowed:
             stu = dataclasses.replace(stu, param_dtype=jnp.dtype(allowed[0]))
-        return cls(stu, arithmetic, slots)
+        return cls(stu, arithmetic, tuple(blocks))
 
     @property
     def lds_arithmetic(self) -> LDSArithmetic:
         return ARITHMETICS_BY_NAME[self.arithmetic]
+
+    @property
+    def slots(self) -> int:
+        """The most blocks of any channel (0: not reduced): the padded checkpoint arrays'
+        ``[C, slots, 2]``."""
+        return max(self.blocks, default=0)
+
+    @functools.cached_property
+    def groups(self) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """The channel groups of a reduced layer, ``((channels, P_g), ...)``
+        (:func:`~spectral_jax.distill.reduce.channel_groups`; ``()`` when not reduced)."""
+        return channel_groups(self.blocks) if self.blocks else ()
 
     @property
     def channels(self) -> int:

@@ -29,6 +29,7 @@ float64 STU at L=8192, K=24, 120 states; float64 under ``jax.enable_x64`` for re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,7 +40,13 @@ from flax import nnx
 from spectral_jax.distill.bank import LDSBank
 from spectral_jax.distill.convert import stu_to_lds
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES, fit_lds_bank
-from spectral_jax.distill.reduce import DEFAULT_TOL, block_tables, reduce_readout, reducible
+from spectral_jax.distill.reduce import (
+    DEFAULT_TOL,
+    block_counts,
+    group_tables,
+    reduce_readout,
+    reducible,
+)
 from spectral_jax.nn.lds_config import LDSConfig, check_bank
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU, STU_PARAM_AXES
@@ -51,7 +58,7 @@ from spectral_jax.validation import SCAN_KINDS, Arithmetic, ScanKind, one_of, po
 class LDSCache(NamedTuple):
     """Decode state: the LDS ``state`` ``[B, C, S, n]`` in the layer's arithmetic (one array for
     plain, a :class:`~spectral_jax.ops.lds_compensated.DoubleFloat` pair for compensated;
-    real blocks ``[B, 2, slots, C]`` for a reduced layer), the
+    a tuple of real blocks ``[B, 2, P_g, C_g]``, one per channel group, for a reduced layer), the
     last ``k_u - 1`` inputs ``[B, k_u - 1, d_in]`` and the last ``k_y`` outputs
     ``[B, k_y, d_out]`` (most recent first)."""
 
@@ -62,7 +69,8 @@ class LDSCache(NamedTuple):
 
 class LDSDecays(nnx.Variable):
     """Fixed decays ``[S, n]`` of the distilled LDS (not trained); a reduced layer's block table
-    ``[11, slots, C]`` (:func:`~spectral_jax.distill.reduce.block_tables`)."""
+    ``[11, S]``: its channel groups' tables, flattened
+    (:func:`~spectral_jax.distill.reduce.group_tables`)."""
 
 
 class LDSReadout(nnx.Variable):
@@ -94,9 +102,9 @@ class LDSLayer(nnx.Module):
         # readout weights and kernels in float64 on the host (full: the bank's coeffs and
         # filters; tensordot: the folded readout and its channels' kernels; reduced: each
         # channel's slots)
-        if config.slots:
+        if config.blocks:
             table, weights, kernels = self._reduced_arrays(config, params)
-            self.decays = LDSDecays(jnp.asarray(table, pdt), logical_axes=(None, None, None))
+            self.decays = LDSDecays(jnp.asarray(table, pdt), logical_axes=(None, None))
         else:
             weights, kernels = cfg.projector.lds_fixed(bank.responses(), bank.coeffs, params)
         # fixed arrays, replicated (the kernels are never split along time)
@@ -106,7 +114,8 @@ class LDSLayer(nnx.Module):
 
     @staticmethod
     def _reduced_arrays(config: LDSConfig, params: dict[str, Any]) -> tuple:
-        """The reduced layer's float64 ``(decay table, readout, kernels)`` from its blocks
+        """The reduced layer's float64 ``(decay table [11, S], readout [2, S], kernels)`` of its
+        channel groups (:func:`~spectral_jax.distill.reduce.group_tables`) from its blocks
         ``params["reduced_decays"]`` (complex), ``params["reduced_readout"]`` (real), both
         ``[C, slots, 2]`` (:func:`~spectral_jax.distill.reduce.pack_blocks`)."""
         shape = (config.channels, config.slots, 2)
@@ -116,7 +125,14 @@ class LDSLayer(nnx.Module):
                     f"a reduced LDSLayer needs {name} of shape {shape}, got "
                     f"{np.shape(params[name]) if name in params else 'none'}"
                 )
-        return block_tables(params["reduced_decays"], params["reduced_readout"], config.stu.max_len)
+        mu, weights = params["reduced_decays"], params["reduced_readout"]
+        # a template's blocks are zeros (the checkpoint's arrays are restored into it)
+        if block_counts(mu, weights) != config.blocks and np.any(mu != 0):
+            raise ValueError(
+                f"the reduced blocks' counts per channel differ from the config's blocks "
+                f"{config.blocks}"
+            )
+        return group_tables(mu, weights, config.groups, config.stu.max_len)
 
     @classmethod
     def from_stu(
@@ -160,8 +176,7 @@ class LDSLayer(nnx.Module):
         shapes = cfg.projector.lds_param_shapes(
             cfg.num_filters, cfg.d_in, cfg.d_out, cfg.two_branch
         )
-        system = ReducedLDS if self.config.slots else DistilledLDS
-        return system(
+        arrays = (
             cfg.projector,
             self.config.lds_arithmetic,
             self.decays[...],
@@ -169,6 +184,9 @@ class LDSLayer(nnx.Module):
             self.kernels[...],
             {name: getattr(self, name)[...] for name in shapes},
         )
+        if self.config.blocks:
+            return ReducedLDS(*arrays, layout=self.config.groups)
+        return DistilledLDS(*arrays)
 
     def __call__(self, x: jax.Array, *, scan: ScanKind = "fft") -> jax.Array:
         """Parallel path: ``x [B, L, d_in] -> [B, L, d_out]`` in ``config.stu.dtype``, any
@@ -261,7 +279,7 @@ def distill_stu(
     arithmetic: Arithmetic = "plain",
     tol: float | None = DEFAULT_TOL,
     max_states: int | None = None,
-    slots: int | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> tuple[LDSLayer, dict[str, Any] | None]:
     """Distill ``stu`` into an :class:`LDSLayer` and its reduction report.
 
@@ -269,8 +287,8 @@ def distill_stu(
     (:func:`~spectral_jax.distill.reduce.reduce_channels`) to a relative kernel error of at most
     ``tol`` at its ``max_len`` (and at most ``max_states`` states per channel); ``tol=None``
     keeps the bank's shared states, and so do full projections and compensated layers (their
-    report is None). ``slots``: build an empty reduced layer of that many slots instead (a
-    template that a checkpoint's arrays are restored into; nothing is reduced).
+    report is None). ``blocks``: build an empty reduced layer of these blocks per channel instead
+    (a template that a checkpoint's arrays are restored into; nothing is reduced).
     """
     cfg = stu.config
     if bank is None:
@@ -281,12 +299,16 @@ def distill_stu(
     params = stu_to_lds(stu.params(), bank, cfg.projection)
     if tol is None or not reducible(cfg.projection, arithmetic):
         return LDSLayer(LDSConfig.for_stu(cfg, arithmetic), bank, params), None
-    if slots is not None:
-        zeros = np.zeros((cfg.d_out, slots, 2))
+    if blocks is not None:
+        config = LDSConfig.for_stu(cfg, arithmetic, tuple(blocks))
+        zeros = np.zeros((config.channels, config.slots, 2))
         params = {**params, "reduced_decays": zeros + 0j, "reduced_readout": zeros}
-        return LDSLayer(LDSConfig.for_stu(cfg, arithmetic, slots), bank, params), None
+        return LDSLayer(config, bank, params), None
     reduced = reduce_readout(params["readout"], bank.branch_decays(), cfg.max_len, tol, max_states)
     mu, weights = reduced.blocks()
     params = {**params, "reduced_decays": mu, "reduced_readout": weights}
-    layer = LDSLayer(LDSConfig.for_stu(cfg, arithmetic, reduced.slots), bank, params)
-    return layer, {"tol": tol, "max_states": max_states, **reduced.summary()}
+    config = LDSConfig.for_stu(cfg, arithmetic, block_counts(mu, weights))
+    layer = LDSLayer(config, bank, params)
+    padded = sum(slots * len(channels) for channels, slots in config.groups)
+    summary = {"tol": tol, "max_states": max_states, **reduced.summary()}
+    return layer, {**summary, "groups": len(config.groups), "state_floats": 2 * padded}

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from spectral_jax.ops import lds, lds_continuation
 from spectral_jax.ops.lds_arithmetic import LDSArithmetic
@@ -133,23 +134,32 @@ def slot_powers(fields: jax.Array, n: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ReducedLDS(DistilledLDS):
-    """A tensordot layer's LDS reduced per channel (:mod:`spectral_jax.distill.reduce`), in real
-    2-state blocks (:func:`~spectral_jax.distill.reduce.pack_blocks`): block ``p`` of channel
-    ``c`` holds ``(x, y)`` with ``x' = Re(mu1) x - Im(mu1) y + u[c]``,
-    ``y' = Im(mu1) x + Re(mu2) y + e u[c]``, read as ``y[c] = sum_p wx x + wy y``. Its
-    ``n``-step map is ``[[Re mu1^n, -Im mu1^n], [Im mu1^n, Re mu2^n]]`` (a rotation for a pair,
-    a diagonal for two real decays). Plain arithmetic only.
+class BlockGroup:
+    """One channel group of a reduced layer, in real 2-state blocks
+    (:func:`~spectral_jax.distill.reduce.pack_blocks`): block ``p`` of channel ``c`` holds
+    ``(x, y)`` with ``x' = Re(mu1) x - Im(mu1) y + u[c]``, ``y' = Im(mu1) x + Re(mu2) y + e u[c]``,
+    read as ``y[c] = sum_p wx x + wy y``. Its ``n``-step map is
+    ``[[Re mu1^n, -Im mu1^n], [Im mu1^n, Re mu2^n]]`` (a rotation for a pair, a diagonal for two
+    real decays).
 
-    Attributes (beyond :class:`DistilledLDS`'s): ``decays`` is the table ``[11, P, C]``
-    (``mu1``'s and ``mu2``'s fields, then ``e``); ``readout`` is ``[1, 2, P, C]`` (``wx, wy``).
-    States are real ``[B, 2, P, C]`` (``x`` then ``y`` planes, channels last, so every update
-    runs along the batch's channels in one pass).
+    Attributes:
+      table: ``[11, P, C]``: ``mu1``'s and ``mu2``'s five fields, then ``e``
+        (:func:`~spectral_jax.distill.reduce.block_tables`).
+      weights: ``[2, P, C]`` (``wx, wy``).
+
+    States are real ``[..., 2, P, C]`` (``x`` then ``y`` planes, channels last, so every update
+    runs along the batch's channels in one pass); drives are ``[..., C]``.
     """
+
+    table: jax.Array
+    weights: jax.Array
 
     def _powers(self, n: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(mu1^n, mu2^n)`` complex, ``n`` broadcastable against ``[P, C]``."""
-        return slot_powers(self.decays[0:5], n), slot_powers(self.decays[5:10], n)
+        return slot_powers(self.table[0:5], n), slot_powers(self.table[5:10], n)
+
+    def zeros(self, batch: int) -> jax.Array:
+        return jnp.zeros((batch, 2, *self.table.shape[1:]), self.table.dtype)
 
     def advance(self, n: jax.Array, state: jax.Array) -> jax.Array:
         """The blocks' ``n``-step map applied to ``state [..., 2, P, C]``."""
@@ -157,29 +167,22 @@ class ReducedLDS(DistilledLDS):
         x, y = state[..., 0, :, :], state[..., 1, :, :]
         return jnp.stack([p1.real * x - p1.imag * y, p1.imag * x + p2.real * y], axis=-3)
 
-    def _inputs(self, drive: jax.Array) -> jax.Array:
-        """The state's input ``[..., 2, P, C]`` of a drive ``[..., C]``: ``(u, e u)``."""
-        u = jnp.broadcast_to(drive[..., None, :], (*drive.shape[:-1], *self.decays.shape[1:]))
-        return jnp.stack([u, self.decays[10] * u], axis=-3)
-
-    def zeros(self, batch: int, channels: int) -> jax.Array:
-        """The empty state ``[batch, 2, P, C]`` (``channels`` must be ``C``)."""
-        if channels != self.decays.shape[2]:
-            raise ValueError(
-                f"this reduced LDS has {self.decays.shape[2]} channels, not {channels}"
-            )
-        return jnp.zeros((batch, 2, *self.decays.shape[1:]), self.decays.dtype)
-
     def read(self, states: jax.Array) -> jax.Array:
         """``states [..., 2, P, C] -> [..., C]``: one pass over the state."""
-        weights = self.arithmetic.weights(self.readout)
-        return jnp.sum(states[..., 0, :, :] * weights[0] + states[..., 1, :, :] * weights[1], -2)
+        w = self.weights
+        return jnp.sum(states[..., 0, :, :] * w[0] + states[..., 1, :, :] * w[1], -2)
 
-    def final_state(self, x: jax.Array, x0: Any = None) -> jax.Array:
-        """The state ``[B, 2, P, C]`` after ``x [B, T, d_in]`` from ``x0`` (zeros if None), by
+    def update(self, state: jax.Array, drive: jax.Array) -> jax.Array:
+        """``state [B, 2, P, C]`` after one position of ``drive [B, C]``: elementwise over
+        planes ``[P, C]``, nothing of the state's size formed besides it."""
+        t = self.table
+        x, y, u = state[:, 0], state[:, 1], drive[:, None, :]
+        return jnp.stack([t[0] * x - t[1] * y + u, t[1] * x + t[5] * y + t[10] * u], axis=1)
+
+    def final_state(self, drive: jax.Array, x0: jax.Array | None) -> jax.Array:
+        """The state ``[B, 2, P, C]`` after ``drive [B, T, C]`` from ``x0`` (zeros if None), by
         matmuls against the decays' powers (within chunks of :data:`SLOT_CHUNK`, then across):
         ``x = Re S1``, ``y = Im S1 + e Re S2`` with ``S_i = sum_t mu_i^(T-1-t) u_t``."""
-        drive = self.drive(x)
         B, T, C = drive.shape
         chunk = min(SLOT_CHUNK, T)
         count = -(-T // chunk)
@@ -196,33 +199,30 @@ class ReducedLDS(DistilledLDS):
             )
             for w, a in zip(within, across, strict=True)
         )
-        state = jnp.stack([s1.real, s1.imag + self.decays[10] * s2.real], axis=1)
-        if x0 is None:
-            return state
-        return state + self.advance(jnp.asarray(T), x0)
+        state = jnp.stack([s1.real, s1.imag + self.table[10] * s2.real], axis=1)
+        return state if x0 is None else state + self.advance(jnp.asarray(T), x0)
 
     def free_response(self, state: jax.Array, length: int) -> jax.Array:
         """Outputs ``[B, length, C]`` of ``state [B, 2, P, C]`` with zero inputs:
         ``sum_p Re(mu1^t) wx x + Im(mu1^t) (wy x - wx y) + Re(mu2^t) wy y``."""
-        wx, wy = self.arithmetic.weights(self.readout)
+        wx, wy = self.weights
         p1, p2 = self._powers(jnp.arange(1, length + 1).reshape(length, 1, 1))
         x, y = state[:, 0], state[:, 1]
         terms = ((p1.real, wx * x), (p1.imag, wy * x - wx * y), (p2.real, wy * y))
         return sum(jnp.einsum("tpc,bpc->btc", p, s, precision=HIGHEST) for p, s in terms)
 
-    def scan(self, kind: str, x: jax.Array, x0: Any = None) -> jax.Array:
-        """Every state ``[B, T, 2, P, C]`` of ``x [B, T, d_in]`` from ``x0``, by a sequential
-        ``lax.scan`` or an associative scan over (steps, state) segments."""
-        drive = jnp.swapaxes(self.drive(x), 0, 1)  # [T, B, C]
-        x0 = self.zeros(x.shape[0], self.decays.shape[2]) if x0 is None else x0
+    def scan(self, kind: str, drive: jax.Array, x0: jax.Array) -> jax.Array:
+        """Every state ``[B, T, 2, P, C]`` of ``drive [T, B, C]`` (time first) from ``x0``, by a
+        sequential ``lax.scan`` or an associative scan over (steps, state) segments."""
         if kind == "sequential":
 
             def advance(z, u):
-                z = self._update(z, u)
+                z = self.update(z, u)
                 return z, z
 
             return jnp.swapaxes(jax.lax.scan(advance, x0, drive)[1], 0, 1)
-        u = self._inputs(drive)
+        u = jnp.broadcast_to(drive[..., None, :], (*drive.shape[:-1], *self.table.shape[1:]))
+        u = jnp.stack([u, self.table[10] * u], axis=-3)
         u = u.at[0].add(self.advance(jnp.asarray(1), x0))
         counts = jnp.ones((u.shape[0], 1, 1, 1), jnp.int32)
 
@@ -231,14 +231,86 @@ class ReducedLDS(DistilledLDS):
 
         return jnp.swapaxes(jax.lax.associative_scan(combine, (counts, u))[1], 0, 1)
 
-    def _update(self, state: jax.Array, drive: jax.Array) -> jax.Array:
-        """``state [B, 2, P, C]`` after one position of ``drive [B, C]``: elementwise over
-        planes ``[P, C]``, nothing of the state's size formed besides it."""
-        t = self.decays
-        x, y, u = state[:, 0], state[:, 1], drive[:, None, :]
-        return jnp.stack([t[0] * x - t[1] * y + u, t[1] * x + t[5] * y + t[10] * u], axis=1)
 
-    def step(self, state: jax.Array, x_t: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """One position: update and readout in one pass over ``state [B, 2, P, C]``."""
-        state = self._update(state, self.drive(x_t))
-        return state, self.read(state)
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReducedLDS(DistilledLDS):
+    """A tensordot layer's LDS reduced per channel (:mod:`spectral_jax.distill.reduce`), its
+    channels in groups of :class:`BlockGroup` (each padded to its own block count). Plain
+    arithmetic only.
+
+    Attributes (beyond :class:`DistilledLDS`'s): ``decays`` is the groups' tables flattened
+    and concatenated, ``[11, sum_g P_g C_g]``; ``readout`` their weights, ``[1, 2, sum_g P_g
+    C_g]``; ``layout`` the groups ``((channels, P_g), ...)``
+    (:func:`~spectral_jax.distill.reduce.channel_groups`). States are tuples of one
+    ``[B, 2, P_g, C_g]`` per group.
+    """
+
+    layout: tuple[tuple[tuple[int, ...], int], ...] = ()
+
+    def _groups(self) -> list[tuple[np.ndarray, BlockGroup]]:
+        """``(channels [C_g], group)`` of every group, sliced from the flat arrays."""
+        weights = self.arithmetic.weights(self.readout)
+        groups, start = [], 0
+        for channels, slots in self.layout:
+            shape, stop = (slots, len(channels)), start + slots * len(channels)
+            table = self.decays[:, start:stop].reshape(-1, *shape)
+            groups.append(
+                (np.asarray(channels), BlockGroup(table, weights[:, start:stop].reshape(2, *shape)))
+            )
+            start = stop
+        return groups
+
+    def _split(self, drive: jax.Array) -> list[tuple[jax.Array, BlockGroup]]:
+        """Each group's drive ``[..., C_g]`` of ``drive [..., C]``, with its group."""
+        groups = self._groups()
+        if len(groups) == 1:
+            return [(drive, groups[0][1])]
+        return [(drive[..., channels], group) for channels, group in groups]
+
+    def _merge(self, outputs: list[jax.Array]) -> jax.Array:
+        """The groups' outputs ``[..., C_g]`` back in channel order ``[..., C]``."""
+        if len(outputs) == 1:
+            return outputs[0]
+        order = np.argsort(np.concatenate([channels for channels, _ in self.layout]))
+        return jnp.concatenate(outputs, axis=-1)[..., order]
+
+    def advance(self, n: jax.Array, state: tuple) -> tuple:
+        """Every group's ``n``-step map applied to its ``state [..., 2, P_g, C_g]``."""
+        return tuple(g.advance(n, s) for (_, g), s in zip(self._groups(), state, strict=True))
+
+    def zeros(self, batch: int, channels: int) -> tuple:
+        """The empty state: one ``[batch, 2, P_g, C_g]`` per group (``channels`` must be C)."""
+        width = sum(len(ch) for ch, _ in self.layout)
+        if channels != width:
+            raise ValueError(f"this reduced LDS has {width} channels, not {channels}")
+        return tuple(g.zeros(batch) for _, g in self._groups())
+
+    def read(self, states: tuple) -> jax.Array:
+        """``states`` (per group ``[..., 2, P_g, C_g]``) ``-> [..., C]``."""
+        groups = self._groups()
+        return self._merge([g.read(s) for (_, g), s in zip(groups, states, strict=True)])
+
+    def final_state(self, x: jax.Array, x0: Any = None) -> tuple:
+        """The state after ``x [B, T, d_in]`` from ``x0`` (zeros if None)."""
+        parts = self._split(self.drive(x))
+        x0 = (None,) * len(parts) if x0 is None else x0
+        return tuple(g.final_state(d, s) for (d, g), s in zip(parts, x0, strict=True))
+
+    def free_response(self, state: tuple, length: int) -> jax.Array:
+        """Outputs ``[B, length, C]`` of ``state`` with zero inputs."""
+        groups = self._groups()
+        return self._merge(
+            [g.free_response(s, length) for (_, g), s in zip(groups, state, strict=True)]
+        )
+
+    def scan(self, kind: str, x: jax.Array, x0: Any = None) -> tuple:
+        """Every state (per group ``[B, T, 2, P_g, C_g]``) of ``x [B, T, d_in]`` from ``x0``."""
+        parts = self._split(jnp.swapaxes(self.drive(x), 0, 1))  # [T, B, C]
+        x0 = self.zeros(x.shape[0], sum(len(ch) for ch, _ in self.layout)) if x0 is None else x0
+        return tuple(g.scan(kind, d, s) for (d, g), s in zip(parts, x0, strict=True))
+
+    def step(self, state: tuple, x_t: jax.Array) -> tuple[tuple, jax.Array]:
+        """One position: each group's update and readout in one pass over its state."""
+        parts = self._split(self.drive(x_t))
+        state = tuple(g.update(s, d) for (d, g), s in zip(parts, state, strict=True))
+        return state, self._merge([g.read(s) for (_, g), s in zip(parts, state, strict=True)])

@@ -60,15 +60,21 @@ def _distilled_template(record: dict[str, Any], distill: dict[str, Any] | None) 
     model = SpectralModel(model_config_from_record(record), rngs=nnx.Rngs(0))
     if distill is None:
         return model
-    # checkpoints written before the reduction have no slots: every layer unreduced
-    slots = distill.get("slots")
+    # checkpoints written before the reduction have no blocks: every layer unreduced
+    if "slots" in distill and "blocks" not in distill:
+        raise ValueError(
+            "this distilled checkpoint was written with the earlier single-group reduced layout "
+            "(slots per layer), which this version no longer reads; distill its source "
+            "checkpoint again with `spectral-jax distill`"
+        )
+    blocks = distill.get("blocks")
     _, tail = parse_distill_horizon(distill.get("horizon", "none"))
     return distill_model(
         model,
         num_states=distill["num_states"],
         arithmetic=distill["arithmetic"],
-        tol=None if slots is None else DEFAULT_TOL,
-        slots=slots,
+        tol=None if blocks is None else DEFAULT_TOL,
+        blocks=blocks,
         tail=tail,
     ).model
 
