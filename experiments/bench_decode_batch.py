@@ -118,19 +118,25 @@ def matmul_rate(batch: int, steps: int, size: dict, hidden: int) -> float:
     return batch * steps * (layers * (2 * D * D + 6 * D * F) + 2 * D * V) / seconds
 
 
+def our_config(size: dict, name: str) -> ModelConfig:
+    """The config of our model ``name`` (a key of :data:`OURS`) at ``size`` (FULL or QUICK);
+    random weights and ``decode_plan(model, "lds")`` make the benchmarked model."""
+    pattern, projection = MODELS[OURS[name]]
+    return ModelConfig(
+        d_model=size["d_model"], num_layers=size["num_layers"],
+        max_len=size["prompt"] + size["new"], vocab_size=size["vocab"],
+        num_filters=size["num_filters"], layer_pattern=pattern, stu_projection=projection,
+        num_heads=size["heads"], window=size["window"],
+    )  # fmt: skip
+
+
 def build(size: dict, names: list[str]):
     """``({name: (prefill, decode, FLOPs per token)}`` for the models of ``names`` that can run
     here, ``{name: reason}`` for those that cannot, the MLP width)``."""
     models, absent = {}, {}
     one_row = jnp.zeros((1, size["prompt"]), jnp.int32)
-    for name, key in OURS.items():
-        pattern, projection = MODELS[key]
-        config = ModelConfig(
-            d_model=size["d_model"], num_layers=size["num_layers"],
-            max_len=size["prompt"] + size["new"], vocab_size=size["vocab"],
-            num_filters=size["num_filters"], layer_pattern=pattern, stu_projection=projection,
-            num_heads=size["heads"], window=size["window"],
-        )  # fmt: skip
+    for name in OURS:
+        config = our_config(size, name)
         hidden = config.hidden_dim  # the same for both of ours (their default SwiGLU width)
         if name not in names:
             continue
