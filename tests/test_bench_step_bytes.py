@@ -37,11 +37,22 @@ def test_state_sized_counts_what_the_program_materialises(bench):
         wide = jnp.broadcast_to(u[..., None], s.shape)
         return s * 2 + wide, wide
 
-    size = {state.size}
-    for fn, count in ((fused, 1), (written, 2)):
-        arrays = bench.state_sized(jax.jit(fn).lower(state, drive).compile().as_text(), size)
-        assert len(arrays) == count, arrays
-        assert all(a.endswith("f32[2,3,4]") for a in arrays)
+    def plane(s, u):  # half the state (one of its 2 planes) is returned too: it counts
+        return s * 2 + u[..., None], s[0] + 1
+
+    def smaller(s, u):  # a third of it does not
+        return s * 2 + u[..., None], s[:, 0] + 1
+
+    def other(s, u):  # nor does as many elements in other dimensions
+        return s * 2 + u[..., None], jnp.ones((24,)) * u[0, 0]
+
+    expected = {fused: ["f32[2,3,4]"], written: ["f32[2,3,4]"] * 2,
+                plane: ["f32[2,3,4]", "f32[3,4]"], smaller: ["f32[2,3,4]"],
+                other: ["f32[2,3,4]"]}  # fmt: skip
+    for fn, shapes in expected.items():
+        hlo = jax.jit(fn).lower(state, drive).compile().as_text()
+        arrays = bench.state_sized(hlo, [state.shape])
+        assert sorted(a.split()[-1] for a in arrays) == sorted(shapes), (fn.__name__, arrays)
 
 
 def test_quick_run_writes_the_documented_json(bench, tmp_path, capsys):
