@@ -75,13 +75,14 @@ QUICK = dict(d_model=16, num_layers=4, num_filters=8, vocab=256, heads=4, window
 
 def distilled_flops_per_token(config: ModelConfig, cache) -> float:
     """Decode FLOPs per token of a distilled tensordot model (module docstring), the states per
-    sequence of each layer read from its decode ``cache`` (a ``ModelCache``, or its shapes)."""
+    sequence of each layer read from its decode ``cache`` (a ``ModelCache``, or its shapes): every
+    leaf of its plain-arithmetic state, batch first (one array, or one per channel group)."""
     D, F = config.d_model, config.hidden_dim
     total = 2 * D * config.vocab_size
     for kind, layer in zip(config.layer_kinds, cache.layers, strict=True):
         total += 6 * D * F
         if kind == "S":
-            states = math.prod(jax.tree.leaves(layer.state)[0].shape[1:])
+            states = sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(layer.state))
             total += 2 * D * D + 4 * states + 2 * (config.k_u + config.k_y) * D * D
         else:
             total += 8 * D * D + 4 * D * layer.k.shape[1]
