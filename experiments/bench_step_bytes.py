@@ -88,7 +88,8 @@ ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 
 def xla_costs(compiled) -> dict:
     """XLA's cost analysis of ``compiled`` (a ``jax.stages.Compiled``): a dict with
-    ``"bytes accessed"`` and ``"flops"`` (jax 0.10.2; None where the backend has none)."""
+    ``"bytes accessed"`` and ``"flops"`` (jax 0.10.2); RuntimeError where the backend gives
+    none."""
     costs = compiled.cost_analysis()
     if not isinstance(costs, dict) or "bytes accessed" not in costs or "flops" not in costs:
         raise RuntimeError(
@@ -132,9 +133,9 @@ def state_sized(hlo: str, states: list[tuple[int, ...]]) -> list[str]:
 
 
 def lds_states(cache) -> list[jax.Array]:
-    """The LDS state arrays of a model's or a layer's ``cache`` (every leaf of each
-    :class:`LDSCache`'s ``state``; no assumption on their layout)."""
-    caches = [cache] if isinstance(cache, LDSCache) else list(cache.layers)
+    """The LDS state arrays of a model's or a layer's ``cache`` pytree: every leaf of the
+    ``state`` of each :class:`LDSCache` in it (no assumption on their layout)."""
+    caches = jax.tree.leaves(cache, is_leaf=lambda node: isinstance(node, LDSCache))
     return [leaf for c in caches if isinstance(c, LDSCache) for leaf in jax.tree.leaves(c.state)]
 
 

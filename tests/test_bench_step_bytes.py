@@ -89,7 +89,11 @@ def test_quick_run_writes_the_documented_json(bench, tmp_path, capsys):
             shape = [int(d) for d in array.split("[")[1].rstrip("]").split(",")]
             assert math.prod(shape) <= 2 * row["state_bytes"] // 4
     model, layer = rows["model"], rows["layer"]
-    # the model's 4 blocks each hold a cache like the layer's, and do more per token
+    # the model's 4 blocks each hold a cache like the layer's (as many state arrays: the count
+    # less those beyond the state), and do more per token
     assert model["state_bytes"] >= 4 * layer["state_bytes"]
+    states = {name: r["state_sized"]["count"] - r["state_sized"]["beyond_state"]
+              for name, r in rows.items()}  # fmt: skip
+    assert states["model"] == 4 * states["layer"]
     assert model["bytes_accessed"] > layer["bytes_accessed"] and model["flops"] > layer["flops"]
     assert model["counted_flops"] > 0 and layer["counted_flops"] is None
