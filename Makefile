@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python experiments/bench_distill.py --quick
 	$(BIN)/python experiments/bench_decode.py --quick
 	$(BIN)/python experiments/bench_decode.py batch --quick
+	$(BIN)/python experiments/bench_step_bytes.py --quick
 	$(BIN)/python experiments/bench_train.py --quick
 
 # The batch decode benchmark with its peer, recurrentgemma's Griffin (experiments/griffin_peer.py,

@@ -75,13 +75,14 @@ QUICK = dict(d_model=16, num_layers=4, num_filters=8, vocab=256, heads=4, window
 
 def distilled_flops_per_token(config: ModelConfig, cache) -> float:
     """Decode FLOPs per token of a distilled tensordot model (module docstring), the states per
-    sequence of each layer read from its decode ``cache`` (a ``ModelCache``, or its shapes)."""
+    sequence of each layer read from its decode ``cache`` (a ``ModelCache``, or its shapes): every
+    leaf of its plain-arithmetic state, batch first (one array, or one per channel group)."""
     D, F = config.d_model, config.hidden_dim
     total = 2 * D * config.vocab_size
     for kind, layer in zip(config.layer_kinds, cache.layers, strict=True):
         total += 6 * D * F
         if kind == "S":
-            states = math.prod(jax.tree.leaves(layer.state)[0].shape[1:])
+            states = sum(math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(layer.state))
             total += 2 * D * D + 4 * states + 2 * (config.k_u + config.k_y) * D * D
         else:
             total += 8 * D * D + 4 * D * layer.k.shape[1]
@@ -118,19 +119,25 @@ def matmul_rate(batch: int, steps: int, size: dict, hidden: int) -> float:
     return batch * steps * (layers * (2 * D * D + 6 * D * F) + 2 * D * V) / seconds
 
 
+def our_config(size: dict, name: str) -> ModelConfig:
+    """The config of our model ``name`` (a key of :data:`OURS`) at ``size`` (FULL or QUICK);
+    random weights and ``decode_plan(model, "lds")`` make the benchmarked model."""
+    pattern, projection = MODELS[OURS[name]]
+    return ModelConfig(
+        d_model=size["d_model"], num_layers=size["num_layers"],
+        max_len=size["prompt"] + size["new"], vocab_size=size["vocab"],
+        num_filters=size["num_filters"], layer_pattern=pattern, stu_projection=projection,
+        num_heads=size["heads"], window=size["window"],
+    )  # fmt: skip
+
+
 def build(size: dict, names: list[str]):
     """``({name: (prefill, decode, FLOPs per token)}`` for the models of ``names`` that can run
     here, ``{name: reason}`` for those that cannot, the MLP width)``."""
     models, absent = {}, {}
     one_row = jnp.zeros((1, size["prompt"]), jnp.int32)
-    for name, key in OURS.items():
-        pattern, projection = MODELS[key]
-        config = ModelConfig(
-            d_model=size["d_model"], num_layers=size["num_layers"],
-            max_len=size["prompt"] + size["new"], vocab_size=size["vocab"],
-            num_filters=size["num_filters"], layer_pattern=pattern, stu_projection=projection,
-            num_heads=size["heads"], window=size["window"],
-        )  # fmt: skip
+    for name in OURS:
+        config = our_config(size, name)
         hidden = config.hidden_dim  # the same for both of ours (their default SwiGLU width)
         if name not in names:
             continue
