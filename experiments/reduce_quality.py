@@ -1,7 +1,11 @@
 """Reduced vs unreduced distillation of a trained byte LM: bits/byte, greedy continuations,
 state bytes per sequence and decode tokens/s at several batch sizes, in one run.
 
-Usage: python experiments/reduce_quality.py --checkpoint DIR [--tol 1e-5] [--batches 1 16 64]
+Both distillations use the same horizon (``--horizon``, default the language models' default,
+:data:`~spectral_jax.apps.inference.LM_HORIZON`), so the reduction's own cost is what differs.
+
+Usage: python experiments/reduce_quality.py --checkpoint DIR [--tol TOL] [--horizon POLICY]
+       [--batches 1 16 64]
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from distill_lm import PROMPT_BYTES, PROMPTS, bits_per_byte
 
-from spectral_jax.apps.inference import distill_with_report, format_distill_report
+from spectral_jax.apps.inference import LM_HORIZON, distill_with_report, format_distill_report
 from spectral_jax.decode.generate import generate
 from spectral_jax.decode.strategy import decode_plan
+from spectral_jax.distill.reduce import DEFAULT_TOL
+from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.train import load_model
 from spectral_jax.train.config import task_from_record
@@ -46,7 +52,8 @@ def tokens_per_s(plan, prompts, new_tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL)
+    parser.add_argument("--horizon", default=LM_HORIZON)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -55,10 +62,12 @@ def main() -> None:
     model, meta = load_model(args.checkpoint)
     task = task_from_record(meta["run"])
     models = {"stu": model}
+    policy, tail = parse_distill_horizon(args.horizon)
     for name, tol in (("unreduced", None), ("reduced", args.tol)):
-        models[name], report = distill_with_report(
-            model, meta["run"], num_states=120, arithmetic="plain", tol=tol
+        distilled, report = distill_with_report(
+            model, meta["run"], num_states=120, arithmetic="plain", tol=tol, tail=tail
         )
+        models[name] = set_horizon(distilled, policy)
         print(f"== {name}\n{format_distill_report(report)}")
     bpb = {name: bits_per_byte(m, task, args.eval_batches) for name, m in models.items()}
     prompts = jnp.asarray([list(p.encode()[:PROMPT_BYTES]) for p in PROMPTS], jnp.int32)
@@ -79,6 +88,7 @@ def main() -> None:
         "checkpoint": args.checkpoint,
         "step": meta["step"],
         "tol": args.tol,
+        "horizon": args.horizon,
         "bits_per_byte": bpb,
         "gap_vs_stu": {n: v - bpb["stu"] for n, v in bpb.items()},
         "greedy_identical_of_5_vs_stu": {

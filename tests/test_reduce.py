@@ -87,7 +87,8 @@ def test_reduced_layer_steps_as_it_prefills_past_max_len(bank):
     atol = 8 * np.sqrt(x.shape[1]) * U32 * scale
     np.testing.assert_allclose(jnp.stack(outs, 1), y, rtol=0, atol=atol)
     np.testing.assert_allclose(reference, y, rtol=0, atol=atol)
-    for stepped, prefilled in zip(carry.state, cache.state, strict=True):  # one per group
+    leaves = jax.tree.leaves(carry.state), jax.tree.leaves(cache.state)
+    for stepped, prefilled in zip(*leaves, strict=True):  # two planes per group
         state_scale = float(jnp.abs(prefilled).max())
         np.testing.assert_allclose(stepped, prefilled, rtol=0, atol=atol / scale * state_scale)
     # the reduced kernels match the STU's within the tolerance (plus float32 FFT rounding)
@@ -145,7 +146,9 @@ def test_grouped_channels_step_as_they_prefill(bank):
     assert report["state_floats"] == 2 * sum(slots * len(ch) for ch, slots in groups)
     x = jax.random.normal(jax.random.key(1), (2, L + 5, 3))
     y, cache = layer.prefill(x)
-    assert [s.shape for s in cache.state] == [(2, 2, p, len(ch)) for ch, p in groups]
+    assert [[x.shape for x in s] for s in cache.state] == [
+        [(2, p, len(ch))] * 2 for ch, p in groups
+    ]
     sequential, _ = layer.prefill(x, scan="sequential")
     head, carry = layer.prefill(x[:, :-3])
     steps = []

@@ -147,8 +147,9 @@ class BlockGroup:
         (:func:`~spectral_jax.distill.reduce.block_tables`).
       weights: ``[2, P, C]`` (``wx, wy``).
 
-    States are real ``[..., 2, P, C]`` (``x`` then ``y`` planes, channels last, so every update
-    runs along the batch's channels in one pass); drives are ``[..., C]``.
+    States are pairs of real planes ``(x, y)``, each ``[..., P, C]``: channels last, so every
+    update runs along the batch's channels in one pass and writes the two planes it returns
+    (nothing is stacked). Drives are ``[..., C]``.
     """
 
     table: jax.Array
@@ -158,29 +159,28 @@ class BlockGroup:
         """``(mu1^n, mu2^n)`` complex, ``n`` broadcastable against ``[P, C]``."""
         return slot_powers(self.table[0:5], n), slot_powers(self.table[5:10], n)
 
-    def zeros(self, batch: int) -> jax.Array:
-        return jnp.zeros((batch, 2, *self.table.shape[1:]), self.table.dtype)
+    def zeros(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        plane = jnp.zeros((batch, *self.table.shape[1:]), self.table.dtype)
+        return plane, plane
 
-    def advance(self, n: jax.Array, state: jax.Array) -> jax.Array:
-        """The blocks' ``n``-step map applied to ``state [..., 2, P, C]``."""
-        p1, p2 = self._powers(n)
-        x, y = state[..., 0, :, :], state[..., 1, :, :]
-        return jnp.stack([p1.real * x - p1.imag * y, p1.imag * x + p2.real * y], axis=-3)
+    def advance(self, n: jax.Array, state: tuple) -> tuple[jax.Array, jax.Array]:
+        """The blocks' ``n``-step map applied to ``state`` (planes ``[..., P, C]``)."""
+        (x, y), (p1, p2) = state, self._powers(n)
+        return p1.real * x - p1.imag * y, p1.imag * x + p2.real * y
 
-    def read(self, states: jax.Array) -> jax.Array:
-        """``states [..., 2, P, C] -> [..., C]``: one pass over the state."""
-        w = self.weights
-        return jnp.sum(states[..., 0, :, :] * w[0] + states[..., 1, :, :] * w[1], -2)
+    def read(self, state: tuple) -> jax.Array:
+        """``state`` (planes ``[..., P, C]``) ``-> [..., C]``: one pass over the state."""
+        (x, y), w = state, self.weights
+        return jnp.sum(x * w[0] + y * w[1], -2)
 
-    def update(self, state: jax.Array, drive: jax.Array) -> jax.Array:
-        """``state [B, 2, P, C]`` after one position of ``drive [B, C]``: elementwise over
-        planes ``[P, C]``, nothing of the state's size formed besides it."""
-        t = self.table
-        x, y, u = state[:, 0], state[:, 1], drive[:, None, :]
-        return jnp.stack([t[0] * x - t[1] * y + u, t[1] * x + t[5] * y + t[10] * u], axis=1)
+    def update(self, state: tuple, drive: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``state`` (planes ``[B, P, C]``) after one position of ``drive [B, C]``: elementwise
+        over the planes, nothing of the state's size formed besides the new planes."""
+        (x, y), t, u = state, self.table, drive[:, None, :]
+        return t[0] * x - t[1] * y + u, t[1] * x + t[5] * y + t[10] * u
 
-    def final_state(self, drive: jax.Array, x0: jax.Array | None) -> jax.Array:
-        """The state ``[B, 2, P, C]`` after ``drive [B, T, C]`` from ``x0`` (zeros if None), by
+    def final_state(self, drive: jax.Array, x0: tuple | None) -> tuple[jax.Array, jax.Array]:
+        """The planes ``[B, P, C]`` after ``drive [B, T, C]`` from ``x0`` (zeros if None), by
         matmuls against the decays' powers (within chunks of :data:`SLOT_CHUNK`, then across):
         ``x = Re S1``, ``y = Im S1 + e Re S2`` with ``S_i = sum_t mu_i^(T-1-t) u_t``."""
         B, T, C = drive.shape
@@ -199,37 +199,43 @@ class BlockGroup:
             )
             for w, a in zip(within, across, strict=True)
         )
-        state = jnp.stack([s1.real, s1.imag + self.table[10] * s2.real], axis=1)
-        return state if x0 is None else state + self.advance(jnp.asarray(T), x0)
+        x, y = s1.real, s1.imag + self.table[10] * s2.real
+        if x0 is None:
+            return x, y
+        x0, y0 = self.advance(jnp.asarray(T), x0)
+        return x + x0, y + y0
 
-    def free_response(self, state: jax.Array, length: int) -> jax.Array:
-        """Outputs ``[B, length, C]`` of ``state [B, 2, P, C]`` with zero inputs:
+    def free_response(self, state: tuple, length: int) -> jax.Array:
+        """Outputs ``[B, length, C]`` of ``state`` (planes ``[B, P, C]``) with zero inputs:
         ``sum_p Re(mu1^t) wx x + Im(mu1^t) (wy x - wx y) + Re(mu2^t) wy y``."""
-        wx, wy = self.weights
+        (x, y), (wx, wy) = state, self.weights
         p1, p2 = self._powers(jnp.arange(1, length + 1).reshape(length, 1, 1))
-        x, y = state[:, 0], state[:, 1]
         terms = ((p1.real, wx * x), (p1.imag, wy * x - wx * y), (p2.real, wy * y))
         return sum(jnp.einsum("tpc,bpc->btc", p, s, precision=HIGHEST) for p, s in terms)
 
-    def scan(self, kind: str, drive: jax.Array, x0: jax.Array) -> jax.Array:
-        """Every state ``[B, T, 2, P, C]`` of ``drive [T, B, C]`` (time first) from ``x0``, by a
-        sequential ``lax.scan`` or an associative scan over (steps, state) segments."""
+    def scan(self, kind: str, drive: jax.Array, x0: tuple) -> tuple[jax.Array, jax.Array]:
+        """Every state (planes ``[B, T, P, C]``) of ``drive [T, B, C]`` (time first) from
+        ``x0``, by a sequential ``lax.scan`` or an associative scan over (steps, state)
+        segments."""
         if kind == "sequential":
 
             def advance(z, u):
                 z = self.update(z, u)
                 return z, z
 
-            return jnp.swapaxes(jax.lax.scan(advance, x0, drive)[1], 0, 1)
-        u = jnp.broadcast_to(drive[..., None, :], (*drive.shape[:-1], *self.table.shape[1:]))
-        u = jnp.stack([u, self.table[10] * u], axis=-3)
-        u = u.at[0].add(self.advance(jnp.asarray(1), x0))
-        counts = jnp.ones((u.shape[0], 1, 1, 1), jnp.int32)
+            states = jax.lax.scan(advance, x0, drive)[1]
+        else:
+            u = jnp.broadcast_to(drive[..., None, :], (*drive.shape[:-1], *self.table.shape[1:]))
+            start = self.advance(jnp.asarray(1), x0)
+            u = (u.at[0].add(start[0]), (self.table[10] * u).at[0].add(start[1]))
+            counts = jnp.ones((drive.shape[0], 1, 1, 1), jnp.int32)
 
-        def combine(left, right):
-            return left[0] + right[0], self.advance(right[0], left[1]) + right[1]
+            def combine(left, right):
+                moved = self.advance(right[0], left[1])
+                return left[0] + right[0], (moved[0] + right[1][0], moved[1] + right[1][1])
 
-        return jnp.swapaxes(jax.lax.associative_scan(combine, (counts, u))[1], 0, 1)
+            states = jax.lax.associative_scan(combine, (counts, u))[1]
+        return tuple(jnp.swapaxes(plane, 0, 1) for plane in states)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -241,8 +247,8 @@ class ReducedLDS(DistilledLDS):
     Attributes (beyond :class:`DistilledLDS`'s): ``decays`` is the groups' tables flattened
     and concatenated, ``[11, sum_g P_g C_g]``; ``readout`` their weights, ``[1, 2, sum_g P_g
     C_g]``; ``layout`` the groups ``((channels, P_g), ...)``
-    (:func:`~spectral_jax.distill.reduce.channel_groups`). States are tuples of one
-    ``[B, 2, P_g, C_g]`` per group.
+    (:func:`~spectral_jax.distill.reduce.channel_groups`). States are tuples of one pair of
+    planes ``[B, P_g, C_g]`` per group.
     """
 
     layout: tuple[tuple[tuple[int, ...], int], ...] = ()
@@ -275,18 +281,18 @@ class ReducedLDS(DistilledLDS):
         return jnp.concatenate(outputs, axis=-1)[..., order]
 
     def advance(self, n: jax.Array, state: tuple) -> tuple:
-        """Every group's ``n``-step map applied to its ``state [..., 2, P_g, C_g]``."""
+        """Every group's ``n``-step map applied to its planes ``[..., P_g, C_g]``."""
         return tuple(g.advance(n, s) for (_, g), s in zip(self._groups(), state, strict=True))
 
     def zeros(self, batch: int, channels: int) -> tuple:
-        """The empty state: one ``[batch, 2, P_g, C_g]`` per group (``channels`` must be C)."""
+        """The empty state: planes ``[batch, P_g, C_g]`` per group (``channels`` must be C)."""
         width = sum(len(ch) for ch, _ in self.layout)
         if channels != width:
             raise ValueError(f"this reduced LDS has {width} channels, not {channels}")
         return tuple(g.zeros(batch) for _, g in self._groups())
 
     def read(self, states: tuple) -> jax.Array:
-        """``states`` (per group ``[..., 2, P_g, C_g]``) ``-> [..., C]``."""
+        """``states`` (per group, planes ``[..., P_g, C_g]``) ``-> [..., C]``."""
         groups = self._groups()
         return self._merge([g.read(s) for (_, g), s in zip(groups, states, strict=True)])
 
@@ -304,7 +310,8 @@ class ReducedLDS(DistilledLDS):
         )
 
     def scan(self, kind: str, x: jax.Array, x0: Any = None) -> tuple:
-        """Every state (per group ``[B, T, 2, P_g, C_g]``) of ``x [B, T, d_in]`` from ``x0``."""
+        """Every state (per group, planes ``[B, T, P_g, C_g]``) of ``x [B, T, d_in]`` from
+        ``x0``."""
         parts = self._split(jnp.swapaxes(self.drive(x), 0, 1))  # [T, B, C]
         x0 = self.zeros(x.shape[0], sum(len(ch) for ch, _ in self.layout)) if x0 is None else x0
         return tuple(g.scan(kind, d, s) for (d, g), s in zip(parts, x0, strict=True))
