@@ -17,10 +17,11 @@ same run, counted as read plus write (``2 x`` its bytes) over the median time.
 
 State-sized arrays: in the optimized HLO of the step, outside fusion bodies (what a fusion
 computes inside stays in registers), every instruction whose result (or an array of its tuple
-result) is at least half of one LDS state array of the cache (one of its leaves, whatever the
-layout) and has all of that array's dimensions but at most one among its own: the state, any
-transposition of it, or one of the two planes of a ``[B, 2, P, C]`` state (parameters, tuples,
-get-tuple-elements and bitcasts not counted). Each new state array is one of them;
+result) has between half and all of the elements of one LDS state array of the cache (one of
+its leaves, whatever the layout) and all of that array's dimensions but at most one among its
+own: the state, any transposition of it, or one plane of it (the real or imaginary part of a
+reduced layer's complex state; parameters, tuples, get-tuple-elements and bitcasts not
+counted). Each new state array is one of them;
 ``beyond_state`` counts the rest. XLA's temporaries (``temp_bytes``, from its
 memory analysis) give the bytes of what is materialised besides the inputs and outputs.
 
@@ -100,8 +101,9 @@ def xla_costs(compiled) -> dict:
 
 
 def like_state(shape: list[int], state: tuple[int, ...]) -> bool:
-    """Whether an array of ``shape`` is state-sized for a state array of shape ``state``: at
-    least half its elements, and all of its dimensions but at most one among ``shape``'s."""
+    """Whether an array of ``shape`` is state-sized for a state array of shape ``state``:
+    between half its elements and all of them, and all of its dimensions but at most one among
+    ``shape``'s."""
     rest = list(shape)
     missing = 0
     for dim in state:
@@ -109,7 +111,7 @@ def like_state(shape: list[int], state: tuple[int, ...]) -> bool:
             rest.remove(dim)
         else:
             missing += 1
-    return missing <= 1 and 2 * math.prod(shape) >= math.prod(state)
+    return missing <= 1 and math.prod(state) >= math.prod(shape) >= math.prod(state) / 2
 
 
 def state_sized(hlo: str, states: list[tuple[int, ...]]) -> list[str]:

@@ -1,19 +1,22 @@
 """Distill a byte-level language model and compare it with the STU model it came from.
 
 Loads the ``lm_bytes_small`` checkpoint in ``--checkpoint`` (training it there first if the
-directory holds none), distills every STU layer in each float32 LDS arithmetic of
-``--arithmetic`` (default ``plain``, one float32 per state; add ``compensated``, float32 pairs,
-to compare the exact mode), and reports:
+directory holds none), distills every STU layer as ``spectral-jax distill`` does by default
+(the language-model horizon, the per-channel reduction at ``DEFAULT_TOL``) in each float32 LDS
+arithmetic of ``--arithmetic`` (default ``plain``, one float32 per state; add ``compensated``,
+float32 pairs, to compare the exact mode) and at each reduction tolerance of ``--tol`` (0: the
+bank's states unreduced), and reports:
 
 * validation bits/byte of the STU model and the distilled models on the same held-out bytes;
 * greedy generations (``--new-tokens`` bytes) from 5 fixed prompts, compared token by token:
   STU with the naive and FutureFill decode caches, and the distilled models;
-* decode tokens/s per strategy (prompts batched, jitted prefill + one ``lax.scan``).
+* decode tokens/s per strategy (prompts batched, jitted prefill + one ``lax.scan``);
+* per distilled layer, the reduction's states per channel, bound and measured kernel error.
 
 Writes ``results.json`` and ``results.md`` to ``--out``.
 
 Usage: python experiments/distill_lm.py [--checkpoint DIR] [--out DIR] [--eval-batches N]
-       [--arithmetic plain [compensated]]
+       [--arithmetic plain [compensated]] [--tol TOL ...] [--horizon POLICY]
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax.apps.inference import distill_with_report
+from spectral_jax.apps.inference import default_horizon, distill_with_report
 from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
 from spectral_jax.decode.generate import generate
 from spectral_jax.decode.strategy import DecodePlan, decode_plan
+from spectral_jax.distill.reduce import DEFAULT_TOL
+from spectral_jax.distill.report import reduction_lines
+from spectral_jax.nn.horizon import parse_distill_horizon
 from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
 from spectral_jax.train.config import task_from_record
 from spectral_jax.train.presets import lm_bytes_small
@@ -97,27 +103,32 @@ def main() -> None:
     parser.add_argument(
         "--arithmetic", nargs="+", choices=ARITHMETICS, default=["plain"], help="LDS arithmetics"
     )
+    parser.add_argument("--tol", nargs="+", type=float, default=[DEFAULT_TOL],
+                        help="per-channel reduction tolerances (0: unreduced)")  # fmt: skip
+    parser.add_argument("--horizon", help="distillation horizon (default: distill's)")
     args = parser.parse_args()
 
     ensure_checkpoint(args.checkpoint)
     model, meta = load_model(args.checkpoint)
     task = task_from_record(meta["run"])
+    horizon = args.horizon or default_horizon(meta["run"])
+    tail = parse_distill_horizon(horizon)[1]
     models = {"stu": model}
     reports = {}
     for arithmetic in args.arithmetic:
-        models[f"lds_{arithmetic}"], reports[arithmetic] = distill_with_report(
-            model, meta["run"], num_states=args.num_states, arithmetic=arithmetic
-        )
+        for tol in args.tol:
+            name = f"lds_{arithmetic}" + (f"_tol{tol:g}" if len(args.tol) > 1 else "")
+            models[name], reports[name] = distill_with_report(
+                model, meta["run"], num_states=args.num_states, arithmetic=arithmetic,
+                tol=tol or None, tail=tail,
+            )  # fmt: skip
     bpb = {name: bits_per_byte(m, task, args.eval_batches) for name, m in models.items()}
 
     prompts = jnp.asarray([list(p.encode()[:PROMPT_BYTES]) for p in PROMPTS], jnp.int32)
     runs = {
         "stu_naive": decode_plan(model, "naive"),
         "stu_futurefill": decode_plan(model, "futurefill"),
-        **{
-            f"lds_{a}": decode_plan(model, "lds", distilled=models[f"lds_{a}"])
-            for a in args.arithmetic
-        },
+        **{name: decode_plan(model, "lds", distilled=models[name]) for name in reports},
     }
     tokens, speed = {}, {}
     for name, plan in runs.items():
@@ -130,6 +141,8 @@ def main() -> None:
         "checkpoint": args.checkpoint,
         "step": meta["step"],
         "device": jax.devices()[0].device_kind,
+        "horizon": horizon,
+        "tol": args.tol,
         "eval_bytes": args.eval_batches * 8 * task.seq_len,
         "bits_per_byte": bpb,
         "bits_per_byte_gap": {k: v - bpb["stu"] for k, v in bpb.items()},
@@ -149,7 +162,8 @@ def main() -> None:
     write_json_atomic(args.out / "results.json", results)
     lines = [
         f"Checkpoint `{args.checkpoint}` (step {meta['step']}), {results['eval_bytes']} held-out "
-        f"bytes, {args.num_states} LDS states per channel, device: {results['device']}.",
+        f"bytes, a bank of {args.num_states} LDS states, horizon {horizon}, reduction tol "
+        f"{', '.join(f'{t:g}' for t in args.tol)} (0: unreduced), device: {results['device']}.",
         "",
         "| model | val bits/byte | gap vs STU | greedy tokens = STU naive | identical of 5 |"
         " decode tokens/s |",
@@ -161,6 +175,8 @@ def main() -> None:
             f"| {name} | {bpb[key]:.5f} | {bpb[key] - bpb['stu']:+.2e} | {agreement[name]:.2%} "
             f"| {identical[name]} | {speed[name]:,.0f} |"
         )
+    for name, report in reports.items():
+        lines += ["", f"{name}:", "", "```", *reduction_lines(report["banks"]), "```"]
     write_text_atomic(args.out / "results.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

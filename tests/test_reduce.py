@@ -146,8 +146,9 @@ def test_grouped_channels_step_as_they_prefill(bank):
     assert report["state_floats"] == 2 * sum(slots * len(ch) for ch, slots in groups)
     x = jax.random.normal(jax.random.key(1), (2, L + 5, 3))
     y, cache = layer.prefill(x)
-    assert [[x.shape for x in s] for s in cache.state] == [
-        [(2, p, len(ch))] * 2 for ch, p in groups
+    # per group one complex array [B, P_g, C_g]: each block's two real states
+    assert [(s.shape, s.dtype) for s in cache.state] == [
+        ((2, p, len(ch)), jnp.complex64) for ch, p in groups
     ]
     sequential, _ = layer.prefill(x, scan="sequential")
     head, carry = layer.prefill(x[:, :-3])

@@ -28,7 +28,7 @@ class LDSConfig:
       blocks: ``()`` for the bank's shared states ``[C, S, n]``; else each channel's real
         2-state blocks ``[C]`` of a per-channel reduction (:mod:`spectral_jax.distill.reduce`;
         tensordot projections in plain arithmetic only). Its channels run in :attr:`groups`,
-        with states of two planes ``[P_g, C_g]`` each.
+        with one complex state ``[P_g, C_g]`` each (``x`` and ``y`` of every block).
     """
 
     stu: STUConfig

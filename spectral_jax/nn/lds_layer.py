@@ -58,7 +58,8 @@ from spectral_jax.validation import SCAN_KINDS, Arithmetic, ScanKind, one_of, po
 class LDSCache(NamedTuple):
     """Decode state: the LDS ``state`` ``[B, C, S, n]`` in the layer's arithmetic (one array for
     plain, a :class:`~spectral_jax.ops.lds_compensated.DoubleFloat` pair for compensated;
-    per channel group, a pair of real planes ``[B, P_g, C_g]`` for a reduced layer), the
+    per channel group, one complex array ``[B, P_g, C_g]`` holding each block's two real
+    states for a reduced layer), the
     last ``k_u - 1`` inputs ``[B, k_u - 1, d_in]`` and the last ``k_y`` outputs
     ``[B, k_y, d_out]`` (most recent first)."""
 
