@@ -13,7 +13,8 @@ Shapes: layer inputs ``x [B, T, d_in]``, LDS inputs (drives) ``[..., C]``, state
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -133,13 +134,14 @@ def slot_powers(fields: jax.Array, n: jax.Array) -> jax.Array:
     return jax.lax.complex(magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
 
 
-def sum_blocks(terms: jax.Array) -> jax.Array:
-    """``terms [..., P, C] -> [..., C]``: the sum over the blocks axis, as a pairwise tree of
-    its ``P`` static slices. XLA:CPU emits a reduction over a non-minor axis as a strided loop:
-    measured on the 2-core CPU (``[B, P=18, C=128]`` float32 blocks), the step's readout as a
-    tree of slices is 3x (batch 1) to 2x (batch 64, 256) faster than ``jnp.sum(terms, -2)``;
-    the adds fuse into one pass either way."""
-    parts = [terms[..., p, :] for p in range(terms.shape[-2])]
+def sum_blocks(term: Callable[[int], jax.Array], blocks: int) -> jax.Array:
+    """``sum_p term(p)`` over ``blocks`` static block indices (each term ``[..., C]``), as a
+    pairwise tree. XLA:CPU emits a reduction over a non-minor axis as a strided loop: measured
+    on the 2-core CPU (``[B, P=18, C=128]`` float32 blocks), a step whose readout adds the
+    blocks' slices is 3x (batch 1) to 2x (batch 64, 256) faster than one that reduces
+    ``[B, P, C]`` over ``P``. Each term reads its own slice, so the adds fuse into one pass over
+    the state (a product over the whole state, sliced after, would be materialised)."""
+    parts = [term(p) for p in range(blocks)]
     while len(parts) > 1:
         parts = [sum(parts[i : i + 2]) for i in range(0, len(parts), 2)]
     return parts[0]
@@ -185,7 +187,13 @@ class BlockGroup:
 
     def read(self, state: jax.Array) -> jax.Array:
         """``state [..., P, C] -> [..., C]``: one pass over the state (:func:`sum_blocks`)."""
-        return sum_blocks(state.real * self.weights[0] + state.imag * self.weights[1])
+        w = self.weights
+
+        def term(p):  # the slice first: XLA then fuses it with its real and imaginary parts
+            block = state[..., p, :]
+            return block.real * w[0, p] + block.imag * w[1, p]
+
+        return sum_blocks(term, w.shape[1])
 
     def update(self, state: jax.Array, drive: jax.Array) -> jax.Array:
         """``state [B, P, C]`` after one position of ``drive [B, C]``: elementwise, in place."""
@@ -275,12 +283,24 @@ class ReducedLDS(DistilledLDS):
             start = stop
         return groups
 
-    def _split(self, drive: jax.Array) -> list[tuple[jax.Array, BlockGroup]]:
-        """Each group's drive ``[..., C_g]`` of ``drive [..., C]``, with its group."""
+    def _split(self, x: jax.Array) -> list[tuple[jax.Array, BlockGroup]]:
+        """Each group's drive ``[..., C_g]`` from layer inputs ``x [..., d_in]``, with its group.
+
+        The drive is computed with ``M_in``'s columns in group order, so each group's drive is
+        a contiguous slice (the gather of weights is loop-invariant: XLA hoists it out of a
+        decode loop, where a gather of the drive would cost one more pass per group and step).
+        """
         groups = self._groups()
         if len(groups) == 1:
-            return [(drive, groups[0][1])]
-        return [(drive[..., channels], group) for channels, group in groups]
+            return [(self.drive(x), groups[0][1])]
+        order = np.concatenate([channels for channels, _ in groups])
+        params = {**self.params, "M_in": self.params["M_in"][:, order]}
+        drive = self.projection.conv_input(params, x, HIGHEST)
+        bounds = np.cumsum([0, *(channels.size for channels, _ in groups)])
+        return [
+            (drive[..., start:stop], group)
+            for (start, stop), (_, group) in zip(itertools.pairwise(bounds), groups, strict=True)
+        ]
 
     def _merge(self, outputs: list[jax.Array]) -> jax.Array:
         """The groups' outputs ``[..., C_g]`` back in channel order ``[..., C]``."""
@@ -307,7 +327,7 @@ class ReducedLDS(DistilledLDS):
 
     def final_state(self, x: jax.Array, x0: Any = None) -> tuple:
         """The state after ``x [B, T, d_in]`` from ``x0`` (zeros if None)."""
-        parts = self._split(self.drive(x))
+        parts = self._split(x)
         x0 = (None,) * len(parts) if x0 is None else x0
         return tuple(g.final_state(d, s) for (d, g), s in zip(parts, x0, strict=True))
 
@@ -321,12 +341,12 @@ class ReducedLDS(DistilledLDS):
     def scan(self, kind: str, x: jax.Array, x0: Any = None) -> tuple:
         """Every state (per group, ``[B, T, P_g, C_g]``) of ``x [B, T, d_in]`` from
         ``x0``."""
-        parts = self._split(jnp.swapaxes(self.drive(x), 0, 1))  # [T, B, C]
+        parts = [(jnp.swapaxes(d, 0, 1), g) for d, g in self._split(x)]  # [T, B, C_g]
         x0 = self.zeros(x.shape[0], sum(len(ch) for ch, _ in self.layout)) if x0 is None else x0
         return tuple(g.scan(kind, d, s) for (d, g), s in zip(parts, x0, strict=True))
 
     def step(self, state: tuple, x_t: jax.Array) -> tuple[tuple, jax.Array]:
         """One position: each group's update and readout in one pass over its state."""
-        parts = self._split(self.drive(x_t))
+        parts = self._split(x_t)
         state = tuple(g.update(s, d) for (d, g), s in zip(parts, state, strict=True))
         return state, self._merge([g.read(s) for (_, g), s in zip(parts, state, strict=True)])
