@@ -117,12 +117,37 @@ def _truncated_decays(a, factor, r, lam, w, k: int) -> np.ndarray:
     return np.linalg.eigvals(left @ (a[:, None] * right))
 
 
-def _powers(decays: np.ndarray, length: int) -> np.ndarray:
-    """``decays^t`` for ``t < length``: ``[k] -> [length, k]`` (complex), as
-    ``exp(t log decay)`` (a decay of 0 gives ``0^0 = 1``, then 0)."""
-    t = np.arange(length)[:, None]
+# Positions per chunk of decay powers (bounds the host arrays of long kernels: ``[chunk, k]``).
+POWER_CHUNK = 1024
+
+
+def _exp_powers(decays: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``decays^t`` for integers ``t [n] >= 0``: ``[k] -> [n, k]``, as ``exp(t log decay)`` (a
+    decay of 0 gives ``0^0 = 1``, then 0). Real decays give real powers with exact signs;
+    complex ones complex powers (phase error ``~t eps |arg decay|``)."""
+    t = np.asarray(t)[:, None]
     safe = np.where(decays == 0, 1.0, decays)
-    return np.where(decays == 0, (t == 0).astype(float), np.exp(t * np.log(safe.astype(complex))))
+    if np.isrealobj(decays):
+        sign = np.where((t % 2 == 1) & (safe < 0), -1.0, 1.0)
+        powers = sign * np.exp(t * np.log(np.abs(safe)))
+    else:
+        powers = np.exp(t * np.log(safe.astype(complex)))
+    return np.where(decays == 0, (t == 0).astype(float), powers)
+
+
+def _power_chunks(decays: np.ndarray, length: int):
+    """``(start, decays^t for t in [start, start + n))`` ``[n, k]`` over ``[0, length)`` in
+    chunks of :data:`POWER_CHUNK`: ``z^(start + j) = z^start z^j``, the factors from
+    :func:`_exp_powers` (a product per entry instead of a complex exponential; a few eps)."""
+    within = _exp_powers(decays, np.arange(min(POWER_CHUNK, length)))
+    for start in range(0, length, POWER_CHUNK):
+        n = min(POWER_CHUNK, length - start)
+        yield start, _exp_powers(decays, np.array([start])) * within[:n]
+
+
+def _powers(decays: np.ndarray, length: int) -> np.ndarray:
+    """``decays^t`` for ``t < length``: ``[k] -> [length, k]`` (:func:`_exp_powers`)."""
+    return np.concatenate([powers for _, powers in _power_chunks(decays, length)])
 
 
 def _geometric(z: np.ndarray, length: int) -> np.ndarray:
@@ -219,7 +244,9 @@ def reduce_channels(
     factor = gramian_factor(a)
     eigs, vectors = _balanced_eigs(factor, r)
     sigma = np.abs(eigs)  # [C, N] Hankel singular values, descending
-    kernels = r @ (a[None, :] ** np.arange(length)[:, None]).T  # [C, L]
+    kernels = np.empty((r.shape[0], length))  # [C, L]
+    for start, powers in _power_chunks(a, length):
+        kernels[:, start : start + powers.shape[0]] = r @ powers.T
     norms = np.linalg.norm(kernels, axis=1)
     # tails[c, k] = 2 sum_{i >= k} sigma[c, i]: the bound when k states are kept
     tails = 2 * np.concatenate([np.cumsum(sigma[:, ::-1], 1)[:, ::-1], 0 * sigma[:, :1]], 1)
@@ -383,11 +410,14 @@ def block_tables(mu: np.ndarray, weights: np.ndarray, length: int) -> tuple:
     e = (mu[..., 0].imag == 0).astype(np.float64)
     table = np.concatenate([_fields(mu[..., 0]), _fields(mu[..., 1]), e[None]])
     P, C = e.shape
-    p1 = _powers(mu[..., 0].reshape(-1), length).reshape(length, P, C)
-    p2 = _powers(mu[..., 1].reshape(-1), length).reshape(length, P, C)
-    # h[t] = sum_P wx (Re mu1^t - e Im mu1^t) + wy (Im mu1^t + e Re mu2^t); Im mu1^t = 0 where
-    # e = 1 (mu1 real), so the x row is Re mu1^t alone
-    kernels = np.sum(weights[..., 0] * p1.real + weights[..., 1] * (p1.imag + e * p2.real), axis=1)
+    kernels = np.empty((length, C))
+    chunks = zip(*(_power_chunks(mu[..., i].reshape(-1), length) for i in (0, 1)), strict=True)
+    for (start, p1), (_, p2) in chunks:
+        p1, p2 = p1.reshape(-1, P, C), p2.reshape(-1, P, C)
+        # h[t] = sum_P wx (Re mu1^t - e Im mu1^t) + wy (Im mu1^t + e Re mu2^t); Im mu1^t = 0
+        # where e = 1 (mu1 real), so the x row is Re mu1^t alone
+        terms = weights[..., 0] * p1.real + weights[..., 1] * (p1.imag + e * p2.real)
+        kernels[start : start + p1.shape[0]] = terms.sum(axis=1)
     return table, np.moveaxis(weights, -1, 0), kernels
 
 
