@@ -1,6 +1,7 @@
 """Atomic writes: a failed write leaves the old file and no temporary file behind."""
 
 import json
+import stat
 
 import pytest
 
@@ -26,3 +27,11 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         write_atomic(path, fail_halfway)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_files_get_the_mode_a_plain_open_gives(tmp_path):
+    """The temporary file's 0o600 is not kept: the result is readable as any new file is."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = write_text_atomic(tmp_path / "atomic.txt", "x")
+    assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
