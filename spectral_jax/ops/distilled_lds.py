@@ -159,7 +159,7 @@ class BlockGroup:
     Attributes:
       table: ``[11, P, C]``: ``mu1``'s and ``mu2``'s five fields, then ``e``
         (:func:`~spectral_jax.distill.reduce.block_tables`).
-      weights: ``[2, P, C]`` (``wx, wy``).
+      weights: ``[2, P * C]`` (``wx, wy`` of ``[P, C]``, flattened as the layer stores them).
 
     A state is one complex array ``[..., P, C]`` (complex64 for float32 tables) that stores the
     blocks' real states ``x`` and ``y`` as its real and imaginary parts: the 2x2 block map is
@@ -187,13 +187,14 @@ class BlockGroup:
 
     def read(self, state: jax.Array) -> jax.Array:
         """``state [..., P, C] -> [..., C]``: one pass over the state (:func:`sum_blocks`)."""
-        w = self.weights
+        w, C = self.weights.reshape(2, -1), state.shape[-1]
 
-        def term(p):  # the slice first: XLA then fuses it with its real and imaginary parts
-            block = state[..., p, :]
-            return block.real * w[0, p] + block.imag * w[1, p]
+        def term(p):  # slices first: XLA then fuses each into the one pass (a reshaped weight
+            # table would be copied every step)
+            block, wp = state[..., p, :], w[:, p * C : (p + 1) * C]
+            return block.real * wp[0] + block.imag * wp[1]
 
-        return sum_blocks(term, w.shape[1])
+        return sum_blocks(term, state.shape[-2])
 
     def update(self, state: jax.Array, drive: jax.Array) -> jax.Array:
         """``state [B, P, C]`` after one position of ``drive [B, C]``: elementwise, in place."""
@@ -227,7 +228,7 @@ class BlockGroup:
     def free_response(self, state: jax.Array, length: int) -> jax.Array:
         """Outputs ``[B, length, C]`` of ``state [B, P, C]`` with zero inputs:
         ``sum_p Re(mu1^t) wx x + Im(mu1^t) (wy x - wx y) + Re(mu2^t) wy y``."""
-        (x, y), (wx, wy) = (state.real, state.imag), self.weights
+        (x, y), (wx, wy) = (state.real, state.imag), self.weights.reshape(2, *state.shape[-2:])
         p1, p2 = self._powers(jnp.arange(1, length + 1).reshape(length, 1, 1))
         terms = ((p1.real, wx * x), (p1.imag, wy * x - wx * y), (p2.real, wy * y))
         return sum(jnp.einsum("tpc,bpc->btc", p, s, precision=HIGHEST) for p, s in terms)
@@ -277,9 +278,7 @@ class ReducedLDS(DistilledLDS):
         for channels, slots in self.layout:
             shape, stop = (slots, len(channels)), start + slots * len(channels)
             table = self.decays[:, start:stop].reshape(-1, *shape)
-            groups.append(
-                (np.asarray(channels), BlockGroup(table, weights[:, start:stop].reshape(2, *shape)))
-            )
+            groups.append((np.asarray(channels), BlockGroup(table, weights[:, start:stop])))
             start = stop
         return groups
 
