@@ -80,9 +80,14 @@ def test_distilled_model_decodes_like_the_stu_model_and_greedy_tokens_match():
     """A distilled (LDS) model's prefill + steps reproduce the STU model's forward pass within
     the distillation budget, and its greedy tokens equal the STU model's. (LDS layer step ==
     call is tested in test_lds_layer.py.) Measured: 72/72 tokens agree, decoded logits differ
-    from the STU forward by ~3e-7 of their scale, smallest top-1/top-2 logit gap ~9e-3."""
+    from the STU forward by 6.8e-7 of their scale, smallest top-1/top-2 logit gap ~9e-3.
+
+    The per-channel reduction runs at tol 1e-5, so the budget below is the decode path's, not
+    the reduction's: at the default tol 1e-3 the logits move by 4.1e-5 here (1e-4: 6.7e-6),
+    which ``test_reduce.py`` and ``experiments/distill_lm.py`` measure on their own."""
     model = make_model(dataclasses.replace(HYBRID, k_u=2, k_y=2), seed=3)
-    distilled = distill_model(model, num_states=40).model  # 40 = max_len: the most states allowed
+    # 40 = max_len: the most states allowed
+    distilled = distill_model(model, num_states=40, tol=1e-5).model
     assert not any(isinstance(m, STU) for _, m in nnx.iter_modules(distilled))
     prompt = jnp.asarray(np.random.default_rng(1).integers(0, 11, (3, 8)), jnp.int32)
     stu_tokens = generate(model, prompt, 24)
