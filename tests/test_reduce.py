@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from spectral_jax.distill.block_tables import block_tables
 from spectral_jax.distill.fit import fit_lds_bank
-from spectral_jax.distill.reduce import block_tables, channel_groups, reduce_channels
+from spectral_jax.distill.reduce import channel_groups, reduce_channels
 from spectral_jax.nn.distillation import distill_model, layer_blocks
 from spectral_jax.nn.lds_layer import distill_stu
 from spectral_jax.nn.model import ModelConfig, SpectralModel

@@ -38,12 +38,12 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.distill.bank import LDSBank
+from spectral_jax.distill.block_tables import group_tables
 from spectral_jax.distill.convert import stu_to_lds
 from spectral_jax.distill.fit import DEFAULT_NUM_STATES, fit_lds_bank
 from spectral_jax.distill.reduce import (
     DEFAULT_TOL,
     block_counts,
-    group_tables,
     reduce_readout,
     reducible,
 )
@@ -71,7 +71,7 @@ class LDSCache(NamedTuple):
 class LDSDecays(nnx.Variable):
     """Fixed decays ``[S, n]`` of the distilled LDS (not trained); a reduced layer's block table
     ``[11, S]``: its channel groups' tables, flattened
-    (:func:`~spectral_jax.distill.reduce.group_tables`)."""
+    (:func:`~spectral_jax.distill.block_tables.group_tables`)."""
 
 
 class LDSReadout(nnx.Variable):
@@ -116,7 +116,7 @@ class LDSLayer(nnx.Module):
     @staticmethod
     def _reduced_arrays(config: LDSConfig, params: dict[str, Any]) -> tuple:
         """The reduced layer's float64 ``(decay table [11, S], readout [2, S], kernels)`` of its
-        channel groups (:func:`~spectral_jax.distill.reduce.group_tables`) from its blocks
+        channel groups (:func:`~spectral_jax.distill.block_tables.group_tables`) from its blocks
         ``params["reduced_decays"]`` (complex), ``params["reduced_readout"]`` (real), both
         ``[C, slots, 2]`` (:func:`~spectral_jax.distill.reduce.pack_blocks`)."""
         shape = (config.channels, config.slots, 2)

@@ -124,7 +124,7 @@ SLOT_CHUNK = 512
 
 def slot_powers(fields: jax.Array, n: jax.Array) -> jax.Array:
     """``decay^n`` (complex) for integer ``n >= 0`` broadcastable against the decays' five
-    ``fields [5, ...]`` (:func:`spectral_jax.distill.reduce.block_tables`), as
+    ``fields [5, ...]`` (:func:`spectral_jax.distill.block_tables.block_tables`), as
     ``sign^n exp(n log|decay|) (cos + i sin)(n phi)`` (phase error ``~n eps |phi|``,
     ``|phi| <= pi / 2``)."""
     odd = (n % 2 == 1) & (fields[4] < 0)
@@ -158,7 +158,7 @@ class BlockGroup:
 
     Attributes:
       table: ``[11, P, C]``: ``mu1``'s and ``mu2``'s five fields, then ``e``
-        (:func:`~spectral_jax.distill.reduce.block_tables`).
+        (:func:`~spectral_jax.distill.block_tables.block_tables`).
       weights: ``[2, P * C]`` (``wx, wy`` of ``[P, C]``, flattened as the layer stores them).
 
     A state is one complex array ``[..., P, C]`` (complex64 for float32 tables) that stores the
