@@ -12,11 +12,15 @@ sequence. The headline, listed first, is the 4-layer STU-only tensordot model at
 (model, batch, strategy) stops at the first context whose predicted time (last time x
 max(growth, 2)) exceeds ``--budget`` seconds, or when it cannot run the context (``skipped`` in
 the log). ``--quick``: the headline model at batch 1, one context of 256, 64 new tokens.
+``--lds-horizons none cap:0.001 restart:2 ...`` distills the ``lds`` rows under each memory
+horizon (as ``spectral-jax distill --horizon`` does) and compares each with the plain one
+(``none``) in the same run; ``--contexts`` picks the prompt lengths.
 
 Rows and JSON: see :mod:`decode_bench_common` (``mode`` ``"model"``).
 
 Usage: python experiments/bench_decode_model.py [--quick] [--json PATH] [--plot PATH]
        [--budget S] [--strategies ...] [--models ...] [--batches ...] [--new N] [--repeats R]
+       [--contexts N ...] [--lds-horizons POLICY ...]
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from flax import nnx
 
 from spectral_jax.decode import generate as gen
 from spectral_jax.decode.strategy import DecodePlan, decode_plan
+from spectral_jax.nn.distillation import distill_model
+from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.ops.conv_decode import default_block_len
 
@@ -60,6 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="model mode"
     )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="model mode")
+    parser.add_argument(
+        "--contexts", nargs="+", type=int, default=list(CONTEXTS), help="model mode: prompts"
+    )
+    parser.add_argument(
+        "--lds-horizons", nargs="+", default=["none"],
+        help="model mode: the lds rows' distillation horizons (as distill --horizon takes them)",
+    )  # fmt: skip
+
+
+def lds_plan(model: SpectralModel, horizon: str, args: argparse.Namespace) -> DecodePlan:
+    """The ``lds`` plan of ``model`` distilled under ``horizon`` (``parse_distill_horizon``:
+    the bank's tail options, then the policy its layers decode with)."""
+    policy, tail = parse_distill_horizon(horizon)
+    distilled = distill_model(model, tail=tail, **lds_arithmetic(args)).model
+    return decode_plan(model, "lds", distilled=set_horizon(distilled, policy))
 
 
 def time_model(plan: DecodePlan, prompt, new_tokens: int, repeats: int) -> dict:
@@ -81,7 +102,7 @@ def bench(args: argparse.Namespace, record: Record) -> dict:
         models, batches, contexts, lds_contexts = ["stu_tensordot"], [1], [256], {}
     else:
         models, batches = args.models, args.batches
-        contexts = list(CONTEXTS)
+        contexts = sorted(args.contexts)
         # A 2^20 prompt holds [B, 2^20, d_model] activations (and attention scores over its
         # windows): the headline model at batch 1 fits in this machine's memory (~12 GiB
         # peak); a full-projection layer's FFT prefill is ~40x a tensordot one's.
@@ -101,14 +122,19 @@ def bench(args: argparse.Namespace, record: Record) -> dict:
         )  # fmt: skip
         model = SpectralModel(config, rngs=nnx.Rngs(0))
         start = time.perf_counter()  # only lds takes time: it distills
-        plans = {s: decode_plan(model, s, **lds_arithmetic(args)) for s in args.strategies}
+        plans = {
+            (s, h): lds_plan(model, h, args) if s == "lds" else decode_plan(model, s)
+            for s in args.strategies
+            for h in (args.lds_horizons if s == "lds" else ["none"])
+        }
         distill_s[name] = time.perf_counter() - start
         for batch in batches:
-            for strategy, plan in plans.items():
+            for (strategy, horizon), plan in plans.items():
                 past: list[float] = []
                 extra = lds_contexts.get((name, batch), []) if strategy == "lds" else []
+                label = strategy if horizon == "none" else f"{strategy} {horizon}"
                 for context in contexts + extra:
-                    tag = f"  {name:>16} B={batch:<3} ctx {context:>8}  {strategy:>10}"
+                    tag = f"  {name:>16} B={batch:<3} ctx {context:>8}  {label:>14}"
                     if predicted_seconds(past) > args.budget:  # all calls at this context
                         print(f"{tag}  skipped (predicted over the {args.budget:.0f} s budget)")
                         break
@@ -126,7 +152,7 @@ def bench(args: argparse.Namespace, record: Record) -> dict:
                     past.append(time.perf_counter() - start)
                     row = {"mode": "model", "strategy": strategy, "context": context,
                            "tokens": new_tokens, **timing, "model": name,
-                           "batch": batch}  # fmt: skip
+                           "batch": batch, "horizon": horizon}  # fmt: skip
                     rows.append(row)
                     record(row)
                     print(f"{tag}  {row['tokens_per_second']:10.1f} tok/s  prefill "
@@ -139,7 +165,8 @@ def bench(args: argparse.Namespace, record: Record) -> dict:
             for n in models
         },
         "model_max_len": max_len,
-        "lds_model": f"distill_model(model), {args.lds_arithmetic or 'default'} arithmetic",
+        "lds_model": f"distill_model(model), {args.lds_arithmetic or 'default'} arithmetic, "
+        f"horizons {', '.join(args.lds_horizons)}",
         "lds_distill_seconds": distill_s,
         "new_tokens": new_tokens,
         "repeats": args.repeats,
@@ -148,24 +175,25 @@ def bench(args: argparse.Namespace, record: Record) -> dict:
 
 
 def summarize(rows: list[dict]) -> None:
-    """For each model at each batch: LDS tokens/s against FutureFill and naive, its prefill
-    against the STU's, and the spread of its tokens/s over contexts."""
-    by = {(r["model"], r["batch"], r["strategy"], r["context"]): r for r in rows}
-    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
-        lds = {c: r for (m, b, s, c), r in by.items() if (m, b, s) == (model, batch, "lds")}
+    """For each model at each batch and each LDS horizon: LDS tokens/s against FutureFill,
+    naive and (other horizons) the plain ``none`` LDS, its prefill against the STU's, and the
+    spread of its tokens/s over contexts."""
+    by = {(r["model"], r["batch"], r["strategy"], r["horizon"], r["context"]): r for r in rows}
+    groups = dict.fromkeys((r["model"], r["batch"], r["horizon"]) for r in rows)
+    for model, batch, horizon in groups:
+        lds = {k[-1]: r for k, r in by.items() if k[:4] == (model, batch, "lds", horizon)}
         if not lds:
             continue
-        print(f"\n{model} batch {batch}:")
+        print(f"\n{model} batch {batch}, lds horizon {horizon}:")
         for context, row in sorted(lds.items()):
             cells = [f"lds {row['tokens_per_second']:9.1f} tok/s"]
-            for other in ("futurefill", "naive"):
-                if (model, batch, other, context) in by:
-                    ratio = (
-                        row["tokens_per_second"]
-                        / by[(model, batch, other, context)]["tokens_per_second"]
-                    )
-                    cells.append(f"{ratio:6.1f}x {other}")
-            stu = by.get((model, batch, "futurefill", context))
+            others = ["futurefill", "naive"] + (["lds"] if horizon != "none" else [])
+            for other in others:
+                base = by.get((model, batch, other, "none", context))
+                if base is not None:
+                    ratio = row["tokens_per_second"] / base["tokens_per_second"]
+                    cells.append(f"{ratio:6.2f}x {'plain lds' if other == 'lds' else other}")
+            stu = by.get((model, batch, "futurefill", "none", context))
             if stu is not None:
                 ratio = row["prefill_seconds"] / stu["prefill_seconds"]
                 cells.append(f"prefill {ratio:.2f}x the STU's")

@@ -22,7 +22,6 @@ Usage: python experiments/distill_lm.py [--checkpoint DIR] [--out DIR] [--eval-b
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from lm_checkpoints import ensure_trained
 
 from spectral_jax.apps.inference import default_horizon, distill_with_report
 from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
@@ -39,9 +39,8 @@ from spectral_jax.decode.strategy import DecodePlan, decode_plan
 from spectral_jax.distill.reduce import DEFAULT_TOL
 from spectral_jax.distill.report import reduction_lines
 from spectral_jax.nn.horizon import parse_distill_horizon
-from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
+from spectral_jax.train import load_model
 from spectral_jax.train.config import task_from_record
-from spectral_jax.train.presets import lm_bytes_small
 from spectral_jax.train.step import masked_mean, per_position_loss
 from spectral_jax.validation import ARITHMETICS
 
@@ -53,19 +52,6 @@ PROMPTS = [
     "        if not isinstance(key, str):\n            raise ",
     '"""Return the list of files in the directory, ',
 ]
-
-
-def ensure_checkpoint(directory: str) -> None:
-    try:
-        with Checkpointer(CheckpointConfig(directory), read_only=True):
-            return
-    except CheckpointError:
-        pass
-    print(f"no checkpoint in {directory}: training lm_bytes_small there first")
-    config = dataclasses.replace(
-        lm_bytes_small(), checkpoint=CheckpointConfig(directory, save_every=500)
-    )
-    train(config)
 
 
 def bits_per_byte(model: nnx.Module, task, num_batches: int) -> float:
@@ -108,7 +94,7 @@ def main() -> None:
     parser.add_argument("--horizon", help="distillation horizon (default: distill's)")
     args = parser.parse_args()
 
-    ensure_checkpoint(args.checkpoint)
+    ensure_trained(args.checkpoint)
     model, meta = load_model(args.checkpoint)
     task = task_from_record(meta["run"])
     horizon = args.horizon or default_horizon(meta["run"])

@@ -41,11 +41,9 @@ Usage: python experiments/streaming_eval.py [--steps N] [--streams B] [--multipl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +51,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from lm_checkpoints import ensure_distilled, ensure_trained, has_checkpoint
 from scipy import stats
 
 from spectral_jax.apps.evaluate import plot_buckets
@@ -63,35 +62,18 @@ from spectral_jax.distill.fit import fit_lds_bank
 from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
-from spectral_jax.train import CheckpointConfig, Checkpointer, CheckpointError, load_model, train
+from spectral_jax.train import load_for_inference, load_model
 from spectral_jax.train.config import task_from_record
-from spectral_jax.train.presets import apply_overrides, lm_bytes_small
 
 CONFIDENCE = 0.95
+# The carried-state post-training of the ``carried`` row (see ensure_carried)
+CARRY_STEPS, CARRY_WINDOWS, CARRY_LR = 400, 8, 1e-4
 REPO = Path(__file__).resolve().parents[1]
 
 
 def repo_relative(path: str) -> str:
     """``path`` as the results name it: relative to the repository (``..`` when outside it)."""
     return os.path.relpath(Path(path).resolve(), REPO)
-
-
-def ensure_checkpoint(directory: str, overrides: list[str], steps: int | None) -> None:
-    """Train ``lm_bytes_small`` with ``overrides`` into ``directory`` unless it holds one."""
-    try:
-        with Checkpointer(CheckpointConfig(directory), read_only=True):
-            return
-    except CheckpointError:
-        pass
-    if steps is not None:
-        overrides = [*overrides, f"steps={steps}",
-                     f"optim.warmup_steps={min(100, max(1, steps // 10))}",
-                     f"optim.decay_steps={steps + 1}", f"eval_every={steps}"]  # fmt: skip
-    config = apply_overrides(lm_bytes_small(), overrides)
-    print(f"no checkpoint in {directory}: training lm_bytes_small {overrides} there first")
-    start = time.perf_counter()
-    train(dataclasses.replace(config, checkpoint=CheckpointConfig(directory, save_every=500)))
-    print(f"trained in {time.perf_counter() - start:.0f} s")
 
 
 # A row: (name, build(args) -> (model, checkpoint meta, bank tail options or None), decode options)
@@ -117,6 +99,27 @@ def attention_row(args):
     return model, meta, None
 
 
+def carried_row(args):
+    """The carried-state post-trained model (:func:`ensure_carried`): distilled, under the
+    horizon it was distilled and trained with."""
+    model, meta = load_for_inference(args.carried_checkpoint)
+    return model, meta, parse_distill_horizon(meta["distill"]["horizon"])[1]
+
+
+def ensure_carried(args) -> None:
+    """Unless ``--carried-checkpoint`` holds one: distill ``--stu-checkpoint`` with
+    ``--carry-horizon`` into ``{carried}_start``, then post-train it ``--carry-steps`` steps
+    with carried state (``carry_windows``: ``--carry-windows`` consecutive windows per stream)
+    at peak learning rate ``--carry-lr`` into ``--carried-checkpoint``."""
+    if has_checkpoint(args.carried_checkpoint):
+        return
+    start = f"{args.carried_checkpoint}_start"
+    ensure_distilled(args.stu_checkpoint, start, args.carry_horizon)
+    overrides = [f"init_from={start}", f"carry_windows={args.carry_windows}",
+                 f"optim.learning_rate={args.carry_lr}"]  # fmt: skip
+    ensure_trained(args.carried_checkpoint, overrides, args.carry_steps)
+
+
 ROWS: list[Row] = [
     ("stu", stu_row, DEFAULT_DECODE),
     ("stu restart:2", functools.partial(stu_row, horizon="restart:2"), NAIVE),
@@ -128,6 +131,7 @@ ROWS: list[Row] = [
     ("distilled cap:0.01", functools.partial(distilled_row, horizon="cap:0.01"), DEFAULT_DECODE),
     ("distilled cap:0.001", functools.partial(distilled_row, horizon="cap:0.001"), DEFAULT_DECODE),
     ("attention", attention_row, DEFAULT_DECODE),
+    ("carried", carried_row, DEFAULT_DECODE),
 ]
 
 
@@ -207,6 +211,28 @@ def table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def difference_table(results: dict[str, Any], against: Callable[[str, int], Any]) -> list[str]:
+    """Markdown rows of paired differences: per row and bucket ``i``, its bits/byte minus
+    ``against(row, i)`` (``(row, bucket)`` whose per-set values it is compared with, or None
+    for no cell), set by set on the same streams, as mean +- half-width of the 95% interval."""
+    longest = max(results["rows"].values(), key=lambda r: r["stream_len"])
+    labels = [b["label"] for b in longest["buckets"]]
+    lines = ["| model | " + " | ".join(labels) + " |", "| --- " * (len(labels) + 1) + "|"]
+    for name, row in results["rows"].items():
+        cells = []
+        for index, bucket in enumerate(row["buckets"]):
+            other = against(name, index)
+            if other is None or other[0] not in results["rows"]:
+                cells.append("-")
+                continue
+            base = results["rows"][other[0]]["buckets"][other[1]]["bits_per_byte_per_set"]
+            mean, half = interval(np.subtract(bucket["bits_per_byte_per_set"], base).tolist())
+            cells.append(f"{mean:+.3f} ± {half:.3f}")
+        cells += ["-"] * (len(labels) - len(cells))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stu-checkpoint", default="runs/lm_bytes_small")
@@ -217,19 +243,41 @@ def main() -> None:
     parser.add_argument("--offset-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--chunk", type=int, default=256, help="tokens per jitted call")
     parser.add_argument("--num-states", type=int, default=120, help="LDS states per channel")
+    parser.add_argument("--carried-checkpoint", default="runs/lm_bytes_small_carried")
+    parser.add_argument(
+        "--carry-steps",
+        type=int,
+        default=CARRY_STEPS,
+        help="carried-state post-training steps (a multiple of --carry-windows)",
+    )
+    parser.add_argument(
+        "--carry-windows",
+        type=int,
+        default=CARRY_WINDOWS,
+        help="consecutive windows per stream in carried-state training",
+    )
+    parser.add_argument("--carry-lr", type=float, default=CARRY_LR, help="its peak learning rate")
+    parser.add_argument("--carry-horizon", default="none", help="horizon of its distillation")
+    parser.add_argument("--rows", nargs="+", choices=[name for name, _, _ in ROWS],
+                        help="evaluate only these rows (default: all)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("results/streaming_eval"))
     parser.add_argument("--quick", action="store_true", help="a smoke run (see the docstring)")
     args = parser.parse_args()
     if args.quick:
         args.steps = args.steps or 30
+        args.carry_steps = 2 * args.carry_windows
         args.streams, args.multiple = 4, 4
         args.stu_checkpoint, args.attention_checkpoint = "runs/quick_lm", "runs/quick_attention"
+        args.carried_checkpoint = "runs/quick_carried"
         args.out = Path("runs/streaming_eval_quick")
     if len(set(args.offset_seeds)) < 3:
         parser.error("--offset-seeds needs at least 3 different seeds (one interval per cell)")
+    rows = [row for row in ROWS if args.rows is None or row[0] in args.rows]
 
-    ensure_checkpoint(args.stu_checkpoint, [], args.steps)
-    ensure_checkpoint(args.attention_checkpoint, ["model.attention_only=true"], args.steps)
+    ensure_trained(args.stu_checkpoint, [], args.steps)
+    ensure_trained(args.attention_checkpoint, ["model.attention_only=true"], args.steps)
+    if any(name == "carried" for name, _, _ in rows):
+        ensure_carried(args)
     _, meta = load_model(args.stu_checkpoint)
     task = task_from_record(meta["run"])
     train_len, stream_len = task.seq_len, args.multiple * task.seq_len
@@ -245,6 +293,13 @@ def main() -> None:
         seed: lengths[ev.cut_streams(valid, offsets, stream_len)[:, 1:]]
         for seed, offsets in offset_sets.items()
     }
+    carry_flags = ""
+    if any(name == "carried" for name, _, _ in rows):
+        carry_flags = (
+            f" --carried-checkpoint {repo_relative(args.carried_checkpoint)} --carry-steps "
+            f"{args.carry_steps} --carry-windows {args.carry_windows} --carry-lr "
+            f"{args.carry_lr:g} --carry-horizon {args.carry_horizon}"
+        )
     results = {
         "train_len": train_len,
         "stream_len": stream_len,
@@ -259,10 +314,12 @@ def main() -> None:
         + f" --stu-checkpoint {repo_relative(args.stu_checkpoint)}"
         + f" --attention-checkpoint {repo_relative(args.attention_checkpoint)}"
         + f" --streams {args.streams}"
-        + f" --multiple {args.multiple} --offset-seeds {' '.join(map(str, args.offset_seeds))}",
+        + f" --multiple {args.multiple} --offset-seeds {' '.join(map(str, args.offset_seeds))}"
+        + (f" --rows {' '.join(repr(name) for name, _, _ in rows)}" if args.rows else "")
+        + carry_flags,
         "rows": {},
     }
-    for name, build, options in ROWS:
+    for name, build, options in rows:
         model, row_meta, tail = build(args)
         print(f"{name}:")
         row = evaluate_row(model, offset_sets, valid, target_bytes, train_len, args, options)
@@ -281,6 +338,17 @@ def main() -> None:
         f"set side by side ({results['device']}); `{results['command']}`.",
         "",
         *table(results),
+        "",
+        "Each bucket minus the row's own `[L/2, L)` bucket, set by set (the issue's target: "
+        "every bucket within +0.03):",
+        "",
+        *difference_table(results, lambda name, index: (name, 1) if index > 1 else None),
+        "",
+        "Each row minus `attention` in the same bucket, set by set on the same streams:",
+        "",
+        *difference_table(
+            results, lambda name, index: None if name == "attention" else ("attention", index)
+        ),
     ]
     write_text_atomic(args.out / "results.md", "\n".join(lines) + "\n")
     rows = {name: row["buckets"] for name, row in results["rows"].items()}
