@@ -17,7 +17,12 @@ of the standard-library corpus), each built by a function in :data:`ROWS`, so th
   bank's tail-energy ratio and in-window error (``LDSBank.tail_report``, float64, before the
   per-channel reduction);
 * ``attention``: ``lm_bytes_small`` with ``model.attention_only=true``, trained the same way
-  (sliding-window attention, window 64).
+  (sliding-window attention, window 64);
+* ``carried``: carried-state post-training (:mod:`spectral_jax.train.carry`) of the distilled
+  model: ``lm_bytes_small`` distilled under ``--carry-horizon`` (default ``cap:0.001``, distill's
+  default for language models), then trained ``--carry-steps`` more steps on ``--carry-windows``
+  consecutive windows per stream, each window starting from the caches the previous one left
+  (gradient stopped), at peak learning rate ``--carry-lr`` (:func:`ensure_carried`).
 
 Every row reads the same streams: for each seed of ``--offset-seeds`` (at least 3), ``--streams``
 disjoint streams of ``--multiple x 256`` bytes of the validation files at evenly spaced offsets
@@ -28,14 +33,21 @@ summarised per bucket ``[0, L/2)``, ``[L/2, L)``, ``[L, 2L)``, ``[2L, 4L)``, ...
 uses). A cell is the mean bits/byte over the offset sets with a 95% Student-t interval over
 them; us/token and the state floats per sequence per layer come from the same run.
 
-Checkpoints are read from ``--stu-checkpoint`` / ``--attention-checkpoint``; a missing one is
-trained there first, ``--steps`` steps (default: the preset's 2000, ~30 min each on a 2-core CPU).
-``--quick`` is a smoke run (30 training steps into ``runs/quick_*``, 4 streams of 4 x 256
-bytes, output in ``runs/streaming_eval_quick``): its numbers mean nothing.
-Writes ``results.json``, ``results.md`` and ``plot.png`` to ``--out``.
+Two tables of paired differences follow, set by set on the same streams: each bucket minus the
+row's own ``[L/2, L)`` (the target: constant quality past ``L``) and each row minus
+``attention``, which sees 64 bytes at every position, so that its own differences between
+buckets measure the text at those positions, not a memory horizon.
+
+Checkpoints are read from ``--stu-checkpoint`` / ``--attention-checkpoint`` /
+``--carried-checkpoint``; a missing one is trained there first, ``--steps`` steps (default: the
+preset's 2000, 12-16 min each on a 2-core CPU; the carried one ~4 min). ``--rows`` evaluates some
+rows only. ``--quick`` is a smoke run (30 training steps into ``runs/quick_*``, 4 streams of
+4 x 256 bytes, output in ``runs/streaming_eval_quick``): its numbers mean nothing. Writes
+``results.json``, ``results.md`` and ``plot.png`` to ``--out``.
 
 Usage: python experiments/streaming_eval.py [--steps N] [--streams B] [--multiple M]
-  [--offset-seeds S S S ...] [--out DIR] [--quick]
+  [--offset-seeds S S S ...] [--rows NAME ...] [--carry-steps N] [--carry-windows W]
+  [--carry-lr LR] [--carry-horizon POLICY] [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -67,7 +79,7 @@ from spectral_jax.train.config import task_from_record
 
 CONFIDENCE = 0.95
 # The carried-state post-training of the ``carried`` row (see ensure_carried)
-CARRY_STEPS, CARRY_WINDOWS, CARRY_LR = 400, 8, 1e-4
+CARRY_STEPS, CARRY_WINDOWS, CARRY_LR, CARRY_HORIZON = 400, 4, 1e-4, "cap:0.001"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -238,7 +250,7 @@ def main() -> None:
     parser.add_argument("--stu-checkpoint", default="runs/lm_bytes_small")
     parser.add_argument("--attention-checkpoint", default="runs/lm_bytes_small_attention")
     parser.add_argument("--steps", type=int, help="train missing checkpoints this many steps")
-    parser.add_argument("--streams", type=int, default=8, help="held-out streams per offset set")
+    parser.add_argument("--streams", type=int, default=64, help="held-out streams per offset set")
     parser.add_argument("--multiple", type=int, default=16, help="stream length / training length")
     parser.add_argument("--offset-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--chunk", type=int, default=256, help="tokens per jitted call")
@@ -257,7 +269,9 @@ def main() -> None:
         help="consecutive windows per stream in carried-state training",
     )
     parser.add_argument("--carry-lr", type=float, default=CARRY_LR, help="its peak learning rate")
-    parser.add_argument("--carry-horizon", default="none", help="horizon of its distillation")
+    parser.add_argument(
+        "--carry-horizon", default=CARRY_HORIZON, help="horizon of its distillation"
+    )
     parser.add_argument("--rows", nargs="+", choices=[name for name, _, _ in ROWS],
                         help="evaluate only these rows (default: all)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("results/streaming_eval"))
