@@ -106,7 +106,8 @@ def bench(args: argparse.Namespace, record: Record) -> dict:
         # A 2^20 prompt holds [B, 2^20, d_model] activations (and attention scores over its
         # windows): the headline model at batch 1 fits in this machine's memory (~12 GiB
         # peak); a full-projection layer's FFT prefill is ~40x a tensordot one's.
-        lds_contexts = {("stu_tensordot", 1): [2**20]}
+        # (only with the default contexts: --contexts picks every prompt length)
+        lds_contexts = {("stu_tensordot", 1): [2**20]} if contexts == list(CONTEXTS) else {}
     new_tokens = args.new or (64 if args.quick else 8192)
     max_len = max(contexts) + new_tokens  # the STU filters' length; LDS layers have no limit
     epoch = default_block_len("futurefill", max_len)

@@ -282,11 +282,14 @@ def wrap(inner: nnx.Module, policy: str) -> nnx.Module:
 class CutoffCache:
     """Decode state of a :class:`CutoffMixer`: ``inner``, the layer's own cache; ``tail``, the
     state of the copy fed the inputs delayed by ``L``; ``ring: [L, B, d_in]``, the last ``L``
-    inputs (slot ``t % L`` holds position ``t - L`` before step ``t`` reads it); ``pos``."""
+    inputs (step ``t`` writes position ``t`` into slot ``t % L``); ``due: [B, d_in]``, the
+    input ``x_{t - L}`` step ``t`` feeds the delayed copy (zero for ``t < L``), read from the
+    ring by the step before; ``pos``."""
 
     inner: Any
     tail: Any
     ring: jax.Array
+    due: jax.Array
     pos: jax.Array
 
 
@@ -344,19 +347,21 @@ class CutoffMixer(nnx.Module):
         inner = self.inner.init_cache(batch, self.window, dtype, options)
         pdt = jnp.dtype(self.inner.config.stu.param_dtype)
         ring = jnp.zeros((self.window, batch, self.inner.config.stu.d_in), pdt)
-        return CutoffCache(inner, inner.state, ring, jnp.zeros((), jnp.int32))
+        return CutoffCache(inner, inner.state, ring, ring[0], jnp.zeros((), jnp.int32))
 
     def step(self, cache: CutoffCache, x_t: jax.Array) -> tuple[CutoffCache, jax.Array]:
         """One token ``x_t [B, d_in]`` -> ``(cache, y_t [B, d_out])``."""
         if not isinstance(cache, CutoffCache):
             raise ValueError(f"CutoffMixer.step: cache must be a CutoffCache, got {cache!r}")
-        slot = cache.pos % self.window
-        old = cache.ring[slot]  # x_{t - L}, zero for t < L
         inner, y = self.inner.step(cache.inner, x_t)
-        tail, _ = self.inner._system().step(cache.tail, old)
+        tail, _ = self.inner._system().step(cache.tail, cache.due)
         y = y - self._tail_readout(tail).astype(y.dtype)
-        ring = cache.ring.at[slot].set(x_t.astype(cache.ring.dtype))
-        return CutoffCache(inner, tail, ring, cache.pos + 1), y
+        # The ring is read only after this step's write, at the slot of x_{t + 1 - L}: a read
+        # of the slot before the write made XLA copy the whole ring every step
+        write = cache.pos % self.window
+        ring = cache.ring.at[write].set(x_t.astype(cache.ring.dtype))
+        due = ring[(cache.pos + 1) % self.window]
+        return CutoffCache(inner, tail, ring, due, cache.pos + 1), y
 
     def prefill(
         self,
