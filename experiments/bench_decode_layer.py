@@ -99,7 +99,7 @@ def bench(args: argparse.Namespace, record: Record) -> dict:
             row = {"mode": "layer", "strategy": strategy, "context": n, "tokens": n,
                    "seconds": seconds, "tokens_per_second": n / seconds, "prefill_seconds": None,
                    "compile_seconds": None, "cache_bytes": None, "model": None,
-                   "batch": 1}  # fmt: skip
+                   "batch": 1, "horizon": "none"}  # fmt: skip
             rows.append(row)
             record(row)
             print(

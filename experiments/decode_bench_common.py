@@ -6,10 +6,10 @@ panel per mode (``from decode_bench_common import ...``: the scripts run as
 ``python experiments/NAME.py``, so this folder is on the path).
 
 JSON: ``{"rows": [{"mode", "strategy", "context", "tokens", "seconds", "tokens_per_second",
-"prefill_seconds", "compile_seconds", "cache_bytes", "model", "batch"}], "meta": {...}}``, model
-rows (headline first; with the ``horizon`` their LDS layers were distilled under, ``"none"``
-for the plain LDS and the STU strategies) before layer rows; ``meta.partial`` is true until the
-run ends. The plot draws the plain rows.
+"prefill_seconds", "compile_seconds", "cache_bytes", "model", "batch", "horizon"}], "meta":
+{...}}``, model rows (headline first) before layer rows; ``horizon`` is the memory horizon the
+LDS layers were distilled under (``"none"``: the plain LDS; also for the STU strategies and every
+layer row); ``meta.partial`` is true until the run ends. The plot draws the plain rows.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def plot(rows: list[dict], path: Path, modes: list[Mode]) -> None:
                 (r["context"], r["tokens_per_second"])
                 for r in rows
                 if r["mode"] == mode.name and r["strategy"] == strategy and r["model"] == model
-                and r["batch"] == 1 and r.get("horizon", "none") == "none"
+                and r["batch"] == 1 and r["horizon"] == "none"
             )  # fmt: skip
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=strategy)

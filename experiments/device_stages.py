@@ -40,7 +40,8 @@ MODEL_NEW = 2048
 PREFILL_CONTEXTS = (8192, 32768, 131072)
 DECODE_STRATEGIES = ("lds", "futurefill", "naive")  # the headline first: a cut keeps it
 DECODE_KEYS = ("mode", "strategy", "context", "tokens", "seconds", "tokens_per_second",
-               "prefill_seconds", "compile_seconds", "cache_bytes", "model", "batch")  # fmt: skip
+               "prefill_seconds", "compile_seconds", "cache_bytes", "model", "batch",
+               "horizon")  # fmt: skip
 
 
 # ---- banks fitted ahead --------------------------------------------------------------------------
@@ -143,6 +144,7 @@ def decode_model(ctx: StageRun) -> str:
         new=TINY_LEN - 256 if ctx.tiny else MODEL_NEW,  # after --quick's one context of 256
         repeats=1 if ctx.tiny else 3, strategies=DECODE_STRATEGIES,
         budget=min(5.0 if ctx.tiny else 30.0, ctx.left()), lds_arithmetic=None,
+        contexts=list(bench_decode_model.CONTEXTS), lds_horizons=["none"],
     )  # fmt: skip
     bench_decode_model.bench(args, ctx.record)
     return decode_summary(ctx.rows)
