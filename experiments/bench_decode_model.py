@@ -45,8 +45,7 @@ from flax import nnx
 
 from spectral_jax.decode import generate as gen
 from spectral_jax.decode.strategy import DecodePlan, decode_plan
-from spectral_jax.nn.distillation import distill_model
-from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
+from spectral_jax.nn.horizon import distill_under
 from spectral_jax.nn.model import ModelConfig, SpectralModel
 from spectral_jax.ops.conv_decode import default_block_len
 
@@ -76,11 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def lds_plan(model: SpectralModel, horizon: str, args: argparse.Namespace) -> DecodePlan:
-    """The ``lds`` plan of ``model`` distilled under ``horizon`` (``parse_distill_horizon``:
-    the bank's tail options, then the policy its layers decode with)."""
-    policy, tail = parse_distill_horizon(horizon)
-    distilled = distill_model(model, tail=tail, **lds_arithmetic(args)).model
-    return decode_plan(model, "lds", distilled=set_horizon(distilled, policy))
+    """The ``lds`` plan of ``model`` distilled under ``horizon`` (``distill_under``)."""
+    distilled = distill_under(model, horizon, **lds_arithmetic(args))
+    return decode_plan(model, "lds", distilled=distilled)
 
 
 def time_model(plan: DecodePlan, prompt, new_tokens: int, repeats: int) -> dict:

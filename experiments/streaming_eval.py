@@ -71,8 +71,7 @@ from spectral_jax.atomic_files import write_json_atomic, write_text_atomic
 from spectral_jax.data.tokenizer import token_byte_lengths
 from spectral_jax.decode import evaluate as ev
 from spectral_jax.distill.fit import fit_lds_bank
-from spectral_jax.nn.distillation import distill_model
-from spectral_jax.nn.horizon import parse_distill_horizon, set_horizon
+from spectral_jax.nn.horizon import distill_under, parse_distill_horizon, set_horizon
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.train import load_for_inference, load_model
 from spectral_jax.train.config import task_from_record
@@ -100,10 +99,9 @@ def stu_row(args, horizon="none"):
 
 def distilled_row(args, horizon="none"):
     """The distilled model under a distillation horizon (``parse_distill_horizon``)."""
-    policy, tail = parse_distill_horizon(horizon)
     model, meta = load_model(args.stu_checkpoint)
-    distilled = distill_model(model, num_states=args.num_states, arithmetic="plain", tail=tail)
-    return set_horizon(distilled.model, policy), meta, tail
+    distilled = distill_under(model, horizon, num_states=args.num_states, arithmetic="plain")
+    return distilled, meta, parse_distill_horizon(horizon)[1]
 
 
 def attention_row(args):

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx, struct
 
 from spectral_jax.distill.fit import NO_TAIL, TailOptions
+from spectral_jax.nn.distillation import distill_model
 from spectral_jax.nn.lds_layer import LDSLayer
 from spectral_jax.nn.mixer import DEFAULT_DECODE, DecodeOptions
 from spectral_jax.nn.stu import STU
@@ -267,6 +268,14 @@ def set_horizon(model: nnx.Module, policy: str) -> nnx.Module:
             block.mixer = wrap(inner, policy)
     model.config = dataclasses.replace(model.config, horizon=policy)
     return model
+
+
+def distill_under(model: nnx.Module, horizon: str, **options: Any) -> nnx.Module:
+    """``model`` distilled (:func:`~spectral_jax.nn.distillation.distill_model`, ``options``
+    its keywords) under the distillation ``horizon`` (:func:`parse_distill_horizon`): the bank
+    fitted with the horizon's tail options, then every LDS layer under its policy."""
+    policy, tail = parse_distill_horizon(horizon)
+    return set_horizon(distill_model(model, tail=tail, **options).model, policy)
 
 
 def wrap(inner: nnx.Module, policy: str) -> nnx.Module:
